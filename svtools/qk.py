@@ -1,0 +1,303 @@
+"""Singular value decomposition of an attention head's bilinear form, without forming it.
+
+For a head with query and key weights ``W_Q, W_K`` (``d_model x d_head``, TransformerLens'
+convention ``q = x W_Q + b_Q``) the unscaled score between a query input ``x`` and a key input
+``y`` is ``q . k = x^T Omega y`` with ``Omega = W_Q W_K^T``. With biases the exact form lives in
+homogeneous coordinates ``x~ = [x; 1]``::
+
+    Omega~ = [W_Q; b_Q^T] [W_K; b_K^T]^T          (d_model + 1) x (d_model + 1), rank <= d_head
+
+:func:`qk_svd` returns ``Omega~ = U diag(S) V^T`` for every head at once. It never builds the
+``d_in x d_in`` matrix: with reduced QR factorisations ``A = Q_A R_A`` and ``B = Q_B R_B`` of the
+two ``d_in x d_head`` sides, ``Omega~ = Q_A (R_A R_B^T) Q_B^T`` and only the ``d_head x d_head``
+core is decomposed.
+
+Rotary heads. With rotary position embeddings the score between query position ``i`` and key
+position ``j`` is ``(x_i W_Q + b_Q) M_(i-j) (x_j W_K + b_K)^T`` where ``M_delta`` rotates the
+rotary dimensions by ``-delta * theta`` (and leaves the others alone), so there is one bilinear
+form per offset ``delta = i - j``. Pass ``rotary=RotarySpec(...)`` and the result carries an
+extra ``offset`` dimension, one decomposition per offset, sharing the QR factorisation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Iterable, Literal, Optional
+
+import einops
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from svtools._checks import SVToolsError, as_tensor, broadcast_leading, check_finite, check_last_dims
+
+__all__ = ["QKSVD", "RotarySpec", "qk_svd", "rotary_matrices", "random_rotation"]
+
+
+@dataclass(frozen=True)
+class RotarySpec:
+    """Which dimensions of each head rotate, how fast, and at which offsets to decompose.
+
+    Attributes:
+        rotary_dim: number of rotating dimensions per head (even; GPT-NeoX/Pythia rotate the
+            first ``rotary_pct * d_head``, Llama all ``d_head``).
+        inv_freq: ``(rotary_dim // 2,)`` angular frequencies: pair ``p`` turns by
+            ``position * inv_freq[p]`` radians.
+        layout: ``"neox"`` pairs dimension ``p`` with ``p + rotary_dim/2`` (rotate-half, GPT-NeoX,
+            Llama); ``"gptj"`` pairs ``2p`` with ``2p + 1`` (interleaved, GPT-J).
+        offsets: ``(n_offsets,)`` integer offsets ``delta = query position - key position``.
+        attention_scaling: factor multiplying cos and sin (1 for plain RoPE); the rotary part of
+            the score is multiplied by its square.
+    """
+
+    rotary_dim: int
+    inv_freq: Tensor
+    offsets: Tensor
+    layout: Literal["neox", "gptj"] = "neox"
+    attention_scaling: float = 1.0
+
+    @classmethod
+    def from_base(
+        cls,
+        rotary_dim: int,
+        offsets: Iterable[int] | Tensor,
+        *,
+        base: float = 10000.0,
+        layout: Literal["neox", "gptj"] = "neox",
+        attention_scaling: float = 1.0,
+    ) -> "RotarySpec":
+        """Standard RoPE frequencies ``base ** (-2p / rotary_dim)``."""
+        if rotary_dim <= 0 or rotary_dim % 2:
+            raise SVToolsError(f"rotary_dim must be a positive even number, got {rotary_dim}")
+        p = torch.arange(0, rotary_dim, 2, dtype=torch.float64)
+        inv_freq = 1.0 / (base ** (p / rotary_dim))
+        return cls(rotary_dim, inv_freq, torch.as_tensor(list(offsets) if not isinstance(offsets, Tensor) else offsets),
+                   layout, attention_scaling)
+
+    def __post_init__(self) -> None:
+        if self.layout not in ("neox", "gptj"):
+            raise SVToolsError(f"rotary layout must be 'neox' or 'gptj', got {self.layout!r}")
+        if self.rotary_dim <= 0 or self.rotary_dim % 2:
+            raise SVToolsError(f"rotary_dim must be a positive even number, got {self.rotary_dim}")
+        if tuple(self.inv_freq.shape) != (self.rotary_dim // 2,):
+            raise SVToolsError(
+                f"inv_freq must have shape ({self.rotary_dim // 2},) for rotary_dim={self.rotary_dim}, "
+                f"got {tuple(self.inv_freq.shape)}")
+        offsets = torch.as_tensor(self.offsets)
+        if offsets.ndim != 1 or offsets.numel() == 0 or offsets.is_floating_point():
+            raise SVToolsError(f"offsets must be a non-empty 1-D integer tensor, got {offsets!r}")
+        object.__setattr__(self, "offsets", offsets.long().cpu())
+
+    def offset_index(self, delta: Tensor | int) -> Tensor:
+        """Position of each ``delta`` in :attr:`offsets`; raises if one is missing."""
+        delta = torch.as_tensor(delta).long().cpu()
+        table = {int(o): i for i, o in enumerate(self.offsets.tolist())}
+        missing = sorted({int(d) for d in delta.flatten().tolist()} - table.keys())
+        if missing:
+            raise SVToolsError(f"offset(s) {missing[:5]} not decomposed; this RotarySpec has "
+                               f"offsets {self.offsets.min().item()}..{self.offsets.max().item()}")
+        lo = int(self.offsets.min())
+        lut = torch.full((int(self.offsets.max()) - lo + 1,), -1, dtype=torch.long)
+        lut[self.offsets - lo] = torch.arange(len(self.offsets))
+        return lut[delta - lo]
+
+
+def rotary_matrices(spec: RotarySpec, d_head: int, *, dtype=torch.float32,
+                    device=None) -> Float[Tensor, "offset d_head d_head"]:
+    """``M_delta`` for every offset: ``q_i . k_j = q^T M_(i-j) k`` for pre-rotary ``q, k``.
+
+    With ``q_i = R(i theta) q`` and ``k_j = R(j theta) k`` (each rotating pair turned by its
+    angle), ``R(i theta)^T R(j theta) = R(-(i-j) theta)``; non-rotary dims pass unchanged.
+    """
+    if spec.rotary_dim > d_head:
+        raise SVToolsError(f"rotary_dim {spec.rotary_dim} exceeds d_head {d_head}")
+    half = spec.rotary_dim // 2
+    ang = spec.offsets.to(torch.float64)[:, None] * spec.inv_freq.to(torch.float64).cpu()[None, :]
+    c, s = torch.cos(ang), torch.sin(ang)  # (offset, half)
+    a2 = float(spec.attention_scaling) ** 2
+    M = torch.eye(d_head, dtype=torch.float64).repeat(len(spec.offsets), 1, 1)
+    p = torch.arange(half)
+    if spec.layout == "neox":
+        ia, ib = p, p + half
+    else:
+        ia, ib = 2 * p, 2 * p + 1
+    # R(phi) = [[cos, -sin], [sin, cos]] with phi = -delta*theta  ->  [[c, s], [-s, c]]
+    M[:, ia, ia] = a2 * c
+    M[:, ib, ib] = a2 * c
+    M[:, ia, ib] = a2 * s
+    M[:, ib, ia] = -a2 * s
+    return M.to(dtype=dtype, device=device)
+
+
+@dataclass(frozen=True)
+class QKSVD:
+    """``Omega~ = U diag(S) V^T`` for a batch of heads (and, for rotary heads, offsets).
+
+    Shapes (``...`` = leading batch dims such as ``layer head``; rotary adds ``offset`` last
+    among them):
+        U: ``(..., d_in, r)`` orthonormal columns (left singular vectors, query side)
+        S: ``(..., r)`` singular values, descending, non-negative
+        V: ``(..., d_in, r)`` orthonormal columns (right singular vectors, key side)
+
+    ``d_in = d_model + 1`` when ``has_bias`` (the constant coordinate last), else ``d_model``.
+    """
+
+    U: Float[Tensor, "... d_in r"]
+    S: Float[Tensor, "... r"]
+    V: Float[Tensor, "... d_in r"]
+    has_bias: bool = False
+    rotary: Optional[RotarySpec] = field(default=None)
+
+    @property
+    def d_in(self) -> int:
+        return self.U.shape[-2]
+
+    @property
+    def d_model(self) -> int:
+        return self.d_in - int(self.has_bias)
+
+    @property
+    def r(self) -> int:
+        return self.S.shape[-1]
+
+    @property
+    def batch_shape(self) -> torch.Size:
+        return self.S.shape[:-1]
+
+    def omega(self) -> Float[Tensor, "... d_in d_in"]:
+        """The dense ``U diag(S) V^T`` (for checks on small cases; memory ``d_in^2`` per head)."""
+        return (self.U * self.S[..., None, :]) @ self.V.transpose(-1, -2)
+
+    def factors(self) -> tuple[Float[Tensor, "... d_in r"], Float[Tensor, "... d_in r"]]:
+        """``(U diag(S), V)``: the score is ``sum_k (x~^T U S)_k (y~^T V)_k``."""
+        return self.U * self.S[..., None, :], self.V
+
+    def to(self, *args, **kwargs) -> "QKSVD":
+        """Move/cast like :meth:`torch.Tensor.to`."""
+        return replace(self, U=self.U.to(*args, **kwargs), S=self.S.to(*args, **kwargs),
+                       V=self.V.to(*args, **kwargs))
+
+    def __getitem__(self, idx) -> "QKSVD":
+        """Index the leading batch dims, e.g. ``qk[layer, head]``."""
+        idx = idx if isinstance(idx, tuple) else (idx,)
+        if len(idx) > len(self.batch_shape):
+            raise SVToolsError(f"too many indices ({len(idx)}) for batch shape {tuple(self.batch_shape)}")
+        return replace(self, U=self.U[idx], S=self.S[idx], V=self.V[idx])
+
+    def at_offset(self, delta: int) -> "QKSVD":
+        """The decomposition for one rotary offset ``delta = i - j`` (drops the offset dim)."""
+        if self.rotary is None:
+            raise SVToolsError("at_offset() needs a rotary decomposition (qk_svd(..., rotary=...))")
+        k = int(self.rotary.offset_index(delta))
+        return replace(self, U=self.U[..., k, :, :], S=self.S[..., k, :], V=self.V[..., k, :, :],
+                       rotary=None)
+
+
+def _homogeneous(W: Tensor, b: Optional[Tensor], bias: bool) -> Tensor:
+    if not bias:
+        return W
+    if b is None:
+        b = torch.zeros(W.shape[:-2] + W.shape[-1:], dtype=W.dtype, device=W.device)
+    b = b.to(W.dtype).expand(W.shape[:-2] + W.shape[-1:])
+    return torch.cat([W, b[..., None, :]], dim=-2)
+
+
+def _fix_signs(U: Tensor, V: Tensor) -> tuple[Tensor, Tensor]:
+    """Make each singular pair's largest-magnitude entry of ``u_k`` positive (flip ``v_k`` too)."""
+    idx = U.abs().argmax(dim=-2, keepdim=True)
+    sign = torch.sign(torch.gather(U, -2, idx))
+    sign = torch.where(sign == 0, torch.ones_like(sign), sign)
+    return U * sign, V * sign
+
+
+def qk_svd(
+    W_Q: Float[Tensor, "... d_model d_head"],
+    W_K: Float[Tensor, "... d_model d_head"],
+    b_Q: Optional[Float[Tensor, "... d_head"]] = None,
+    b_K: Optional[Float[Tensor, "... d_head"]] = None,
+    *,
+    rotary: Optional[RotarySpec] = None,
+    dtype: Optional[torch.dtype] = None,
+) -> QKSVD:
+    """SVD of every head's (homogeneous) bilinear form, through a ``d_head x d_head`` core.
+
+    Identity: ``U diag(S) V^T == [W_Q; b_Q^T] [W_K; b_K^T]^T`` (without biases ``W_Q W_K^T``);
+    with ``rotary``, for each offset ``delta``:
+    ``U[..., delta, :, :] diag(S) V^T == [W_Q; b_Q^T] M_delta [W_K; b_K^T]^T``.
+
+    Args:
+        W_Q, W_K: ``(..., d_model, d_head)``; leading dims (e.g. ``layer head``) broadcast, so
+            grouped-query attention can pass its shared key weights expanded.
+        b_Q, b_K: optional ``(..., d_head)`` biases. If either is given the result is in
+            homogeneous coordinates (``d_in = d_model + 1``, constant last; a missing bias is 0).
+        rotary: a :class:`RotarySpec`; adds an ``offset`` dim just before ``d_in``/``r``.
+        dtype: computation dtype (default: that of ``W_Q``; use ``torch.float64`` for checks).
+
+    Returns:
+        :class:`QKSVD` with ``U, V: (..., [offset,] d_in, r)``, ``S: (..., [offset,] r)``,
+        ``r = min(d_head, d_in)``, on the inputs' device.
+    """
+    W_Q = as_tensor(W_Q, "W_Q")
+    W_K = as_tensor(W_K, "W_K")
+    dtype = dtype or torch.promote_types(W_Q.dtype, W_K.dtype)
+    check_last_dims(W_Q, (None, None), "W_Q", "(..., d_model, d_head)")
+    d_model, d_head = W_Q.shape[-2:]
+    check_last_dims(W_K, (d_model, d_head), "W_K", f"(..., {d_model}, {d_head}) to match W_Q")
+    shapes, names = [W_Q.shape[:-2], W_K.shape[:-2]], ["W_Q", "W_K"]
+    for b, n in ((b_Q, "b_Q"), (b_K, "b_K")):
+        if b is not None:
+            b = as_tensor(b, n)
+            check_last_dims(b, (d_head,), n, f"(..., {d_head})")
+            check_finite(b, n)
+            shapes.append(b.shape[:-1])
+            names.append(n)
+    lead = broadcast_leading(shapes, names)
+    check_finite(W_Q, "W_Q")
+    check_finite(W_K, "W_K")
+    bias = b_Q is not None or b_K is not None
+    A = _homogeneous(W_Q.to(dtype), None if b_Q is None else as_tensor(b_Q, "b_Q").to(dtype), bias)
+    B = _homogeneous(W_K.to(dtype), None if b_K is None else as_tensor(b_K, "b_K").to(dtype), bias)
+    d_in = A.shape[-2]
+    A = A.expand(lead + A.shape[-2:])
+    B = B.expand(lead + B.shape[-2:])
+
+    QA, RA = torch.linalg.qr(A)  # (..., d_in, k), (..., k, d_head)
+    QB, RB = torch.linalg.qr(B)
+    if rotary is None:
+        core = RA @ RB.transpose(-1, -2)
+    else:
+        M = rotary_matrices(rotary, d_head, dtype=dtype, device=A.device)  # (offset, dh, dh)
+        core = RA[..., None, :, :] @ M @ RB.transpose(-1, -2)[..., None, :, :]
+        QA, QB = QA[..., None, :, :], QB[..., None, :, :]
+    Uc, S, Vch = torch.linalg.svd(core, full_matrices=False)
+    U = QA @ Uc
+    V = QB @ Vch.transpose(-1, -2)
+    U, V = _fix_signs(U, V)
+    r = min(d_head, d_in)
+    return QKSVD(U=U[..., :r], S=S[..., :r], V=V[..., :r], has_bias=bias, rotary=rotary)
+
+
+def random_rotation(batch_shape: torch.Size | tuple[int, ...], r: int, *, seed: int = 0,
+                    dtype=torch.float32, device=None) -> Float[Tensor, "... r r"]:
+    """Haar-random orthogonal ``r x r`` matrices, one per batch element, from ``seed``.
+
+    Drawn in float64 on the CPU (the same numbers on every device), then cast and moved.
+    Identity: ``Q^T Q = I``.
+    """
+    g = torch.Generator().manual_seed(int(seed))
+    G = torch.randn(tuple(batch_shape) + (r, r), generator=g, dtype=torch.float64)
+    Q, R = torch.linalg.qr(G)
+    Q = Q * torch.sign(torch.diagonal(R, dim1=-2, dim2=-1))[..., None, :]
+    return Q.to(dtype=dtype, device=device)
+
+
+def rotated_factors(qk: QKSVD, *, seed: int = 0) -> tuple[Float[Tensor, "... d_in r"], Float[Tensor, "... d_in r"]]:
+    """The rotated-basis control: ``(U S^1/2 Q, V S^1/2 Q)`` with ``Q`` Haar-random per head.
+
+    ``(U S^1/2 Q)(V S^1/2 Q)^T = U S V^T = Omega~``, so per-direction terms
+    ``(x~^T U S^1/2 Q)_k (y~^T V S^1/2 Q)_k`` still sum to the same score, but the directions are
+    random mixtures of the singular vectors.
+    """
+    Q = random_rotation(qk.batch_shape, qk.r, seed=seed, dtype=qk.U.dtype, device=qk.U.device)
+    root = qk.S.clamp_min(0).sqrt()[..., None, :]
+    return (qk.U * root) @ Q, (qk.V * root) @ Q

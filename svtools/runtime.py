@@ -1,0 +1,36 @@
+"""Run-time settings shared by the chapters: scale, device, seeds."""
+
+from __future__ import annotations
+
+import os
+import random
+
+import numpy as np
+import torch
+
+__all__ = ["full_scale", "scale_name", "default_device", "seed_everything"]
+
+
+def full_scale() -> bool:
+    """True when ``SVTOOLS_FULL=1``: chapters run at paper scale instead of the fast default."""
+    return os.environ.get("SVTOOLS_FULL", "0").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def scale_name() -> str:
+    """``"paper scale (SVTOOLS_FULL=1)"`` or ``"fast default scale"``, for chapter captions."""
+    return "paper scale (SVTOOLS_FULL=1)" if full_scale() else "fast default scale"
+
+
+def default_device(device: str | torch.device | None = None) -> torch.device:
+    """``device`` if given, else ``cuda`` when available, else ``cpu``."""
+    if device is not None:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    """Seed Python, NumPy and torch (all devices); return a CPU generator seeded the same."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)

@@ -1,0 +1,73 @@
+"""How many singular directions a score uses: N_recon and the Rolls-Tovee sparseness."""
+
+from __future__ import annotations
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from svtools._checks import SVToolsError, as_tensor
+
+__all__ = ["n_recon", "rolls_tovee"]
+
+
+def _check_terms(terms, name: str = "terms") -> Tensor:
+    t = as_tensor(terms, name)
+    if t.ndim == 0 or t.shape[-1] == 0:
+        raise SVToolsError(f"{name} must have shape (..., r) with r >= 1, got {tuple(t.shape)}")
+    if bool(torch.isnan(t).any()):
+        raise SVToolsError(f"{name} contains NaN; select valid pairs first (relative terms are NaN "
+                           "for masked pairs and for queries that see fewer than two keys)")
+    if bool(torch.isinf(t).any()):
+        raise SVToolsError(f"{name} contains infinite values")
+    return t
+
+
+def n_recon(terms: Float[Tensor, "... r"], frac: float = 1.0) -> Int[Tensor, "..."]:
+    """Smallest number of terms, largest first in the direction of the total, reaching ``frac``.
+
+    With ``T = sum_k t_k`` and ``s = sign(T)``, sort ``s * t`` descending; ``N_recon`` is the
+    smallest ``n`` with ``sum_{k<=n} s * t_(k) >= frac * |T|``. Because the largest-first partial
+    sums of ``s * t`` peak at or above ``|T|``, ``N_recon <= r`` always.
+
+    Ties with rounding: a partial sum within ``8 * eps * sum|t|`` of the target counts as reaching
+    it (``eps`` of the dtype), so float error never adds spurious terms.
+    Zero total: when ``|T|`` is within that tolerance of 0, the empty sum already reaches it and
+    ``N_recon = 0``.
+
+    Args:
+        terms: ``(..., r)``; reduced over the last axis, batched over the rest.
+        frac: fraction of the total to reach, in ``(0, 1]`` (the paper uses 1.0).
+
+    Returns:
+        int64 tensor of shape ``(...)``, values in ``[0, r]``.
+    """
+    if not (0.0 < float(frac) <= 1.0):
+        raise SVToolsError(f"frac must be in (0, 1], got {frac}")
+    t = _check_terms(terms)
+    total = t.sum(-1, keepdim=True)
+    s = torch.where(total < 0, -torch.ones_like(total), torch.ones_like(total))
+    sorted_t, _ = torch.sort(s * t, dim=-1, descending=True)
+    partial = torch.cumsum(sorted_t, dim=-1)
+    target = float(frac) * total.abs()
+    tol = 8 * torch.finfo(t.dtype).eps * t.abs().sum(-1, keepdim=True)
+    short = partial < target - tol  # prefixes (1..r terms) still short of the target
+    zero = (target <= tol).squeeze(-1)
+    n = short.to(torch.int64).cumprod(-1).sum(-1) + 1  # first prefix that reaches, 1-based
+    n = torch.clamp(n, max=t.shape[-1])
+    return torch.where(zero, torch.zeros_like(n), n)
+
+
+def rolls_tovee(terms: Float[Tensor, "... r"]) -> Float[Tensor, "..."]:
+    """Rolls-Tovee sparseness ``(mean_k |t_k|)^2 / mean_k t_k^2``, in ``[1/r, 1]``.
+
+    1 means every term has the same magnitude (dense); ``1/r`` means one term carries everything
+    (one-hot). It depends only on magnitudes, so the sign of the total does not matter. An
+    all-zero vector has no sparseness: the result is NaN there.
+    """
+    t = _check_terms(terms)
+    a = t.abs()
+    num = a.mean(-1) ** 2
+    den = (t * t).mean(-1)
+    return torch.where(den > 0, num / torch.where(den > 0, den, torch.ones_like(den)),
+                       torch.full_like(den, float("nan")))

@@ -1,0 +1,130 @@
+"""Per-singular-vector terms of attention scores (sparse attention decomposition, SAD).
+
+For one head, ``x~^T Omega~ y~ = sum_k sigma_k (u_k^T x~)(v_k^T y~)``: the ``k``-th *term* of
+the score. :func:`sad_terms` computes them, :func:`rotated_terms` computes the same score's
+terms in a randomly rotated basis (the control), :func:`relative_terms` removes softmax's shift
+invariance term by term.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from jaxtyping import Bool, Float
+from torch import Tensor
+
+from svtools._checks import SVToolsError, as_tensor, broadcast_leading, check_finite, check_last_dims
+from svtools.qk import QKSVD, rotated_factors
+
+__all__ = ["sad_terms", "rotated_terms", "relative_terms", "homogeneous"]
+
+
+def homogeneous(x: Float[Tensor, "... d"], qk: QKSVD, name: str = "x") -> Float[Tensor, "... d_in"]:
+    """Append the constant coordinate when ``qk`` has biases; accept already-homogeneous input.
+
+    ``x`` may have ``d_model`` features (a 1 is appended if ``qk.has_bias``) or ``d_in``.
+    """
+    x = as_tensor(x, name)
+    check_finite(x, name)
+    d = x.shape[-1] if x.ndim else -1
+    if d == qk.d_in:
+        return x.to(qk.U.dtype)
+    if qk.has_bias and d == qk.d_model:
+        return torch.cat([x.to(qk.U.dtype), torch.ones_like(x[..., :1], dtype=qk.U.dtype)], dim=-1)
+    raise SVToolsError(f"{name} must have last dimension d_model={qk.d_model}"
+                       + (f" (or d_in={qk.d_in})" if qk.has_bias else "") + f", got shape {tuple(x.shape)}")
+
+
+def _select_offset(qk: QKSVD, offset: Optional[int]) -> QKSVD:
+    if qk.rotary is not None:
+        if offset is None:
+            raise SVToolsError("this decomposition is rotary: pass offset= (query position - key position)")
+        return qk.at_offset(int(offset))
+    if offset is not None:
+        raise SVToolsError("offset= only applies to rotary decompositions")
+    return qk
+
+
+def _terms_from_factors(left: Tensor, right: Tensor, x: Tensor, y: Tensor) -> Tensor:
+    """``(x^T left)_k (y^T right)_k`` with broadcasting over leading dims."""
+    broadcast_leading([left.shape[:-2], x.shape[:-1], y.shape[:-1]], ["qksvd", "x_query", "x_key"])
+    a = (x[..., None, :] @ left).squeeze(-2)
+    b = (y[..., None, :] @ right).squeeze(-2)
+    return a * b
+
+
+def sad_terms(qk: QKSVD, x_query: Float[Tensor, "... d_model"], x_key: Float[Tensor, "... d_model"],
+              *, offset: Optional[int] = None) -> Float[Tensor, "... r"]:
+    """Terms ``sigma_k (u_k^T x~)(v_k^T y~)`` of the unscaled score of ``x_query`` on ``x_key``.
+
+    Identity: ``sad_terms(qk, x, y).sum(-1) == x~^T Omega~ y~`` (the pre-softmax, pre-``1/sqrt(d_head)``
+    score). Leading dims of ``qk`` (e.g. ``head``) and of the inputs broadcast.
+
+    Args:
+        qk: from :func:`svtools.qk_svd`.
+        x_query, x_key: ``(..., d_model)`` inputs of the query and key projections (a 1 is
+            appended when ``qk`` has biases).
+        offset: for rotary decompositions, ``query position - key position``.
+    """
+    qk = _select_offset(qk, offset)
+    x = homogeneous(x_query, qk, "x_query")
+    y = homogeneous(x_key, qk, "x_key")
+    left, right = qk.factors()
+    return _terms_from_factors(left, right, x, y)
+
+
+def rotated_terms(qk: QKSVD, x_query: Float[Tensor, "... d_model"], x_key: Float[Tensor, "... d_model"],
+                  *, seed: int = 0, offset: Optional[int] = None) -> Float[Tensor, "... r"]:
+    """The control: the same score split over a Haar-random rotation of the singular basis.
+
+    With ``Q`` random orthogonal (one per head, from ``seed``), the ``k``-th term is
+    ``(x~^T U S^1/2 Q)_k (y~^T V S^1/2 Q)_k``. Identity: the terms sum to the same score as
+    :func:`sad_terms` (``Q Q^T = I``). If the real terms are sparse because features align with
+    singular vectors, the rotated ones are dense; if sparsity came from low rank alone, the
+    rotation would keep it.
+    """
+    qk = _select_offset(qk, offset)
+    x = homogeneous(x_query, qk, "x_query")
+    y = homogeneous(x_key, qk, "x_key")
+    left, right = rotated_factors(qk, seed=seed)
+    return _terms_from_factors(left, right, x, y)
+
+
+def relative_terms(terms: Float[Tensor, "... query key r"],
+                   mask: Optional[Bool[Tensor, "... query key"]] = None) -> Float[Tensor, "... query key r"]:
+    """Relative-attention terms: each pair's terms minus their mean over the query's other keys.
+
+    ``rel[q, j, k] = terms[q, j, k] - mean_{j' != j, mask[q, j']} terms[q, j', k]``. Summing over
+    ``k`` gives the relative score ``l_j - mean_{j' != j} l_j'``, which (unlike ``l_j``) does not
+    change when a constant is added to every score of the query.
+
+    Pairs that are masked out, or whose query sees fewer than two keys, have no relative score:
+    they are NaN.
+
+    Args:
+        terms: ``(..., query, key, r)``, e.g. :attr:`HeadDecomposition.terms`.
+        mask: ``(..., query, key)`` boolean, broadcastable; True where the query may attend.
+            ``None`` = every key visible.
+    """
+    terms = as_tensor(terms, "terms")
+    if terms.ndim < 3:
+        raise SVToolsError(f"terms must have shape (..., query, key, r), got {tuple(terms.shape)}")
+    if mask is None:
+        mask = torch.ones(terms.shape[-3:-1], dtype=torch.bool, device=terms.device)
+    mask = torch.as_tensor(mask, device=terms.device)
+    if mask.dtype != torch.bool:
+        raise SVToolsError(f"mask must be boolean, got {mask.dtype}")
+    try:
+        mask = mask.expand(terms.shape[:-1])
+    except RuntimeError as exc:
+        raise SVToolsError(f"mask of shape {tuple(mask.shape)} does not broadcast to terms' "
+                           f"(..., query, key) = {tuple(terms.shape[:-1])}") from exc
+    m = mask[..., None].to(terms.dtype)
+    masked = torch.where(mask[..., None], terms, torch.zeros((), dtype=terms.dtype, device=terms.device))
+    total = masked.sum(dim=-2, keepdim=True)  # (..., query, 1, r)
+    count = m.sum(dim=-2, keepdim=True)  # (..., query, 1, 1)
+    others = (count - 1).clamp_min(1)
+    rel = terms - (total - masked) / others
+    valid = mask[..., None] & (count >= 2)
+    return torch.where(valid, rel, torch.full((), float("nan"), dtype=terms.dtype, device=terms.device))
