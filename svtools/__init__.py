@@ -23,11 +23,11 @@ _LAZY = {
     "load_model": "svtools.models",
     "HubUnavailableError": "svtools.models",
     "UnsupportedModelError": "svtools.models",
-    "head_weights": "svtools.decompose",
-    "decompose": "svtools.decompose",
-    "HeadDecomposition": "svtools.decompose",
+    "head_weights": "svtools.decomposition",
+    "decompose": "svtools.decomposition",
+    "HeadDecomposition": "svtools.decomposition",
 }
-_SUBMODULES = {"toy", "alignment", "theory", "data", "sad", "plots", "models", "decompose", "device"}
+_SUBMODULES = {"toy", "alignment", "theory", "data", "sad", "plots", "models", "decomposition", "runtime"}
 
 __all__ = [
     "QKSVD", "RotarySpec", "SVToolsError", "qk_svd", "random_rotation", "rotary_matrices",

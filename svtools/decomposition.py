@@ -1,0 +1,378 @@
+"""Decompose a real model's attention scores over each head's singular vectors.
+
+:func:`decompose` runs the model once (up to the layer asked for), reads the inputs of the query
+and key projections and the model's own attention pattern from TransformerLens hooks, and splits
+every score of every chosen head into its per-singular-vector terms. It is exact: the terms sum
+to the unscaled scores, and ``softmax(scale * scores + mask)`` reproduces the model's own
+attention weights (checked on every call).
+
+Supported: GPT-2 (LayerNorm, biases, absolute positions), GPT-NeoX / Pythia (parallel
+attention, partial rotary, biases), BERT (post-LN, bidirectional, padding), Llama (RMSNorm, full
+rotary, grouped-query attention, no biases).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Optional, Sequence
+
+import einops
+import torch
+from jaxtyping import Bool, Float, Int
+from torch import Tensor
+
+from svtools._checks import SVToolsError
+from svtools.models import UnsupportedModelError, check_supported
+from svtools.qk import QKSVD, RotarySpec, qk_svd, rotated_factors
+from svtools.terms import relative_terms
+
+__all__ = ["decompose", "HeadDecomposition", "head_weights", "layer_qk", "tokenize",
+           "attention_scale", "rotary_spec", "is_causal"]
+
+
+# ----------------------------------------------------------------------------- model facts
+
+def _hf(model: Any) -> Any:
+    try:
+        return model.original_model
+    except AttributeError as exc:
+        raise SVToolsError("model must be a TransformerLens TransformerBridge (use svtools.load_model)") from exc
+
+
+def _model_type(model: Any) -> str:
+    return getattr(_hf(model).config, "model_type", "?")
+
+
+def is_causal(model: Any) -> bool:
+    """Whether queries see only earlier keys (decoders) or all keys (BERT)."""
+    return _model_type(model) != "bert"
+
+
+def _check_layer(model: Any, layer: int) -> int:
+    n = model.cfg.n_layers
+    if isinstance(layer, bool) or not isinstance(layer, int) or not (-n <= layer < n):
+        raise SVToolsError(f"unknown layer {layer!r}: the model has {n} layers (0..{n - 1})")
+    return layer % n
+
+
+def _check_heads(model: Any, head: int | Sequence[int] | None) -> list[int]:
+    n = model.cfg.n_heads
+    if head is None:
+        return list(range(n))
+    heads = [head] if isinstance(head, int) else list(head)
+    bad = [h for h in heads if isinstance(h, bool) or not isinstance(h, int) or not (0 <= h < n)]
+    if bad or not heads:
+        raise SVToolsError(f"unknown head(s) {bad or heads!r}: each layer has {n} heads (0..{n - 1})")
+    return heads
+
+
+def _attn_module(model: Any, layer: int) -> Any:
+    return model.blocks[layer].attn.original_component
+
+
+def attention_scale(model: Any, layer: int) -> float:
+    """The factor the model multiplies ``q . k`` by before the softmax (usually ``1/sqrt(d_head)``)."""
+    layer = _check_layer(model, layer)
+    attn = _attn_module(model, layer)
+    d_head = model.cfg.d_head
+    if _model_type(model) == "gpt2":
+        s = 1.0 / math.sqrt(d_head) if getattr(attn, "scale_attn_weights", True) else 1.0
+        if getattr(attn, "scale_attn_by_inverse_layer_idx", False):
+            s /= float(layer + 1)
+        return s
+    s = getattr(attn, "scaling", None)
+    return float(s) if s is not None else 1.0 / math.sqrt(d_head)
+
+
+def rotary_spec(model: Any, offsets: Sequence[int] | Tensor) -> Optional[RotarySpec]:
+    """The model's rotary embedding as a :class:`RotarySpec` (None for absolute positions)."""
+    if _model_type(model) not in ("gpt_neox", "llama"):
+        return None
+    rot = [m for name, m in _hf(model).named_modules() if hasattr(m, "inv_freq") and name.endswith("rotary_emb")]
+    if len(rot) != 1:
+        raise UnsupportedModelError(f"expected one rotary embedding module, found {len(rot)}")
+    inv_freq = rot[0].inv_freq.detach().to("cpu", torch.float64)
+    return RotarySpec(rotary_dim=2 * inv_freq.numel(), inv_freq=inv_freq,
+                      offsets=torch.as_tensor(offsets), layout="neox",
+                      attention_scaling=float(getattr(rot[0], "attention_scaling", 1.0)))
+
+
+def head_weights(model: Any, layer: int | None = None) -> tuple[
+        Float[Tensor, "layer head d_model d_head"], Float[Tensor, "layer head d_model d_head"],
+        Optional[Float[Tensor, "layer head d_head"]], Optional[Float[Tensor, "layer head d_head"]]]:
+    """``W_Q, W_K, b_Q, b_K`` per head (raw weights: ``q = x W_Q + b_Q`` on the projection's input).
+
+    Grouped-query attention: key weights are repeated so that head ``h`` gets key head
+    ``h // (n_heads / n_kv_heads)``. Biases are None for bias-free projections. With ``layer``
+    given, the ``layer`` dim is dropped.
+    """
+    def stacked(name: str) -> Optional[Tensor]:
+        try:
+            t = getattr(model, name)
+        except AttributeError:
+            return None
+        return None if t is None else t.detach()
+
+    W_Q, W_K = stacked("W_Q"), stacked("W_K")
+    if W_Q is None or W_K is None:
+        raise UnsupportedModelError("the model exposes no stacked W_Q/W_K")
+    b_Q, b_K = stacked("b_Q"), stacked("b_K")
+    n_heads = W_Q.shape[1]
+    if W_K.shape[1] != n_heads:
+        if n_heads % W_K.shape[1]:
+            raise UnsupportedModelError(f"{n_heads} query heads do not divide into {W_K.shape[1]} key heads")
+        rep = n_heads // W_K.shape[1]
+        W_K = W_K.repeat_interleave(rep, dim=1)
+        b_K = None if b_K is None else b_K.repeat_interleave(rep, dim=1)
+    if layer is not None:
+        layer = _check_layer(model, layer)
+        W_Q, W_K = W_Q[layer], W_K[layer]
+        b_Q = None if b_Q is None else b_Q[layer]
+        b_K = None if b_K is None else b_K[layer]
+    return W_Q, W_K, b_Q, b_K
+
+
+def layer_qk(model: Any, layer: int, heads: Sequence[int] | None = None, *, n_pos: int | None = None,
+             dtype: Optional[torch.dtype] = None) -> QKSVD:
+    """:func:`svtools.qk_svd` of the chosen heads of one layer: ``(head, [offset,] d_in, r)``.
+
+    Rotary models get one decomposition per offset ``0..n_pos-1`` (causal: query minus key
+    position is never negative); pass ``n_pos`` for them.
+    """
+    layer = _check_layer(model, layer)
+    heads = _check_heads(model, heads)
+    W_Q, W_K, b_Q, b_K = head_weights(model, layer)
+    idx = torch.tensor(heads, device=W_Q.device)
+    sel = lambda t: None if t is None else t.index_select(0, idx)  # noqa: E731
+    rot = None
+    if _model_type(model) in ("gpt_neox", "llama"):
+        if n_pos is None:
+            raise SVToolsError("rotary model: pass n_pos (the sequence length) to decompose its offsets")
+        rot = rotary_spec(model, range(n_pos))
+    return qk_svd(sel(W_Q), sel(W_K), sel(b_Q), sel(b_K), rotary=rot, dtype=dtype)
+
+
+# ----------------------------------------------------------------------------- tokens
+
+def tokenize(model: Any, texts: Sequence[str], *, prepend_bos: Optional[bool] = None
+             ) -> tuple[Int[Tensor, "batch pos"], Int[Tensor, "batch pos"]]:
+    """Token ids and attention mask for ``texts``, right-padded, as :func:`decompose` feeds them.
+
+    Uses the model's tokenizer with its special tokens (BERT: ``[CLS] ... [SEP]``). For
+    tokenizers that add no BOS themselves, a BOS is prepended when the bridge's
+    ``cfg.default_prepend_bos`` says so (TransformerLens' convention for GPT-2/Pythia), or as
+    ``prepend_bos`` says. Position ``p`` of a text's tokens is position ``p`` in the model.
+    """
+    tok = getattr(model, "tokenizer", None)
+    if tok is None:
+        raise SVToolsError("this model has no tokenizer: pass token ids (a LongTensor) instead of strings")
+    if isinstance(texts, str):
+        texts = [texts]
+    if not texts or not all(isinstance(t, str) for t in texts):
+        raise SVToolsError("texts must be a non-empty list of strings")
+    enc = [tok(t, add_special_tokens=True)["input_ids"] for t in texts]
+    if prepend_bos is None:
+        prepend_bos = bool(getattr(model.cfg, "default_prepend_bos", False)) and not \
+            bool(getattr(model.cfg, "tokenizer_prepends_bos", True))
+    if prepend_bos:
+        if tok.bos_token_id is None:
+            raise SVToolsError("prepend_bos=True but the tokenizer has no BOS token")
+        enc = [[tok.bos_token_id] + e if (not e or e[0] != tok.bos_token_id) else e for e in enc]
+    n = max(len(e) for e in enc)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+    ids = torch.full((len(enc), n), pad, dtype=torch.long)
+    mask = torch.zeros((len(enc), n), dtype=torch.long)
+    for i, e in enumerate(enc):
+        ids[i, :len(e)] = torch.tensor(e, dtype=torch.long)
+        mask[i, :len(e)] = 1
+    return ids, mask
+
+
+def _as_ids(model: Any, tokens: Any, attention_mask: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    if isinstance(tokens, str) or (isinstance(tokens, (list, tuple)) and tokens and isinstance(tokens[0], str)):
+        if attention_mask is not None:
+            raise SVToolsError("attention_mask is computed from the texts; pass it only with token ids")
+        return tokenize(model, list(tokens) if not isinstance(tokens, str) else [tokens])
+    ids = torch.as_tensor(tokens)
+    if ids.is_floating_point() or ids.dtype == torch.bool:
+        raise SVToolsError(f"tokens must be integer ids or strings, got dtype {ids.dtype}")
+    if ids.ndim == 1:
+        ids = ids[None]
+    if ids.ndim != 2 or ids.shape[1] == 0:
+        raise SVToolsError(f"tokens must have shape (batch, pos), got {tuple(ids.shape)}")
+    vocab = model.cfg.d_vocab
+    if int(ids.min()) < 0 or int(ids.max()) >= vocab:
+        raise SVToolsError(f"token ids must lie in [0, {vocab}), got range [{int(ids.min())}, {int(ids.max())}]")
+    if attention_mask is None:
+        attention_mask = torch.ones_like(ids)
+    attention_mask = torch.as_tensor(attention_mask)
+    if attention_mask.shape != ids.shape:
+        raise SVToolsError(f"attention_mask shape {tuple(attention_mask.shape)} != tokens shape {tuple(ids.shape)}")
+    am = attention_mask.long()
+    if bool((am[:, 1:] > am[:, :-1]).any()) or bool((am[:, 0] == 0).any()):
+        raise SVToolsError("attention_mask must be right-padded (ones, then zeros, first token real)")
+    return ids.long(), am
+
+
+# ----------------------------------------------------------------------------- decomposition
+
+@dataclass
+class HeadDecomposition:
+    """The SAD of one layer's chosen heads on a batch of token sequences.
+
+    Attributes (``head`` runs over :attr:`heads`):
+        terms: ``(batch, head, query, key, r)`` per-singular-vector terms; zero where masked.
+        scores: ``(batch, head, query, key)`` unscaled, pre-softmax scores ``= terms.sum(-1)``.
+        pattern: ``(batch, head, query, key)`` the attention weights the model itself computed.
+        mask: ``(batch, 1, query, key)`` True where the query may attend the key.
+        scale: the model's score scale (``pattern = softmax(scale * scores + mask)``).
+        qk: the heads' :class:`~svtools.qk.QKSVD`, ``(head, [offset,] d_in, r)``.
+        x_query, x_key: ``(batch, pos, d_model)`` inputs of the query and key projections.
+        tokens, attention_mask: ``(batch, pos)`` what the model was run on.
+    """
+
+    layer: int
+    heads: list[int]
+    terms: Float[Tensor, "batch head query key r"]
+    scores: Float[Tensor, "batch head query key"]
+    pattern: Float[Tensor, "batch head query key"]
+    mask: Bool[Tensor, "batch 1 query key"]
+    scale: float
+    qk: QKSVD
+    x_query: Float[Tensor, "batch pos d_model"]
+    x_key: Float[Tensor, "batch pos d_model"]
+    tokens: Int[Tensor, "batch pos"]
+    attention_mask: Int[Tensor, "batch pos"]
+    model_name: str = ""
+    _rotated: dict = field(default_factory=dict, repr=False)
+
+    def softmax_pattern(self) -> Float[Tensor, "batch head query key"]:
+        """``softmax(scale * scores)`` over the keys each query may see."""
+        return _softmax_masked(self.scores, self.scale, self.mask)
+
+    def max_pattern_error(self) -> float:
+        """Largest ``|softmax(scale * scores + mask) - pattern|`` (the exactness check)."""
+        return float((self.softmax_pattern() - self.pattern.to(self.scores.dtype)).abs().max())
+
+    def rotated_terms(self, seed: int = 0) -> Float[Tensor, "batch head query key r"]:
+        """The control: the same scores split over a random rotation of each head's singular basis.
+
+        Identity: ``rotated_terms(seed).sum(-1) == scores`` (float precision). One Haar-random
+        ``r x r`` rotation per head (per offset for rotary heads), from ``seed``.
+        """
+        if seed not in self._rotated:
+            left, right = rotated_factors(self.qk, seed=seed)
+            self._rotated[seed] = _grid_terms(left, right, self.qk, self.x_query, self.x_key, self.mask)
+        return self._rotated[seed]
+
+    def relative_terms(self) -> Float[Tensor, "batch head query key r"]:
+        """:func:`svtools.relative_terms` of :attr:`terms` under :attr:`mask` (NaN where undefined)."""
+        return relative_terms(self.terms, self.mask)
+
+
+def _softmax_masked(scores: Tensor, scale: float, mask: Tensor) -> Tensor:
+    neg = torch.finfo(scores.dtype).min
+    return torch.softmax(torch.where(mask, scores * scale, torch.full((), neg, dtype=scores.dtype,
+                                                                        device=scores.device)), dim=-1)
+
+
+def _homog(x: Tensor, qk: QKSVD) -> Tensor:
+    x = x.to(qk.U.dtype)
+    if qk.has_bias:
+        x = torch.cat([x, torch.ones_like(x[..., :1])], dim=-1)
+    return x
+
+
+def _grid_terms(left: Tensor, right: Tensor, qk: QKSVD, x_query: Tensor, x_key: Tensor,
+                mask: Tensor) -> Float[Tensor, "batch head query key r"]:
+    """Terms ``(x_i^T left)_k (y_j^T right)_k`` for every (query i, key j) pair, zero where masked.
+
+    ``left, right``: ``(head, d_in, r)``, or ``(head, offset, d_in, r)`` for rotary heads, where
+    pair ``(i, j)`` uses offset ``i - j``.
+    """
+    xq, xk = _homog(x_query, qk), _homog(x_key, qk)
+    if qk.rotary is None:
+        a = einops.einsum(xq, left, "b q d, h d r -> b h q r")
+        c = einops.einsum(xk, right, "b k d, h d r -> b h k r")
+        t = a[:, :, :, None, :] * c[:, :, None, :, :]
+    else:
+        n_q, n_k = xq.shape[1], xk.shape[1]
+        a = einops.einsum(xq, left, "b q d, h o d r -> b h o q r")
+        c = einops.einsum(xk, right, "b k d, h o d r -> b h o k r")
+        qi = torch.arange(n_q)[:, None].expand(n_q, n_k)
+        ki = torch.arange(n_k)[None, :].expand(n_q, n_k)
+        oi = qk.rotary.offset_index((qi - ki).clamp_min(0))  # masked (i < j) pairs are zeroed below
+        qi, ki, oi = (t.to(xq.device) for t in (qi, ki, oi))
+        t = a[:, :, oi, qi, :] * c[:, :, oi, ki, :]
+    return t * mask[..., None].to(t.dtype)
+
+
+def decompose(
+    model: Any,
+    tokens: Any,
+    layer: int,
+    head: int | Sequence[int] | None = None,
+    *,
+    attention_mask: Optional[Tensor] = None,
+    dtype: Optional[torch.dtype] = None,
+    check_tol: Optional[float] = 1e-3,
+) -> HeadDecomposition:
+    """Split every attention score of ``layer``'s heads into per-singular-vector terms.
+
+    Identities (checked): ``terms.sum(-1) == scores`` and
+    ``softmax(scale * scores + mask) == pattern`` (the model's own weights) — the call raises if
+    the second fails by more than ``check_tol`` (None skips the check).
+
+    Args:
+        model: a ``TransformerBridge`` from :func:`svtools.load_model`.
+        tokens: ``(batch, pos)`` or ``(pos,)`` token ids, or a list of strings (tokenised with
+            the model's tokenizer by :func:`tokenize`, right-padded and masked).
+        layer: which layer.
+        head: one head, a list of heads, or None for all heads of the layer (one batched pass).
+        attention_mask: ``(batch, pos)`` 1 for real tokens, right-padded; only with token ids.
+        dtype: dtype of the decomposition (default float32; float64 for checks).
+    """
+    check_supported(_hf(model))
+    layer = _check_layer(model, layer)
+    heads = _check_heads(model, head)
+    ids, am = _as_ids(model, tokens, attention_mask)
+    device = next(_hf(model).parameters()).device
+    ids, am = ids.to(device), am.to(device)
+    dtype = dtype or torch.float32
+
+    pre = f"blocks.{layer}.attn."
+    names = [pre + "q.hook_in", pre + "k.hook_in", pre + "hook_pattern"]
+    with torch.no_grad():
+        _, cache = model.run_with_cache(ids, attention_mask=am, names_filter=lambda n: n in names,
+                                        stop_at_layer=layer + 1)
+    missing = [n for n in names if n not in cache]
+    if missing:
+        raise UnsupportedModelError(f"the model's bridge does not expose hooks {missing}")
+    x_q, x_k = cache[names[0]].detach(), cache[names[1]].detach()
+    idx = torch.tensor(heads, device=device)
+    pattern = cache[names[2]].detach().index_select(1, idx)
+    n_pos = ids.shape[1]
+
+    qk = layer_qk(model, layer, heads, n_pos=n_pos, dtype=dtype)
+    keyvalid = am.bool()[:, None, None, :]
+    if is_causal(model):
+        causal = torch.ones(n_pos, n_pos, dtype=torch.bool, device=device).tril()
+        mask = keyvalid & causal
+    else:
+        mask = keyvalid.expand(-1, -1, n_pos, -1)
+    mask = mask.expand(ids.shape[0], 1, n_pos, n_pos).clone()
+    left, right = qk.factors()
+    terms = _grid_terms(left, right, qk, x_q, x_k, mask)
+    dec = HeadDecomposition(layer=layer, heads=heads, terms=terms, scores=terms.sum(-1), pattern=pattern,
+                            mask=mask, scale=attention_scale(model, layer), qk=qk, x_query=x_q, x_key=x_k,
+                            tokens=ids, attention_mask=am,
+                            model_name=str(getattr(model.cfg, "model_name", "")))
+    if check_tol is not None:
+        err = dec.max_pattern_error()
+        if not err <= check_tol:
+            raise UnsupportedModelError(
+                f"decomposition does not reproduce the model's attention at layer {layer} "
+                f"(max |softmax - pattern| = {err:.2e} > {check_tol}); this model's attention "
+                "has a mechanism svtools does not model")
+    return dec

@@ -1,0 +1,74 @@
+"""Shared fixtures: randomly initialised models of the four supported families, built offline.
+
+Weights are drawn with a large ``initializer_range`` so that attention is sharply peaked:
+near-uniform patterns would make the exactness checks too easy to pass.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import pytest
+import torch
+
+VOCAB = 128
+
+
+def _build(family: str):
+    from transformers import (BertConfig, BertForMaskedLM, GPT2Config, GPT2LMHeadModel, GPTNeoXConfig,
+                              GPTNeoXForCausalLM, LlamaConfig, LlamaForCausalLM)
+
+    torch.manual_seed({"gpt2": 1, "neox": 2, "llama": 3, "bert": 4}[family])
+    if family == "gpt2":
+        cfg = GPT2Config(n_layer=2, n_head=4, n_embd=64, vocab_size=VOCAB, n_positions=64,
+                         initializer_range=0.4, bos_token_id=0, eos_token_id=0)
+        cls = GPT2LMHeadModel
+    elif family == "neox":
+        cfg = GPTNeoXConfig(num_hidden_layers=2, num_attention_heads=4, hidden_size=64, intermediate_size=128,
+                            vocab_size=VOCAB, max_position_embeddings=64, rotary_pct=0.5,
+                            use_parallel_residual=True, attention_bias=True, initializer_range=0.4,
+                            bos_token_id=0, eos_token_id=0)
+        cls = GPTNeoXForCausalLM
+    elif family == "llama":
+        cfg = LlamaConfig(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, hidden_size=64,
+                          intermediate_size=128, vocab_size=VOCAB, max_position_embeddings=64,
+                          initializer_range=0.4, bos_token_id=0, eos_token_id=0, pad_token_id=0)
+        cls = LlamaForCausalLM
+    elif family == "bert":
+        cfg = BertConfig(num_hidden_layers=2, num_attention_heads=4, hidden_size=64, intermediate_size=128,
+                         vocab_size=VOCAB, max_position_embeddings=64, initializer_range=0.4, pad_token_id=0)
+        cls = BertForMaskedLM
+    else:  # pragma: no cover
+        raise ValueError(family)
+    return cls._from_config(cfg, attn_implementation="eager").eval()
+
+
+FAMILIES = ["gpt2", "neox", "llama", "bert"]
+
+
+@pytest.fixture(scope="session")
+def random_models():
+    """Dict family -> TransformerBridge around a random model (built once per session)."""
+    import svtools
+
+    return {f: svtools.load_model(_build(f), device="cpu") for f in FAMILIES}
+
+
+@pytest.fixture(scope="session")
+def minilm():
+    import svtools
+
+    return svtools.load_model("minilm", device="cpu")
+
+
+@pytest.fixture
+def batch_tokens():
+    """Random ids with one right-padded row."""
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(1, VOCAB, (3, 12), generator=g)
+    am = torch.ones_like(ids)
+    am[1, 8:] = 0
+    return ids, am
