@@ -202,12 +202,11 @@ def _homogeneous(W: Tensor, b: Optional[Tensor], bias: bool) -> Tensor:
     return torch.cat([W, b[..., None, :]], dim=-2)
 
 
-def _fix_signs(U: Tensor, V: Tensor) -> tuple[Tensor, Tensor]:
-    """Make each singular pair's largest-magnitude entry of ``u_k`` positive (flip ``v_k`` too)."""
-    idx = U.abs().argmax(dim=-2, keepdim=True)
-    sign = torch.sign(torch.gather(U, -2, idx))
-    sign = torch.where(sign == 0, torch.ones_like(sign), sign)
-    return U * sign, V * sign
+def _core(RA: Tensor, RB: Tensor, M: Optional[Tensor]) -> Tensor:
+    """``R_A R_B^T``, or ``R_A M_delta R_B^T`` for every offset (offset dim before the matrix)."""
+    if M is None:
+        return RA @ RB.transpose(-1, -2)
+    return RA[..., None, :, :] @ M @ RB.transpose(-1, -2)[..., None, :, :]
 
 
 def qk_svd(
@@ -252,8 +251,6 @@ def qk_svd(
             shapes.append(b.shape[:-1])
             names.append(n)
     lead = broadcast_leading(shapes, names)
-    check_finite(W_Q, "W_Q")
-    check_finite(W_K, "W_K")
     bias = b_Q is not None or b_K is not None
     A = _homogeneous(W_Q.to(dtype), None if b_Q is None else as_tensor(b_Q, "b_Q").to(dtype), bias)
     B = _homogeneous(W_K.to(dtype), None if b_K is None else as_tensor(b_K, "b_K").to(dtype), bias)
@@ -261,18 +258,38 @@ def qk_svd(
     A = A.expand(lead + A.shape[-2:])
     B = B.expand(lead + B.shape[-2:])
 
-    QA, RA = torch.linalg.qr(A)  # (..., d_in, k), (..., k, d_head)
-    QB, RB = torch.linalg.qr(B)
-    if rotary is None:
-        core = RA @ RB.transpose(-1, -2)
+    # Omega~ = A M B^T with A, B (..., d_in, d_head) and M = I (or the rotary M_delta).
+    # With the Gram matrix A^T A = R_A^T R_A (Cholesky, in float64), Q_A = A R_A^-1 has
+    # orthonormal columns, so Omega~ = Q_A (R_A M R_B^T) Q_B^T and only the d_head x d_head core
+    # needs an SVD, U_c S V_c^T; then U = A (R_A^-1 U_c) and V = B (R_B^-1 V_c).
+    # Sides that are rank-deficient (Cholesky fails) take the Householder-QR route instead.
+    M = None if rotary is None else rotary_matrices(rotary, d_head, dtype=torch.float64, device=A.device)
+    A64, B64 = A.to(torch.float64), B.to(torch.float64)
+    GA, GB = A64.transpose(-1, -2) @ A64, B64.transpose(-1, -2) @ B64
+    # a NaN or inf anywhere in a side shows up in its Gram matrix (biases were checked above)
+    for G, name in ((GA, "W_Q"), (GB, "W_K")):
+        if not bool(torch.isfinite(G).all()):
+            check_finite(W_Q if name == "W_Q" else W_K, name)
+            raise SVToolsError(f"{name} is too large: its Gram matrix overflows")
+    LA, infoA = torch.linalg.cholesky_ex(GA)
+    LB, infoB = torch.linalg.cholesky_ex(GB)
+    expand = (lambda t: t) if M is None else (lambda t: t[..., None, :, :])
+    if d_in >= d_head and not bool(infoA.any()) and not bool(infoB.any()):
+        RA, RB = LA.transpose(-1, -2), LB.transpose(-1, -2)
+        Uc, S, Vch = torch.linalg.svd(_core(RA, RB, M), full_matrices=False)
+        XA = torch.linalg.solve_triangular(expand(RA), Uc, upper=True)  # R_A^-1 U_c
+        XB = torch.linalg.solve_triangular(expand(RB), Vch.transpose(-1, -2), upper=True)
+        U, V = expand(A) @ XA.to(dtype), expand(B) @ XB.to(dtype)
     else:
-        M = rotary_matrices(rotary, d_head, dtype=dtype, device=A.device)  # (offset, dh, dh)
-        core = RA[..., None, :, :] @ M @ RB.transpose(-1, -2)[..., None, :, :]
-        QA, QB = QA[..., None, :, :], QB[..., None, :, :]
-    Uc, S, Vch = torch.linalg.svd(core, full_matrices=False)
-    U = QA @ Uc
-    V = QB @ Vch.transpose(-1, -2)
-    U, V = _fix_signs(U, V)
+        QA, RA = torch.linalg.qr(A64)
+        QB, RB = torch.linalg.qr(B64)
+        Uc, S, Vch = torch.linalg.svd(_core(RA, RB, M), full_matrices=False)
+        U, V = (expand(QA) @ Uc).to(dtype), (expand(QB) @ Vch.transpose(-1, -2)).to(dtype)
+    # sign convention (SVD leaves each pair's sign free): every u_k has a non-negative entry sum
+    sign = torch.sign(U.sum(-2, keepdim=True))
+    sign = torch.where(sign == 0, torch.ones_like(sign), sign)
+    U, V = U * sign, V * sign
+    S = S.to(dtype)
     r = min(d_head, d_in)
     return QKSVD(U=U[..., :r], S=S[..., :r], V=V[..., :r], has_bias=bias, rotary=rotary)
 
