@@ -24,6 +24,7 @@ _LAZY = {
     "HubUnavailableError": "svtools.models",
     "UnsupportedModelError": "svtools.models",
     "head_weights": "svtools.decomposition",
+    "decompose_layers": "svtools.decomposition",
     "decompose": "svtools.decomposition",
     "HeadDecomposition": "svtools.decomposition",
 }

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Optional, Sequence
+from typing import Any, Iterator, Mapping, Optional, Sequence
 
 import einops
 import torch
@@ -24,11 +24,11 @@ from torch import Tensor
 
 from svtools._checks import SVToolsError
 from svtools.models import UnsupportedModelError, check_supported
-from svtools.qk import QKSVD, RotarySpec, qk_svd, rotated_factors
+from svtools.qk import QKSVD, RotarySpec, qk_svd, random_rotation, rotated_factors
 from svtools.terms import relative_terms
 
-__all__ = ["decompose", "HeadDecomposition", "head_weights", "layer_qk", "tokenize",
-           "attention_scale", "rotary_spec", "is_causal"]
+__all__ = ["decompose", "decompose_layers", "HeadDecomposition", "head_weights", "layer_qk", "tokenize",
+           "prepends_bos", "head_rotations", "attention_scale", "rotary_spec", "is_causal"]
 
 
 # ----------------------------------------------------------------------------- model facts
@@ -155,14 +155,23 @@ def layer_qk(model: Any, layer: int, heads: Sequence[int] | None = None, *, n_po
 
 # ----------------------------------------------------------------------------- tokens
 
+def prepends_bos(model: Any) -> bool:
+    """Whether :func:`tokenize` puts a BOS token in front of what the tokenizer returns.
+
+    True when the bridge's ``cfg.default_prepend_bos`` asks for a BOS (TransformerLens'
+    convention for GPT-2 and Pythia) and the tokenizer does not add one itself.
+    """
+    return bool(getattr(model.cfg, "default_prepend_bos", False)) and not \
+        bool(getattr(model.cfg, "tokenizer_prepends_bos", True))
+
+
 def tokenize(model: Any, texts: Sequence[str], *, prepend_bos: Optional[bool] = None
              ) -> tuple[Int[Tensor, "batch pos"], Int[Tensor, "batch pos"]]:
     """Token ids and attention mask for ``texts``, right-padded, as :func:`decompose` feeds them.
 
     Uses the model's tokenizer with its special tokens (BERT: ``[CLS] ... [SEP]``). For
     tokenizers that add no BOS themselves, a BOS is prepended when the bridge's
-    ``cfg.default_prepend_bos`` says so (TransformerLens' convention for GPT-2/Pythia), or as
-    ``prepend_bos`` says. Position ``p`` of a text's tokens is position ``p`` in the model.
+    ``cfg.default_prepend_bos`` says so (:func:`prepends_bos`), or as ``prepend_bos`` says. Position ``p`` of a text's tokens is position ``p`` in the model.
     """
     tok = getattr(model, "tokenizer", None)
     if tok is None:
@@ -173,8 +182,7 @@ def tokenize(model: Any, texts: Sequence[str], *, prepend_bos: Optional[bool] = 
         raise SVToolsError("texts must be a non-empty list of strings")
     enc = [tok(t, add_special_tokens=True)["input_ids"] for t in texts]
     if prepend_bos is None:
-        prepend_bos = bool(getattr(model.cfg, "default_prepend_bos", False)) and not \
-            bool(getattr(model.cfg, "tokenizer_prepends_bos", True))
+        prepend_bos = prepends_bos(model)
     if prepend_bos:
         if tok.bos_token_id is None:
             raise SVToolsError("prepend_bos=True but the tokenizer has no BOS token")
@@ -259,16 +267,32 @@ class HeadDecomposition:
         """The control: the same scores split over a random rotation of each head's singular basis.
 
         Identity: ``rotated_terms(seed).sum(-1) == scores`` (float precision). One Haar-random
-        ``r x r`` rotation per head (per offset for rotary heads), from ``seed``.
+        ``r x r`` rotation per head (per offset for rotary heads) from :func:`head_rotations`: a
+        head's control depends on ``(seed, layer, head)`` only, not on the other heads decomposed
+        with it (for rotary heads also on the number of offsets, i.e. the padded length).
         """
         if seed not in self._rotated:
-            left, right = rotated_factors(self.qk, seed=seed)
+            Q = head_rotations(seed, self.layer, self.heads, self.qk.batch_shape[1:], self.qk.r,
+                               dtype=self.qk.U.dtype, device=self.qk.U.device)
+            left, right = rotated_factors(self.qk, rotation=Q)
             self._rotated[seed] = _grid_terms(left, right, self.qk, self.x_query, self.x_key, self.mask)
         return self._rotated[seed]
 
     def relative_terms(self) -> Float[Tensor, "batch head query key r"]:
         """:func:`svtools.relative_terms` of :attr:`terms` under :attr:`mask` (NaN where undefined)."""
         return relative_terms(self.terms, self.mask)
+
+
+def head_rotations(seed: int, layer: int, heads: Sequence[int], inner_shape: tuple[int, ...] | torch.Size,
+                   r: int, *, dtype=torch.float32, device=None) -> Float[Tensor, "head ... r r"]:
+    """Haar-random rotations for the rotated control, one stream per ``(seed, layer, head)``.
+
+    Returns ``(len(heads), *inner_shape, r, r)``; ``inner_shape`` is ``()`` or ``(offset,)``.
+    """
+    return torch.stack([
+        random_rotation(tuple(inner_shape), r, seed=(int(seed) * 1_000_003 + int(layer) * 10_007 + int(h)) % 2**63,
+                        dtype=dtype, device=device)
+        for h in heads])
 
 
 def _softmax_masked(scores: Tensor, scale: float, mask: Tensor) -> Tensor:
@@ -308,6 +332,59 @@ def _grid_terms(left: Tensor, right: Tensor, qk: QKSVD, x_query: Tensor, x_key: 
     return t * mask[..., None].to(t.dtype)
 
 
+def _run_once(model: Any, ids: Tensor, am: Tensor, layers: Sequence[int]) -> dict[str, Tensor]:
+    """One forward pass (up to the last layer needed) caching the q/k inputs and the pattern."""
+    names = {f"blocks.{l}.attn.{h}" for l in layers for h in ("q.hook_in", "k.hook_in", "hook_pattern")}
+    with torch.no_grad():
+        _, cache = model.run_with_cache(ids, attention_mask=am, names_filter=lambda n: n in names,
+                                        stop_at_layer=max(layers) + 1)
+    missing = sorted(n for n in names if n not in cache)
+    if missing:
+        raise UnsupportedModelError(f"the model's bridge does not expose hooks {missing[:3]}")
+    return {n: cache[n].detach() for n in names}
+
+
+def _mask(model: Any, am: Tensor) -> Bool[Tensor, "batch 1 query key"]:
+    n_pos = am.shape[1]
+    keyvalid = am.bool()[:, None, None, :]
+    if is_causal(model):
+        causal = torch.ones(n_pos, n_pos, dtype=torch.bool, device=am.device).tril()
+        mask = keyvalid & causal
+    else:
+        mask = keyvalid.expand(-1, -1, n_pos, -1)
+    return mask.expand(am.shape[0], 1, n_pos, n_pos).clone()
+
+
+def _layer_decomposition(model: Any, layer: int, heads: list[int], cached: dict[str, Tensor], ids: Tensor,
+                         am: Tensor, mask: Tensor, dtype: torch.dtype, check_tol: Optional[float]) -> HeadDecomposition:
+    pre = f"blocks.{layer}.attn."
+    x_q, x_k = cached[pre + "q.hook_in"], cached[pre + "k.hook_in"]
+    idx = torch.tensor(heads, device=ids.device)
+    pattern = cached[pre + "hook_pattern"].index_select(1, idx)
+    qk = layer_qk(model, layer, heads, n_pos=ids.shape[1], dtype=dtype)
+    left, right = qk.factors()
+    terms = _grid_terms(left, right, qk, x_q, x_k, mask)
+    dec = HeadDecomposition(layer=layer, heads=heads, terms=terms, scores=terms.sum(-1), pattern=pattern,
+                            mask=mask, scale=attention_scale(model, layer), qk=qk, x_query=x_q, x_key=x_k,
+                            tokens=ids, attention_mask=am,
+                            model_name=str(getattr(model.cfg, "model_name", "")))
+    if check_tol is not None:
+        err = dec.max_pattern_error()
+        if not err <= check_tol:
+            raise UnsupportedModelError(
+                f"decomposition does not reproduce the model's attention at layer {layer} "
+                f"(max |softmax - pattern| = {err:.2e} > {check_tol}); this model's attention "
+                "has a mechanism svtools does not model")
+    return dec
+
+
+def _prepare(model: Any, tokens: Any, attention_mask: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    check_supported(_hf(model))
+    ids, am = _as_ids(model, tokens, attention_mask)
+    device = next(_hf(model).parameters()).device
+    return ids.to(device), am.to(device)
+
+
 def decompose(
     model: Any,
     tokens: Any,
@@ -332,47 +409,45 @@ def decompose(
         head: one head, a list of heads, or None for all heads of the layer (one batched pass).
         attention_mask: ``(batch, pos)`` 1 for real tokens, right-padded; only with token ids.
         dtype: dtype of the decomposition (default float32; float64 for checks).
+
+    For several layers use :func:`decompose_layers`, which runs the model once.
     """
-    check_supported(_hf(model))
     layer = _check_layer(model, layer)
     heads = _check_heads(model, head)
-    ids, am = _as_ids(model, tokens, attention_mask)
-    device = next(_hf(model).parameters()).device
-    ids, am = ids.to(device), am.to(device)
-    dtype = dtype or torch.float32
+    ids, am = _prepare(model, tokens, attention_mask)
+    cached = _run_once(model, ids, am, [layer])
+    return _layer_decomposition(model, layer, heads, cached, ids, am, _mask(model, am),
+                                dtype or torch.float32, check_tol)
 
-    pre = f"blocks.{layer}.attn."
-    names = [pre + "q.hook_in", pre + "k.hook_in", pre + "hook_pattern"]
-    with torch.no_grad():
-        _, cache = model.run_with_cache(ids, attention_mask=am, names_filter=lambda n: n in names,
-                                        stop_at_layer=layer + 1)
-    missing = [n for n in names if n not in cache]
-    if missing:
-        raise UnsupportedModelError(f"the model's bridge does not expose hooks {missing}")
-    x_q, x_k = cache[names[0]].detach(), cache[names[1]].detach()
-    idx = torch.tensor(heads, device=device)
-    pattern = cache[names[2]].detach().index_select(1, idx)
-    n_pos = ids.shape[1]
 
-    qk = layer_qk(model, layer, heads, n_pos=n_pos, dtype=dtype)
-    keyvalid = am.bool()[:, None, None, :]
-    if is_causal(model):
-        causal = torch.ones(n_pos, n_pos, dtype=torch.bool, device=device).tril()
-        mask = keyvalid & causal
+def decompose_layers(
+    model: Any,
+    tokens: Any,
+    layers: Sequence[int] | Mapping[int, Sequence[int]] | None = None,
+    *,
+    attention_mask: Optional[Tensor] = None,
+    dtype: Optional[torch.dtype] = None,
+    check_tol: Optional[float] = 1e-3,
+) -> Iterator[HeadDecomposition]:
+    """:func:`decompose` for several layers from ONE forward pass, yielded layer by layer.
+
+    ``layers``: a list of layers (all heads), a mapping ``layer -> heads``, or None (every head of
+    every layer). Only the layers' projection inputs and patterns are kept from the forward pass
+    (``2 * batch * pos * d_model + heads * batch * pos^2`` numbers per layer); each layer's terms
+    are built when the iterator reaches it, so memory holds one layer's terms at a time.
+    """
+    if layers is None:
+        plan = {l: _check_heads(model, None) for l in range(model.cfg.n_layers)}
+    elif isinstance(layers, Mapping):
+        plan = {_check_layer(model, l): _check_heads(model, list(h) if h is not None else None)
+                for l, h in layers.items()}
     else:
-        mask = keyvalid.expand(-1, -1, n_pos, -1)
-    mask = mask.expand(ids.shape[0], 1, n_pos, n_pos).clone()
-    left, right = qk.factors()
-    terms = _grid_terms(left, right, qk, x_q, x_k, mask)
-    dec = HeadDecomposition(layer=layer, heads=heads, terms=terms, scores=terms.sum(-1), pattern=pattern,
-                            mask=mask, scale=attention_scale(model, layer), qk=qk, x_query=x_q, x_key=x_k,
-                            tokens=ids, attention_mask=am,
-                            model_name=str(getattr(model.cfg, "model_name", "")))
-    if check_tol is not None:
-        err = dec.max_pattern_error()
-        if not err <= check_tol:
-            raise UnsupportedModelError(
-                f"decomposition does not reproduce the model's attention at layer {layer} "
-                f"(max |softmax - pattern| = {err:.2e} > {check_tol}); this model's attention "
-                "has a mechanism svtools does not model")
-    return dec
+        plan = {_check_layer(model, l): _check_heads(model, None) for l in layers}
+    if not plan:
+        raise SVToolsError("no layers to decompose")
+    ids, am = _prepare(model, tokens, attention_mask)
+    cached = _run_once(model, ids, am, list(plan))
+    mask = _mask(model, am)
+    for layer in sorted(plan):
+        yield _layer_decomposition(model, layer, plan[layer], cached, ids, am, mask,
+                                   dtype or torch.float32, check_tol)

@@ -308,13 +308,22 @@ def random_rotation(batch_shape: torch.Size | tuple[int, ...], r: int, *, seed: 
     return Q.to(dtype=dtype, device=device)
 
 
-def rotated_factors(qk: QKSVD, *, seed: int = 0) -> tuple[Float[Tensor, "... d_in r"], Float[Tensor, "... d_in r"]]:
+def rotated_factors(qk: QKSVD, *, seed: int = 0, rotation: Optional[Tensor] = None
+                    ) -> tuple[Float[Tensor, "... d_in r"], Float[Tensor, "... d_in r"]]:
     """The rotated-basis control: ``(U S^1/2 Q, V S^1/2 Q)`` with ``Q`` Haar-random per head.
+
+    ``Q`` is ``rotation`` (``(..., r, r)`` orthogonal, matching ``qk``'s batch shape) if given,
+    else drawn by :func:`random_rotation` from ``seed`` for the whole batch at once.
 
     ``(U S^1/2 Q)(V S^1/2 Q)^T = U S V^T = Omega~``, so per-direction terms
     ``(x~^T U S^1/2 Q)_k (y~^T V S^1/2 Q)_k`` still sum to the same score, but the directions are
     random mixtures of the singular vectors.
     """
-    Q = random_rotation(qk.batch_shape, qk.r, seed=seed, dtype=qk.U.dtype, device=qk.U.device)
+    if rotation is None:
+        Q = random_rotation(qk.batch_shape, qk.r, seed=seed, dtype=qk.U.dtype, device=qk.U.device)
+    else:
+        Q = rotation.to(dtype=qk.U.dtype, device=qk.U.device)
+        if Q.shape != qk.batch_shape + (qk.r, qk.r):
+            raise SVToolsError(f"rotation must have shape {tuple(qk.batch_shape + (qk.r, qk.r))}, got {tuple(Q.shape)}")
     root = qk.S.clamp_min(0).sqrt()[..., None, :]
     return (qk.U * root) @ Q, (qk.V * root) @ Q

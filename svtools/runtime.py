@@ -8,7 +8,7 @@ import random
 import numpy as np
 import torch
 
-__all__ = ["full_scale", "scale_name", "default_device", "seed_everything"]
+__all__ = ["full_scale", "scale_name", "default_device", "seed_everything", "tqdm"]
 
 
 def full_scale() -> bool:
@@ -34,3 +34,22 @@ def seed_everything(seed: int) -> torch.Generator:
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
     return torch.Generator().manual_seed(seed)
+
+
+def _pick_tqdm():
+    """``tqdm.auto`` when notebook widgets can be drawn, else the plain text bar.
+
+    ``tqdm.auto`` without ipywidgets warns ("IProgress not found") in every notebook; the text
+    bar shows the same progress without the warning.
+    """
+    try:
+        import ipywidgets  # noqa: F401
+        from tqdm.auto import tqdm as bar
+    except ImportError:
+        from tqdm.std import tqdm as bar
+    return bar
+
+
+#: The progress bar every long loop of svtools uses.
+tqdm = _pick_tqdm()
+

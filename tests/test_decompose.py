@@ -131,3 +131,25 @@ def test_bad_inputs(random_models, batch_tokens):
         svtools.decompose(model, ids, 0, attention_mask=am[:, :5])
     with pytest.raises(SVToolsError, match="no tokenizer"):
         svtools.decompose(model, ["a sentence"], 0)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "neox"])
+def test_decompose_layers_matches_decompose(random_models, batch_tokens, family):
+    model = random_models[family]
+    ids, am = batch_tokens
+    decs = list(svtools.decompose_layers(model, ids, {0: [1, 3], 1: None}, attention_mask=am))
+    assert [d.layer for d in decs] == [0, 1] and decs[0].heads == [1, 3] and decs[1].heads == [0, 1, 2, 3]
+    for d in decs:
+        single = svtools.decompose(model, ids, d.layer, d.heads, attention_mask=am)
+        torch.testing.assert_close(d.terms, single.terms)
+        torch.testing.assert_close(d.pattern, single.pattern)
+
+
+def test_rotated_control_of_a_head_does_not_depend_on_its_companions(random_models, batch_tokens):
+    model = random_models["neox"]
+    ids, am = batch_tokens
+    all_heads = svtools.decompose(model, ids, 1, attention_mask=am)
+    alone = svtools.decompose(model, ids, 1, head=2, attention_mask=am)
+    torch.testing.assert_close(alone.rotated_terms(7)[:, 0], all_heads.rotated_terms(7)[:, 2])
+    # different heads and layers get different rotations
+    assert not torch.allclose(all_heads.rotated_terms(7)[:, 1], all_heads.rotated_terms(8)[:, 1])
