@@ -31,11 +31,9 @@ def _values(x: Any, name: str) -> np.ndarray:
 
 
 def _need(df: pd.DataFrame, cols: Sequence[str], what: str) -> None:
-    if not isinstance(df, pd.DataFrame):
-        raise SVToolsError(f"{what} needs a DataFrame from svtools.sad, got {type(df).__name__}")
-    miss = [c for c in cols if c not in df.columns]
-    if miss:
-        raise SVToolsError(f"{what}: the frame lacks column(s) {miss}")
+    from svtools.sad import _check_columns
+
+    _check_columns(df, cols, what)
 
 
 def plot_n_recon_distribution(
