@@ -11,7 +11,6 @@ STAMP  := $(VENV)/.svtools-installed
 # Tests and notebooks never touch the model hub; the book builds on the embedded model.
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
-export MPLBACKEND := Agg
 
 .PHONY: book test env benchmark clean
 
