@@ -246,9 +246,17 @@ def load_model(
     from transformer_lens.model_bridge import TransformerBridge
 
     ctx = contextlib.nullcontext() if online else _hub_offline()
-    with _quiet(), ctx:
-        bridge = TransformerBridge.boot_transformers(model, device=device, dtype=dtype, tokenizer=tokenizer,
-                                                     revision=revision)
+    os.environ.setdefault("HF_HUB_ETAG_TIMEOUT", str(max(1, int(timeout))))
+    try:
+        with _quiet(), ctx:
+            bridge = TransformerBridge.boot_transformers(model, device=device, dtype=dtype, tokenizer=tokenizer,
+                                                         revision=revision)
+    except (OSError, ConnectionError) as exc:  # the host answered, but the download did not work
+        msg = f"cannot load {model!r}" + (f" at {revision}" if revision else "") + f" from the hub: {exc}"
+        if fallback:
+            print(f"[svtools] {msg}\n[svtools] Falling back to the embedded all-MiniLM-L6-v2.")
+            return _load_minilm(tokenizer, device, dtype)
+        raise HubUnavailableError(msg) from exc
     check_supported(bridge.original_model)
     bridge.eval()
     return bridge

@@ -63,3 +63,20 @@ def test_bad_model_argument():
         svtools.load_model(42)
     with pytest.raises(svtools.SVToolsError, match="checkpoints"):
         svtools.load_model("minilm", checkpoint=10)
+
+
+def test_hub_answers_but_download_fails(monkeypatch, tmp_path, capsys):
+    """A host that accepts connections but serves no model (proxy, outage): still a clear error."""
+    import svtools.models as models
+    from transformer_lens.model_bridge import TransformerBridge
+
+    def refuse(*args, **kwargs):
+        raise OSError("We couldn't connect to 'https://huggingface.co' to load the files")
+
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setattr(models, "hub_reachable", lambda timeout=3.0: True)
+    monkeypatch.setattr(TransformerBridge, "boot_transformers", refuse)
+    with pytest.raises(HubUnavailableError, match="from the hub"):
+        svtools.load_model("gpt2")
+    model = svtools.load_model("gpt2", fallback=True)
+    assert "Falling back" in capsys.readouterr().out and model.cfg.model_name == "all-MiniLM-L6-v2"
