@@ -70,8 +70,12 @@ def test_hub_answers_but_download_fails(monkeypatch, tmp_path, capsys):
     import svtools.models as models
     from transformer_lens.model_bridge import TransformerBridge
 
-    def refuse(*args, **kwargs):
-        raise OSError("We couldn't connect to 'https://huggingface.co' to load the files")
+    real = TransformerBridge.boot_transformers
+
+    def refuse(name, *args, **kwargs):
+        if name == "gpt2":
+            raise OSError("We couldn't connect to 'https://huggingface.co' to load the files")
+        return real(name, *args, **kwargs)
 
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
     monkeypatch.setattr(models, "hub_reachable", lambda timeout=3.0: True)
