@@ -246,7 +246,6 @@ def load_model(
     from transformer_lens.model_bridge import TransformerBridge
 
     ctx = contextlib.nullcontext() if online else _hub_offline()
-    os.environ.setdefault("HF_HUB_ETAG_TIMEOUT", str(max(1, int(timeout))))
     try:
         with _quiet(), ctx:
             bridge = TransformerBridge.boot_transformers(model, device=device, dtype=dtype, tokenizer=tokenizer,
