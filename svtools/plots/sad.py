@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
+from svtools.plots import subplots
 from svtools._checks import SVToolsError
 
 __all__ = ["plot_n_recon_distribution", "plot_pair_terms", "plot_n_recon_per_head", "plot_sparseness_map",
@@ -64,7 +65,7 @@ def plot_n_recon_distribution(
     else:
         real = _values(data, "data")
         rot = None if rotated is None else _values(rotated, "rotated")
-    fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(6, 3.6))
+    fig, ax = (ax.figure, ax) if ax is not None else subplots(figsize=(6, 3.6))
     series = [(real, label, REAL)] + ([(rot, "rotated control", ROT)] if rot is not None else [])
     integer = measure.startswith("n_recon") and all(np.allclose(v, np.round(v)) for v, _, _ in series)
     if integer:
@@ -117,7 +118,7 @@ def plot_pair_terms(
     r = len(panels[0][0])
     if any(len(p[0]) != r for p in panels):
         raise SVToolsError("terms and rotated_terms must have the same length r")
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 3.4), sharey=True, squeeze=False)
+    fig, axes = subplots(1, len(panels), figsize=(5.2 * len(panels), 3.4), sharey=True, squeeze=False)
     for ax, (v, lab, c) in zip(axes[0], panels):
         t = torch.as_tensor(v)
         nr, rt = int(n_recon(t, frac)), float(rolls_tovee(t))
@@ -158,7 +159,7 @@ def plot_n_recon_per_head(df: pd.DataFrame, heads: Optional[Sequence[tuple[int, 
     heads = [tuple(h) for h in heads]
     rot_col = measure + "_rotated"
     has_rot = rot_col in df and df[rot_col].notna().any()
-    fig, ax = plt.subplots(figsize=(max(5, 0.75 * len(heads) + 2), 3.8))
+    fig, ax = subplots(figsize=(max(5, 0.75 * len(heads) + 2), 3.8))
     labels, pos = [], np.arange(len(heads), dtype=float)
     for i, (l, h) in enumerate(heads):
         sub = df[(df["layer"] == l) & (df["head"] == h)]
@@ -203,7 +204,7 @@ def plot_sparseness_map(df: pd.DataFrame, *, measure: str = "rolls_tovee", n_lay
             mats[0][l, h] = row[measure]
             mats[1][l, h] = row[measure + "_rotated"]
             mats[2][l, h] = row[measure] - row[measure + "_rotated"]
-    fig, axes = plt.subplots(1, 3, figsize=(15, 0.45 * n_layers + 2.2))
+    fig, axes = subplots(1, 3, figsize=(15, 0.45 * n_layers + 2.2))
     finite = np.concatenate([m[np.isfinite(m)] for m in mats[:2]]) if np.isfinite(mats[0]).any() else np.array([0, 1])
     vmin, vmax = float(finite.min()), float(finite.max())
     d = np.nanmax(np.abs(mats[2])) if np.isfinite(mats[2]).any() else 1.0
@@ -238,7 +239,7 @@ def plot_dominant_index(df: pd.DataFrame, *, title: Optional[str] = None) -> Fig
         raise SVToolsError("plot_dominant_index: the frame has no pairs")
     r = int(df["r"].max())
     k = df["dominant_k"].to_numpy().astype(int)
-    fig, axes = plt.subplots(1, 2, figsize=(11, 3.6))
+    fig, axes = subplots(1, 2, figsize=(11, 3.6))
     frac = np.bincount(k, minlength=r) / len(k)
     axes[0].bar(np.arange(r), frac, color=REAL)
     axes[0].axhline(1 / r, color="k", ls=":", lw=1, label=f"uniform (1/{r})")
@@ -281,7 +282,7 @@ def plot_usage(df: pd.DataFrame, layer: int, head: int, *, max_prompts: int = 40
             M[row[p], list(used)] += 1
             n[row[p]] += 1
     M /= np.maximum(n, 1)[:, None]
-    fig, ax = plt.subplots(figsize=(min(12, 2 + 0.18 * r), 0.12 * len(prompts) + 1.8))
+    fig, ax = subplots(figsize=(min(12, 2 + 0.18 * r), 0.12 * len(prompts) + 1.8))
     im = ax.imshow(M, aspect="auto", cmap="Blues", vmin=0, vmax=1, interpolation="nearest")
     ax.set_xlabel("singular index k (0 = largest sigma)")
     ax.set_ylabel("prompt")
@@ -298,7 +299,7 @@ def plot_summary(summary: pd.DataFrame, *, x: str = "layer", measure: str = "rol
     control with their confidence intervals. ``paper``: an optional (lo, hi) band to shade
     (e.g. a reference range quoted in the caption)."""
     _need(summary, [x, "column", "estimate", "lo", "hi"], "plot_summary")
-    fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(6, 3.6))
+    fig, ax = (ax.figure, ax) if ax is not None else subplots(figsize=(6, 3.6))
     for col, lab, c in ((measure, "singular basis", REAL), (measure + "_rotated", "rotated control", ROT)):
         s = summary[summary["column"] == col].sort_values(x)
         if s.empty:
@@ -324,7 +325,7 @@ def plot_emergence(summary: pd.DataFrame, *, x: str = "step", measures: Sequence
     control with bootstrap bands, against training ``x`` (step). ``extra``: an optional frame with
     columns ``x`` and ``value`` drawn on a second axis of the first panel (e.g. alignment cosine)."""
     _need(summary, [x, "column", "estimate", "lo", "hi"], "plot_emergence")
-    fig, axes = plt.subplots(1, len(measures), figsize=(5.5 * len(measures), 3.6), squeeze=False)
+    fig, axes = subplots(1, len(measures), figsize=(5.5 * len(measures), 3.6), squeeze=False)
     for ax, m in zip(axes[0], measures):
         for col, lab, c in ((m, "singular basis", REAL), (m + "_rotated", "rotated control", ROT)):
             s = summary[summary["column"] == col].sort_values(x)

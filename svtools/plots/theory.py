@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from matplotlib.figure import Figure
 
+from svtools.plots import subplots
 from svtools._checks import SVToolsError
 
 __all__ = ["plot_theorem1", "plot_mean_effect", "plot_alignment_vs_interference", "plot_frame_training",
@@ -37,7 +38,7 @@ def plot_theorem1(spectra: Mapping[str, torch.Tensor], table) -> Figure:
     for c in ("frame", "method", "cos_whitened", "cos_raw"):
         if c not in table.columns:
             raise SVToolsError(f"table needs a column {c!r}")
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (a, b) = subplots(1, 2, figsize=(11, 4))
     for label, s in spectra.items():
         s = _np(s)
         a.semilogy(np.arange(1, len(s) + 1), np.maximum(s / s[0], 1e-17), "o-", ms=3, label=label)
@@ -67,7 +68,7 @@ def plot_theorem1(spectra: Mapping[str, torch.Tensor], table) -> Figure:
 def plot_mean_effect(ratio: Sequence[float], cos: Mapping[str, Sequence[float]]) -> Figure:
     """``|cos|`` between the whitened prediction and the exact singular vector for non-zero-mean
     activations, against ``N / D`` (one line per label, e.g. per activation law)."""
-    fig, ax = plt.subplots(figsize=(6, 3.8))
+    fig, ax = subplots(figsize=(6, 3.8))
     for label, c in cos.items():
         ax.plot(ratio, c, "o-", label=label)
     ax.axvline(1.0, color="grey", ls=":", lw=1)
@@ -91,7 +92,7 @@ def plot_alignment_vs_interference(df, *, paper_floor: Optional[float] = 0.75) -
     for c in ("D", "spectrum", "interference", "cos_raw", "bound_mean"):
         if c not in df.columns:
             raise SVToolsError(f"df needs a column {c!r} (from svtools.theory.alignment_sweep)")
-    fig, ax = plt.subplots(figsize=(10, 4.5))
+    fig, ax = subplots(figsize=(10, 4.5))
     ax.axvspan(*_GPT2_BAND, color="0.92", zorder=0)
     ax.text(np.sqrt(_GPT2_BAND[0] * _GPT2_BAND[1]), 0.02, "GPT-2-like\nlevels", ha="center", fontsize=8,
             color="0.4")
@@ -126,7 +127,7 @@ def plot_frame_training(runs: Mapping[str, object], *, predicted_cos: Optional[f
     """
     if not runs:
         raise SVToolsError("runs is empty")
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (a, b) = subplots(1, 2, figsize=(11, 4))
     for n, (label, r) in enumerate(runs.items()):
         col = f"C{n}"
         st = _np(r.step)
@@ -157,7 +158,7 @@ def plot_unwhitening(df) -> Figure:
     for c in ("D", "spectrum", "interference", "cos_raw_checked", "cos_unwhitened_est"):
         if c not in df.columns:
             raise SVToolsError(f"df needs a column {c!r} (from svtools.theory.alignment_sweep)")
-    fig, ax = plt.subplots(figsize=(10, 4.3))
+    fig, ax = subplots(figsize=(10, 4.3))
     ax.axvspan(*_GPT2_BAND, color="0.92", zorder=0)
     for n, ((spec, D), g) in enumerate(df.groupby(["spectrum", "D"], sort=True)):
         g = g.groupby("level").mean(numeric_only=True).sort_values("interference")

@@ -10,6 +10,7 @@ import torch
 from matplotlib.figure import Figure
 from torch import Tensor
 
+from svtools.plots import subplots
 from svtools.alignment import PairAlignment
 from svtools.geometry import feature_dimensionality, gram
 
@@ -17,12 +18,6 @@ __all__ = ["feature_geometry", "singular_spectrum", "pair_alignment", "training_
            "offset_alignment"]
 
 
-def _subplots(*args, figsize=None, **kwargs):
-    """``plt.subplots``, then detached from pyplot's list of open figures: a notebook shows the
-    returned Figure once (through its display) instead of twice, and loops do not pile figures up."""
-    fig, axes = plt.subplots(*args, figsize=figsize, **kwargs)
-    plt.close(fig)
-    return fig, axes
 
 
 def _np(x) -> np.ndarray:
@@ -34,7 +29,7 @@ def feature_geometry(features: Mapping[str, Tensor], attended: Sequence[int] = (
     """Cosine Gram matrices (top) and Elhage et al. dimensionality per feature (bottom), one
     column per entry of ``features`` (``name -> W (D, N)``). Attended features are drawn in red."""
     names = list(features)
-    fig, axes = _subplots(2, len(names), figsize=(4.6 * len(names), 7.2), squeeze=False,
+    fig, axes = subplots(2, len(names), figsize=(4.6 * len(names), 7.2), squeeze=False,
                              gridspec_kw={"height_ratios": [3, 1.3]})
     att = set(int(a) for a in attended)
     for c, name in enumerate(names):
@@ -65,7 +60,7 @@ def singular_spectrum(S: Tensor, al: Optional[PairAlignment] = None, *, n_show: 
     every feature with the first ``n_show`` left (query side) and right (key side) singular vectors."""
     S = _np(S)
     ncols = 1 if al is None else 3
-    fig, axes = _subplots(1, ncols, figsize=(4.4 * ncols, 3.8), squeeze=False)
+    fig, axes = subplots(1, ncols, figsize=(4.4 * ncols, 3.8), squeeze=False)
     ax = axes[0, 0]
     ax.bar(np.arange(len(S)), S, color="tab:blue")
     ax.set_yscale("log")
@@ -99,7 +94,7 @@ def pair_alignment(al: PairAlignment, strengths: Optional[Sequence[float]] = Non
     n_show = r if n_show is None else min(n_show, r)
     score = _np(al.cos_U[al.pairs[:, 0], :n_show] * al.cos_V[al.pairs[:, 1], :n_show])
     ncols = 3 if strengths is not None else 2
-    fig, axes = _subplots(1, ncols, figsize=(5.0 * ncols, 4.2), squeeze=False)
+    fig, axes = subplots(1, ncols, figsize=(5.0 * ncols, 4.2), squeeze=False)
     ax = axes[0, 0]
     im = ax.imshow(score, aspect="auto", cmap="viridis", vmin=0, vmax=1, interpolation="nearest")
     idx = _np(al.index)
@@ -143,7 +138,7 @@ def training_dynamics(history, settle: Optional[Mapping[str, float]] = None, *,
     """Losses (top, log scale) and alignment / interference (bottom) against the training step.
     ``settle`` maps a curve name to the step at which it settled (drawn as vertical lines)."""
     step = _np(history.step)
-    fig, (a1, a2) = _subplots(2, 1, figsize=(8, 6.4), sharex=True)
+    fig, (a1, a2) = subplots(2, 1, figsize=(8, 6.4), sharex=True)
     a1.plot(step, _np(history.loss_recon), label="L_recon", color="tab:blue")
     a1.plot(step, _np(history.loss_attn), label="L_attn", color="tab:orange")
     a1.set_yscale("log")
@@ -180,7 +175,7 @@ def sweep(df, params: Sequence[str], metric: str, *, ylabel: str, ref: Optional[
 
     ``df`` has columns ``param``, ``value``, ``seed`` and ``metric`` (as made by
     :func:`svtools.toy.sweep`). ``ref`` draws a horizontal reference line (the paper's number)."""
-    fig, axes = _subplots(1, len(params), figsize=(3.4 * len(params), 3.4), squeeze=False, sharey=True)
+    fig, axes = subplots(1, len(params), figsize=(3.4 * len(params), 3.4), squeeze=False, sharey=True)
     for a, p in zip(axes[0], params):
         d = df[df["param"] == p].groupby("value")[metric].agg(["mean", "std", "min"])
         a.errorbar(d.index.to_numpy(dtype=float), d["mean"], yerr=d["std"].fillna(0), marker="o", capsize=3,
@@ -204,7 +199,7 @@ def offset_alignment(offsets: Sequence[int], cos_q: Tensor, cos_k: Tensor, sigma
     """Rotary head: alignment of the template pair(s) with the decomposition at each offset
     (``cos_q``/``cos_k``: ``(n_offsets, P)``; ``sigma_ratio``: ``(n_offsets,)``)."""
     o = np.asarray(offsets)
-    fig, (a1, a2) = _subplots(1, 2, figsize=(9, 3.6))
+    fig, (a1, a2) = subplots(1, 2, figsize=(9, 3.6))
     wq, wk = _np(cos_q), _np(cos_k)
     a1.plot(o, wq.min(1), "o-", label="min over pairs |cos(w_i, u_k)|")
     a1.plot(o, wk.min(1), "s--", label="min over pairs |cos(w_j, v_k)|")
