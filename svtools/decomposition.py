@@ -356,12 +356,18 @@ def _mask(model: Any, am: Tensor) -> Bool[Tensor, "batch 1 query key"]:
 
 
 def _layer_decomposition(model: Any, layer: int, heads: list[int], cached: dict[str, Tensor], ids: Tensor,
-                         am: Tensor, mask: Tensor, dtype: torch.dtype, check_tol: Optional[float]) -> HeadDecomposition:
+                         am: Tensor, mask: Tensor, dtype: torch.dtype, check_tol: Optional[float],
+                         qk_cache: Optional[dict] = None) -> HeadDecomposition:
     pre = f"blocks.{layer}.attn."
     x_q, x_k = cached[pre + "q.hook_in"], cached[pre + "k.hook_in"]
     idx = torch.tensor(heads, device=ids.device)
     pattern = cached[pre + "hook_pattern"].index_select(1, idx)
-    qk = layer_qk(model, layer, heads, n_pos=ids.shape[1], dtype=dtype)
+    key = (layer, tuple(heads), ids.shape[1], dtype)
+    qk = None if qk_cache is None else qk_cache.get(key)
+    if qk is None:
+        qk = layer_qk(model, layer, heads, n_pos=ids.shape[1], dtype=dtype)
+        if qk_cache is not None:
+            qk_cache[key] = qk
     left, right = qk.factors()
     terms = _grid_terms(left, right, qk, x_q, x_k, mask)
     dec = HeadDecomposition(layer=layer, heads=heads, terms=terms, scores=terms.sum(-1), pattern=pattern,
@@ -428,6 +434,7 @@ def decompose_layers(
     attention_mask: Optional[Tensor] = None,
     dtype: Optional[torch.dtype] = None,
     check_tol: Optional[float] = 1e-3,
+    qk_cache: Optional[dict] = None,
 ) -> Iterator[HeadDecomposition]:
     """:func:`decompose` for several layers from ONE forward pass, yielded layer by layer.
 
@@ -435,6 +442,10 @@ def decompose_layers(
     every layer). Only the layers' projection inputs and patterns are kept from the forward pass
     (``2 * batch * pos * d_model + heads * batch * pos^2`` numbers per layer); each layer's terms
     are built when the iterator reaches it, so memory holds one layer's terms at a time.
+
+    ``qk_cache``: a dict the caller keeps across calls on chunks of the same prompts (same padded
+    length), so each layer's :func:`layer_qk` is computed once; the weights must not change between
+    the calls.
     """
     if layers is None:
         plan = {l: _check_heads(model, None) for l in range(model.cfg.n_layers)}
@@ -450,4 +461,4 @@ def decompose_layers(
     mask = _mask(model, am)
     for layer in sorted(plan):
         yield _layer_decomposition(model, layer, plan[layer], cached, ids, am, mask,
-                                   dtype or torch.float32, check_tol)
+                                   dtype or torch.float32, check_tol, qk_cache)

@@ -264,11 +264,12 @@ def head_sparsity(
 
     frames: list[dict[str, np.ndarray]] = []
     starts = range(0, ids.shape[0], batch_size)
+    qk_cache: dict = {}  # every chunk has the same padded length: one SVD per layer
     bar = tqdm(total=len(plan) * len(starts), desc="head_sparsity (chunks x layers)", disable=not progress)
     for start in starts:
         ids_c, am_c = ids[start:start + batch_size], am[start:start + batch_size]
         # one forward pass per chunk of prompts; layers are decomposed one at a time from it
-        for dec in decompose_layers(model, ids_c, plan, attention_mask=am_c, dtype=dtype):
+        for dec in decompose_layers(model, ids_c, plan, attention_mask=am_c, dtype=dtype, qk_cache=qk_cache):
             bar.update(1)
             layer = dec.layer
             head_t = torch.tensor(dec.heads)
