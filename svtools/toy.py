@@ -131,11 +131,14 @@ class ToyConfig:
     @classmethod
     def many_pairs(cls, **overrides) -> "ToyConfig":
         """The paper's many pairs: ``N=100, D=H=50``, 20 pairs ``(i, i+20)``, strengths decaying
-        linearly from 1 to 1/20. ``lam=10`` and ``lr=1e-2`` are our choices (the paper's are not
-        known to us): with ``lam=1`` the reconstruction loss wins and attended features stay in
-        superposition (Part 1, chapter 2)."""
+        linearly from 1 to 1/20. The rest are our choices (the paper's are not known to us), from
+        the search in Part 1, chapter 2: ``lam=10`` (with ``lam=1`` the reconstruction loss wins and
+        attended features stay in superposition), a template pair planted in every example
+        (``p_plant=1``, so weak pairs get as much signal as strong ones), ``n_keys=16`` keys per
+        query, target sharpness ``target_scale=15``, ``lr=1e-2`` with cosine decay, 3,000 steps."""
         base = dict(n_features=100, d_model=50, d_head=50, template=linear_template(20, 20),
-                    p_active=0.05, lam=10.0, lr=1e-2, batch=256, steps=3000)
+                    p_active=0.05, lam=10.0, lr=1e-2, batch=256, steps=3000, n_keys=16, p_plant=1.0,
+                    target_scale=15.0)
         base.update(overrides)
         return cls(**base)
 
