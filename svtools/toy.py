@@ -39,13 +39,12 @@ import torch
 import torch.nn.functional as F
 from jaxtyping import Float
 from torch import Tensor
-from svtools.runtime import tqdm
 
 from svtools._checks import SVToolsError
 from svtools.alignment import PairAlignment, match_pairs
 from svtools.geometry import max_interference
 from svtools.qk import QKSVD, RotarySpec, qk_svd, rotary_matrices
-from svtools.runtime import default_device
+from svtools.runtime import default_device, tqdm
 
 __all__ = ["ToyConfig", "ToyRun", "ToyHistory", "ToyBatch", "train", "train_seeds", "sample_batch",
            "settle_step", "settle_steps", "summarize", "sweep",
