@@ -60,7 +60,7 @@ def main() -> None:
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"device: {device} ({where}); torch {torch.__version__}")
     print(f"shapes: {L} layers x {H} heads, d_model {D} (+1 homogeneous), d_head {dh}, float32")
-    print(f"{"method":<34}{'time (s)':>10}{'max rel. sigma diff':>22}")
+    print(f"{'method':<34}{'time (s)':>10}{'max rel. sigma diff':>22}")
     print(f"{'svtools.qk_svd (d_head core)':<34}{t_core:>10.4f}{rel_err(qk.S):>22.2e}")
     print(f"{'TransformerLens FactoredMatrix.svd':<34}{t_fm:>10.4f}{rel_err(fm[1][..., :dh]):>22.2e}")
     print(f"{'dense SVD of every Omega~':<34}{t_dense:>10.4f}{'(reference)':>22}")

@@ -25,7 +25,7 @@ from torch import Tensor
 from svtools._checks import SVToolsError
 from svtools.models import UnsupportedModelError, check_supported
 from svtools.qk import QKSVD, RotarySpec, qk_svd, random_rotation, rotated_factors
-from svtools.terms import relative_terms
+from svtools.terms import homogeneous, relative_terms
 
 __all__ = ["decompose", "decompose_layers", "HeadDecomposition", "head_weights", "layer_qk", "tokenize",
            "prepends_bos", "head_rotations", "attention_scale", "rotary_spec", "is_causal"]
@@ -301,13 +301,6 @@ def _softmax_masked(scores: Tensor, scale: float, mask: Tensor) -> Tensor:
                                                                         device=scores.device)), dim=-1)
 
 
-def _homog(x: Tensor, qk: QKSVD) -> Tensor:
-    x = x.to(qk.U.dtype)
-    if qk.has_bias:
-        x = torch.cat([x, torch.ones_like(x[..., :1])], dim=-1)
-    return x
-
-
 def _grid_terms(left: Tensor, right: Tensor, qk: QKSVD, x_query: Tensor, x_key: Tensor,
                 mask: Tensor) -> Float[Tensor, "batch head query key r"]:
     """Terms ``(x_i^T left)_k (y_j^T right)_k`` for every (query i, key j) pair, zero where masked.
@@ -315,7 +308,7 @@ def _grid_terms(left: Tensor, right: Tensor, qk: QKSVD, x_query: Tensor, x_key: 
     ``left, right``: ``(head, d_in, r)``, or ``(head, offset, d_in, r)`` for rotary heads, where
     pair ``(i, j)`` uses offset ``i - j``.
     """
-    xq, xk = _homog(x_query, qk), _homog(x_key, qk)
+    xq, xk = homogeneous(x_query, qk, "x_query"), homogeneous(x_key, qk, "x_key")
     if qk.rotary is None:
         a = einops.einsum(xq, left, "b q d, h d r -> b h q r")
         c = einops.einsum(xk, right, "b k d, h d r -> b h k r")

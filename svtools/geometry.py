@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Iterable
 
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Float
 from torch import Tensor
 
 from svtools._checks import SVToolsError, as_tensor, check_finite

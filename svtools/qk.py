@@ -24,9 +24,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Iterable, Literal, Optional
 
-import einops
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Float
 from torch import Tensor
 
 from svtools._checks import SVToolsError, as_tensor, broadcast_leading, check_finite, check_last_dims

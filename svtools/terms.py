@@ -14,7 +14,7 @@ import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
-from svtools._checks import SVToolsError, as_tensor, broadcast_leading, check_finite, check_last_dims
+from svtools._checks import SVToolsError, as_tensor, broadcast_leading, check_finite
 from svtools.qk import QKSVD, rotated_factors
 
 __all__ = ["sad_terms", "rotated_terms", "relative_terms", "homogeneous"]

@@ -1,6 +1,5 @@
 """Tests of svtools.toy: data distribution, losses, determinism, identities, tiny trainings."""
 
-import math
 
 import pytest
 import torch

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from typing import Mapping, Optional, Sequence
 
-import matplotlib.pyplot as plt
 import numpy as np
 import torch
 from matplotlib.figure import Figure
