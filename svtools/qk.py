@@ -134,9 +134,10 @@ class QKSVD:
 
     Shapes (``...`` = leading batch dims such as ``layer head``; rotary adds ``offset`` last
     among them):
-        U: ``(..., d_in, r)`` orthonormal columns (left singular vectors, query side)
-        S: ``(..., r)`` singular values, descending, non-negative
-        V: ``(..., d_in, r)`` orthonormal columns (right singular vectors, key side)
+
+    - U: ``(..., d_in, r)`` orthonormal columns (left singular vectors, query side)
+    - S: ``(..., r)`` singular values, descending, non-negative
+    - V: ``(..., d_in, r)`` orthonormal columns (right singular vectors, key side)
 
     ``d_in = d_model + 1`` when ``has_bias`` (the constant coordinate last), else ``d_model``.
     """

@@ -19,7 +19,7 @@ independent zero-mean activations of equal variance (``F ∝ I``) that is ``Sigm
 ``Sigma_X = X X^T``: the *whitened* feature direction (Theorem 1). Everything here is computed
 in float64 internally and returned in the input's dtype.
 
-Interference (deviation of a frame from isotropy). We use the trace-normalised definition
+Interference (deviation of a frame from isotropy). We use the trace-normalised definition::
 
     E_X = Sigma_X / (tr Sigma_X / D) - I,       ||E_X||_2 = max_k |lambda_k / mean(lambda) - 1|,
 
@@ -735,13 +735,14 @@ class FrameRun:
     """A frame trained with the head ``Omega`` held fixed (Theorem 3's experiment).
 
     Attributes (``L`` logged steps):
-        features: ``(D, N)`` final frame; bias: ``(N,)``; omega: the fixed ``(D, D)`` head.
-        step: ``(L,)``; loss_recon, loss_attn: ``(L,)`` mean reconstruction loss and relative
-            attention loss (:func:`attention_loss` with ``relative=True``) since the last entry.
-        overlap_u, overlap_v: ``(L,)`` largest ``|cos(w_k, u)|``, ``|cos(w_k, v)|`` over the
-            non-target features ``k``, with ``(u, v)`` the top singular pair of ``omega``.
-        cos_target: ``(L, 2)`` ``|cos(w_i, u)|`` and ``|cos(w_j, v)|`` for the target pair.
-        interference_target: ``(L, 2)`` largest ``|cos(w_i, w_k)|`` over ``k != i`` (and for ``j``).
+
+    - features: ``(D, N)`` final frame; bias: ``(N,)``; omega: the fixed ``(D, D)`` head.
+    - step: ``(L,)``; loss_recon, loss_attn: ``(L,)`` mean reconstruction loss and relative
+      attention loss (:func:`attention_loss` with ``relative=True``) since the last entry.
+    - overlap_u, overlap_v: ``(L,)`` largest ``|cos(w_k, u)|``, ``|cos(w_k, v)|`` over the
+      non-target features ``k``, with ``(u, v)`` the top singular pair of ``omega``.
+    - cos_target: ``(L, 2)`` ``|cos(w_i, u)|`` and ``|cos(w_j, v)|`` for the target pair.
+    - interference_target: ``(L, 2)`` largest ``|cos(w_i, w_k)|`` over ``k != i`` (and for ``j``).
     """
 
     features: Float[Tensor, "D N"]
@@ -765,9 +766,11 @@ def train_frame(init: Float[Tensor, "D N"], omega: Float[Tensor, "D D"], pair: t
     Loss: ``L_recon + lam * L_attn`` where ``L_attn`` is the exact relative squared-error
     attention loss of the fixed head for the single pair ``T = e_i e_j^T`` (from moments, no
     sampling noise), and ``L_recon`` is sampled:
-        ``"relu"``: the toy's tied autoencoder ``|f - ReLU(W^T W f + b)|^2`` (bias learned);
-        ``"linear"``: ``|f - W^T W f|^2`` (the surrogate Theorem 3 (c) is proved for);
-        ``"none"``: attention only (isolates Theorem 3 (b)).
+
+    - ``"relu"``: the toy's tied autoencoder ``|f - ReLU(W^T W f + b)|^2`` (bias learned);
+    - ``"linear"``: ``|f - W^T W f|^2`` (the surrogate Theorem 3 (c) is proved for);
+    - ``"none"``: attention only (isolates Theorem 3 (b)).
+
     Adam, constant ``lr``; deterministic given ``seed``; ``init`` is copied, not modified.
     """
     W0 = _frame(init, "init")
