@@ -105,3 +105,70 @@ def test_mathjax_is_served_by_the_site():
     config = (ROOT / "_config.yml").read_text(encoding="utf-8")
     assert "sphinx-mathjax-offline" in config
     assert not re.search(r"mathjax_path:\s*['\"]?(https?:)?//", config)
+
+
+# --- The API pages render the docstrings: each must be valid reStructuredText after napoleon. ----
+
+def _api_modules() -> list[str]:
+    pages = [ROOT / "book" / "api.md", *sorted((ROOT / "book" / "api").glob("*.md"))]
+    return [m for p in pages for m in re.findall(r"^\.\. automodule:: (\S+)", p.read_text(encoding="utf-8"), re.M)]
+
+
+def _documented(module) -> list[tuple[str, object]]:
+    """What ``automodule :members:`` shows: the module, its public members, their methods."""
+    import inspect
+
+    names = getattr(module, "__all__", None) or [
+        n for n, v in vars(module).items()
+        if not n.startswith("_") and getattr(v, "__module__", None) == module.__name__]
+    out = [(module.__name__, module)]
+    for n in names:
+        obj = getattr(module, n)
+        if getattr(obj, "__module__", module.__name__).split(".")[0] != "svtools":
+            continue  # a third-party object re-exported (runtime.tqdm): the page describes it itself
+        out.append((f"{module.__name__}.{n}", obj))
+        if inspect.isclass(obj) and obj.__module__ == module.__name__:
+            out += [(f"{module.__name__}.{n}.{m}", v) for m, v in vars(obj).items()
+                    if not m.startswith("_") and (inspect.isfunction(v) or isinstance(v, (property, classmethod, staticmethod)))]
+    return out
+
+
+def test_api_pages_document_every_module():
+    mods = _api_modules()
+    assert len(mods) == len(set(mods)), "a module is documented twice"
+    for m in ["svtools.qk", "svtools.decomposition", "svtools.sad", "svtools.toy", "svtools.theory", "svtools.plots"]:
+        assert m in mods
+
+
+@pytest.mark.parametrize("modname", _api_modules())
+def test_docstrings_are_valid_restructuredtext(modname: str):
+    """A docstring that docutils warns about fails the book's build (warnings are errors)."""
+    import importlib
+    import inspect
+    import io
+
+    docutils_core = pytest.importorskip("docutils.core")
+    napoleon = pytest.importorskip("sphinx.ext.napoleon")
+    from docutils import nodes
+    from docutils.parsers.rst import roles
+
+    def literal_role(name, rawtext, text, lineno, inliner, options=None, content=None):
+        return [nodes.literal(rawtext, text)], []
+
+    for role in ["func", "class", "mod", "meth", "attr", "data", "exc", "obj", "math", "ref", "doc", "cite"]:
+        roles.register_local_role(role, literal_role)
+        roles.register_local_role(f"py:{role}", literal_role)
+    config = napoleon.Config(napoleon_use_ivar=True, napoleon_use_rtype=False)
+    bad = []
+    for name, obj in _documented(importlib.import_module(modname)):
+        doc = inspect.getdoc(obj.fget if isinstance(obj, property) else obj)
+        if not doc or (not inspect.ismodule(obj) and not inspect.isclass(obj) and not callable(obj)
+                       and not isinstance(obj, property)):
+            continue  # constants: autodoc shows their value, not their type's docstring
+        rst = str(napoleon.GoogleDocstring(doc, config))
+        stream = io.StringIO()
+        docutils_core.publish_doctree(rst, settings_overrides={"warning_stream": stream, "report_level": 2,
+                                                               "halt_level": 5})
+        if stream.getvalue():
+            bad.append(f"{name}: {stream.getvalue().strip().splitlines()[0]}")
+    assert not bad, "docstrings that the API pages cannot render:\n" + "\n".join(bad)
