@@ -150,11 +150,21 @@ def _used_tuples(order: np.ndarray, n: np.ndarray) -> list[tuple[int, ...]]:
 
 
 def _heads_by_layer(model: Any, layers, heads) -> dict[int, list[int]]:
-    from svtools.decomposition import _check_heads, _check_layer
+    """``layers``/``heads`` of :func:`head_sparsity` -> ``{layer: heads}``.
 
+    ``heads`` is either head indices (an int, a list or 1-D array of ints: the same heads in every
+    layer of ``layers``) or a list of ``(layer, head)`` pairs. A bare *tuple* of two ints with no
+    ``layers`` (``heads=(9, 6)``) could mean either, so it is an error that names both spellings.
+    """
+    from svtools._checks import as_indices, is_index_sequence
+    from svtools.decomposition import _check_heads, _check_layer
+    from svtools.models import check_bridge
+
+    check_bridge(model)
     n_layers = model.cfg.n_layers
-    if heads is not None and not isinstance(heads, int) and len(heads) and all(
-            isinstance(h, (tuple, list)) for h in heads):
+    if heads is not None and is_index_sequence(heads) and not isinstance(heads, (Tensor, np.ndarray)) \
+            and len(heads) and all(isinstance(h, (tuple, list)) or (isinstance(h, (Tensor, np.ndarray)) and h.ndim == 1)
+                                   for h in heads):
         if layers is not None:
             raise SVToolsError("give either (layer, head) pairs in heads= or layers= with head indices, not both")
         out: dict[int, list[int]] = {}
@@ -167,18 +177,34 @@ def _heads_by_layer(model: Any, layers, heads) -> dict[int, list[int]]:
                 if h not in out[layer]:
                     out[layer].append(h)
         return {k: sorted(v) for k, v in sorted(out.items())}
+    if isinstance(heads, tuple) and len(heads) == 2 and layers is None:
+        a, b = heads
+        raise SVToolsError(f"heads={heads!r} is ambiguous: for the single head (layer {a}, head {b}) write "
+                           f"heads=[({a}, {b})]; for heads {a} and {b} of every layer write heads=[{a}, {b}]")
     if layers is None:
         layer_list = list(range(n_layers))
     else:
-        layer_list = [layers] if isinstance(layers, int) else list(layers)
+        layer_list = as_indices(layers, "layers", allow_empty=True)
         if not layer_list:
             raise SVToolsError("layers is empty")
     head_list = _check_heads(model, heads)
     return {_check_layer(model, layer): head_list for layer in sorted(set(layer_list))}
 
 
-def _empty_frame() -> pd.DataFrame:
-    return pd.DataFrame({c: pd.Series(dtype=object if c in ("used", "kind") else float) for c in COLUMNS})
+#: dtype of each :data:`COLUMNS` entry in a :func:`head_sparsity` frame (also when it is empty)
+_COLUMN_DTYPES = {"layer": np.int64, "head": np.int64, "prompt": np.int64, "query": np.int64, "key": np.int64,
+                  "attention": np.float32, "score": np.float64, "n_recon": np.int64, "rolls_tovee": np.float64,
+                  "n_recon_rotated": np.int64, "rolls_tovee_rotated": np.float64, "dominant_k": np.int64,
+                  "dominant_k_rotated": np.int64, "dominant_sigma": np.float64, "r": np.int64, "used": object,
+                  "query_token": np.int64, "key_token": np.int64, "kind": object}
+
+
+def _empty_frame(control: Optional[str] = "rotated") -> pd.DataFrame:
+    """A frame with no rows and the same columns and dtypes as a non-empty one."""
+    dt = dict(_COLUMN_DTYPES)
+    if control is None:  # no control: the rotated columns are NaN, hence float
+        dt.update(n_recon_rotated=np.float64, dominant_k_rotated=np.float64)
+    return pd.DataFrame({c: pd.Series(dtype=dt[c]) for c in COLUMNS})
 
 
 # ----------------------------------------------------------------------------- baseline samples
@@ -360,7 +386,10 @@ def head_sparsity(
         tokens: list of strings (tokenised once by :func:`svtools.decomposition.tokenize`), or
             ``(batch, pos)`` ids with ``attention_mask``.
         layers, heads: which heads. ``heads`` may be head indices (used in every layer of
-            ``layers``, default all) or ``(layer, head)`` pairs such as the IOI heads.
+            ``layers``, default all) or a list of ``(layer, head)`` pairs such as the IOI heads
+            (``heads=[(9, 6)]``). A bare tuple of two ints without ``layers`` (``heads=(9, 6)``)
+            is ambiguous and raises :class:`SVToolsError` naming both spellings. Python and numpy
+            integers are accepted alike (a frame row's ``row.layer`` round-trips).
         select, threshold, exclude_first: pair selection, see :func:`select_pairs`.
         attention: ``"absolute"`` decomposes scores; ``"relative"`` decomposes relative scores
             (each term minus its mean over the query's other visible keys,
@@ -390,18 +419,22 @@ def head_sparsity(
     """
     from svtools.decomposition import _as_ids, decompose_layers
 
+    from svtools._checks import as_dtype, as_float, as_int
+    from svtools.models import check_bridge
+
+    check_bridge(model)
     if attention not in ("absolute", "relative"):
         raise SVToolsError(f"unknown attention {attention!r}: use 'absolute' or 'relative'")
     if control not in ("rotated", None):
         raise SVToolsError(f"unknown control {control!r}: use 'rotated' or None")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise SVToolsError(f"batch_size must be a positive int, got {batch_size!r}")
+    batch_size = as_int(batch_size, "batch_size", min_value=1)
     if select not in ("threshold", "acc"):
         raise SVToolsError(f"unknown pair selection {select!r}: use 'threshold' or 'acc'")
-    if select == "threshold" and not (0.0 < float(threshold) <= 1.0):
-        raise SVToolsError(f"threshold must be in (0, 1], got {threshold}")
-    if not (0.0 < float(frac) <= 1.0):
-        raise SVToolsError(f"frac must be in (0, 1], got {frac}")
+    if select == "threshold":
+        threshold = as_float(threshold, "threshold", lo=0.0, hi=1.0, lo_open=True)
+    frac = as_float(frac, "frac", lo=0.0, hi=1.0, lo_open=True)
+    seed = as_int(seed, "seed")
+    as_dtype(dtype)
     kinds = ("attended",) + _check_baseline(baseline, baseline_fraction, baseline_bound)
     plan = _heads_by_layer(model, layers, heads)
     ids, am = _as_ids(model, tokens, attention_mask)
@@ -483,7 +516,7 @@ def _pair_rows(dec: Any, idx: Int[Tensor, "pair 4"], t: Float[Tensor, "pair r"],
 def _assemble(frames: list[dict[str, Any]], control: Optional[str]) -> pd.DataFrame:
     """One frame from the per-chunk columns, typed and ordered (kind, layer, head, prompt, query, key)."""
     if not frames:
-        return _empty_frame()
+        return _empty_frame(control)
     df = pd.concat([pd.DataFrame(c) for c in frames], ignore_index=True)
     if control == "rotated":
         df["n_recon_rotated"] = df["n_recon_rotated"].astype(np.int64)
