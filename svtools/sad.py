@@ -196,7 +196,7 @@ _COLUMN_DTYPES = {"layer": np.int64, "head": np.int64, "prompt": np.int64, "quer
                   "attention": np.float32, "score": np.float64, "n_recon": np.int64, "rolls_tovee": np.float64,
                   "n_recon_rotated": np.int64, "rolls_tovee_rotated": np.float64, "dominant_k": np.int64,
                   "dominant_k_rotated": np.int64, "dominant_sigma": np.float64, "r": np.int64, "used": object,
-                  "query_token": np.int64, "key_token": np.int64, "kind": object}
+                  "query_token": np.int64, "key_token": np.int64, "kind": str}
 
 
 def _empty_frame(control: Optional[str] = "rotated") -> pd.DataFrame:
@@ -371,7 +371,6 @@ def head_sparsity(
           spectrum and the token statistics and answers "is an attended pair sparser than a
           typical pair of this head?"; it cannot say why (a head sparse for every pair is sparse
           for random pairs too, and attended pairs differ from random ones in score as well).
-
         ``baseline`` may list both. Baseline rows carry the rotated control too.
 
     Identities: terms sum to the score in both bases, so the score column is basis-free (and the

@@ -198,7 +198,8 @@ def test_attention_patterns_match_unwrapped_model(random_models):
         ids = _ids()
         am = torch.ones_like(ids)
         am[2, 7:] = 0
-        ref = hf(ids, attention_mask=am, output_attentions=True).attentions
+        with torch.no_grad():
+            ref = hf(ids, attention_mask=am, output_attentions=True).attentions
         got = attention_patterns(random_models[family], ids, attention_mask=am)
         assert got.shape[0] == len(ref) == 2
         for layer in range(2):
