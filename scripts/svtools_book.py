@@ -3,10 +3,11 @@
 What it does, all in the build only (readers running a chapter themselves are unaffected):
 
 - switches progress bars off in every notebook the build executes. The kernels inherit this
-  process's environment; ``TQDM_DISABLE=1`` is tqdm's own switch (every tqdm bar honours it:
-  svtools', TransformerLens', the model hub's), and ``HF_HUB_DISABLE_PROGRESS_BARS=1`` covers the
-  hub's downloads where the hub is reachable. Each refresh of a bar would otherwise be kept in
-  the built page as a stderr output box.
+  process's environment; ``TQDM_DISABLE=1`` is tqdm's own switch: it is the default of every
+  tqdm bar (TransformerLens', the model hub's downloads), and svtools' bars obey it even when
+  called with ``progress=True``. Each refresh of a bar would otherwise be kept in the built page
+  as a stderr output box. (Not ``HF_HUB_DISABLE_PROGRESS_BARS``: with it set, loading a model
+  warns that bars cannot be enabled.)
 - adds the book's stylesheet (``scripts/book_static/svtools-book.css``): display equations
   scroll instead of being clipped on narrow screens.
 - hides the theme's second search bar: pydata-sphinx-theme 0.17 draws its own top navbar (a
@@ -82,7 +83,6 @@ def _unique_scripts(app: Sphinx, pagename: str, templatename: str, context: dict
 def setup(app: Sphinx) -> dict:
     pybtex.plugin.register_plugin("pybtex.style.formatting", "authoryear", AuthorYearStyle, force=True)
     os.environ["TQDM_DISABLE"] = "1"
-    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
     app.connect("config-inited", _add_paths)
     app.connect("html-page-context", _unique_scripts, priority=900)  # after those that add scripts
     app.add_css_file("svtools-book.css")
