@@ -39,14 +39,18 @@ from svtools.sparsity import n_recon, rolls_tovee
 from svtools.terms import relative_terms, rotated_terms, sad_terms
 
 __all__ = ["select_pairs", "pair_measures", "head_sparsity", "toy_sparsity", "toy_tokens",
-           "singular_vector_usage", "reuse", "bootstrap", "ioi_tokens", "label_ioi_roles",
+           "singular_vector_usage", "usage_difference", "reuse", "bootstrap", "ioi_tokens", "label_ioi_roles",
            "IOI_HEADS", "ioi_heads", "model_note", "sparsity_over_checkpoints",
-           "toy_sparsity_over_training", "format_summary", "COLUMNS"]
+           "toy_sparsity_over_training", "format_summary", "COLUMNS", "KINDS",
+           "baseline_pairs", "pair_uniform"]
 
 #: Columns every :func:`head_sparsity` frame has (acceptance checks read these names).
 COLUMNS = ("layer", "head", "prompt", "query", "key", "attention", "score", "n_recon", "rolls_tovee",
            "n_recon_rotated", "rolls_tovee_rotated", "dominant_k", "dominant_k_rotated",
-           "dominant_sigma", "r", "used", "query_token", "key_token")
+           "dominant_sigma", "r", "used", "query_token", "key_token", "kind")
+
+#: Values of the ``kind`` column: the attended pairs and the two nulls that keep the spectrum.
+KINDS = ("attended", "non-attended", "random")
 
 Select = Literal["threshold", "acc"]
 
@@ -146,11 +150,21 @@ def _used_tuples(order: np.ndarray, n: np.ndarray) -> list[tuple[int, ...]]:
 
 
 def _heads_by_layer(model: Any, layers, heads) -> dict[int, list[int]]:
-    from svtools.decomposition import _check_heads, _check_layer
+    """``layers``/``heads`` of :func:`head_sparsity` -> ``{layer: heads}``.
 
+    ``heads`` is either head indices (an int, a list or 1-D array of ints: the same heads in every
+    layer of ``layers``) or a list of ``(layer, head)`` pairs. A bare *tuple* of two ints with no
+    ``layers`` (``heads=(9, 6)``) could mean either, so it is an error that names both spellings.
+    """
+    from svtools._checks import as_indices, is_index_sequence
+    from svtools.decomposition import _check_heads, _check_layer
+    from svtools.models import check_bridge
+
+    check_bridge(model)
     n_layers = model.cfg.n_layers
-    if heads is not None and not isinstance(heads, int) and len(heads) and all(
-            isinstance(h, (tuple, list)) for h in heads):
+    if heads is not None and is_index_sequence(heads) and not isinstance(heads, (Tensor, np.ndarray)) \
+            and len(heads) and all(isinstance(h, (tuple, list)) or (isinstance(h, (Tensor, np.ndarray)) and h.ndim == 1)
+                                   for h in heads):
         if layers is not None:
             raise SVToolsError("give either (layer, head) pairs in heads= or layers= with head indices, not both")
         out: dict[int, list[int]] = {}
@@ -163,18 +177,131 @@ def _heads_by_layer(model: Any, layers, heads) -> dict[int, list[int]]:
                 if h not in out[layer]:
                     out[layer].append(h)
         return {k: sorted(v) for k, v in sorted(out.items())}
+    if isinstance(heads, tuple) and len(heads) == 2 and layers is None:
+        a, b = heads
+        raise SVToolsError(f"heads={heads!r} is ambiguous: for the single head (layer {a}, head {b}) write "
+                           f"heads=[({a}, {b})]; for heads {a} and {b} of every layer write heads=[{a}, {b}]")
     if layers is None:
         layer_list = list(range(n_layers))
     else:
-        layer_list = [layers] if isinstance(layers, int) else list(layers)
+        layer_list = as_indices(layers, "layers", allow_empty=True)
         if not layer_list:
             raise SVToolsError("layers is empty")
     head_list = _check_heads(model, heads)
     return {_check_layer(model, layer): head_list for layer in sorted(set(layer_list))}
 
 
-def _empty_frame() -> pd.DataFrame:
-    return pd.DataFrame({c: pd.Series(dtype=object if c == "used" else float) for c in COLUMNS})
+#: dtype of each :data:`COLUMNS` entry in a :func:`head_sparsity` frame (also when it is empty)
+_COLUMN_DTYPES = {"layer": np.int64, "head": np.int64, "prompt": np.int64, "query": np.int64, "key": np.int64,
+                  "attention": np.float32, "score": np.float64, "n_recon": np.int64, "rolls_tovee": np.float64,
+                  "n_recon_rotated": np.int64, "rolls_tovee_rotated": np.float64, "dominant_k": np.int64,
+                  "dominant_k_rotated": np.int64, "dominant_sigma": np.float64, "r": np.int64, "used": object,
+                  "query_token": np.int64, "key_token": np.int64, "kind": object}
+
+
+def _empty_frame(control: Optional[str] = "rotated") -> pd.DataFrame:
+    """A frame with no rows and the same columns and dtypes as a non-empty one."""
+    dt = dict(_COLUMN_DTYPES)
+    if control is None:  # no control: the rotated columns are NaN, hence float
+        dt.update(n_recon_rotated=np.float64, dominant_k_rotated=np.float64)
+    return pd.DataFrame({c: pd.Series(dtype=dt[c]) for c in COLUMNS})
+
+
+# ----------------------------------------------------------------------------- baseline samples
+
+_MASK63 = (1 << 63) - 1
+
+
+def _mix(x: Tensor) -> Tensor:
+    """A 64-bit integer hash (splitmix64 finaliser) on int64 tensors, on any device.
+
+    Multiplication wraps modulo 2^64 in torch; right shifts are made logical by masking.
+    """
+    x = x ^ ((x >> 30) & ((1 << 34) - 1))
+    x = x * -4658895280553007687  # 0xbf58476d1ce4e5b9 as a signed int64
+    x = x ^ ((x >> 27) & ((1 << 37) - 1))
+    x = x * -7723592293110705685  # 0x94d049bb133111eb
+    return x ^ ((x >> 31) & ((1 << 33) - 1))
+
+
+def pair_uniform(seed: int, stream: int, layer: int, head: Int[Tensor, "..."], prompt: Int[Tensor, "..."],
+                 query: Int[Tensor, "..."], key: Int[Tensor, "..."]) -> Float[Tensor, "..."]:
+    """A uniform number in ``[0, 1)`` for each (seed, stream, layer, head, prompt, query, key).
+
+    Counter-based: the number of a pair depends on these integers only (broadcast together), not
+    on how prompts are chunked, which other heads are measured, or the device. Used to draw the
+    baseline samples of :func:`head_sparsity` (``stream`` 1: non-attended, 2: random pairs).
+    """
+    h = torch.full((), (int(seed) * 0x9E3779B1 + int(stream) * 0x85EBCA77 + int(layer) * 0xC2B2AE3D) & _MASK63,
+                   dtype=torch.int64, device=head.device)
+    for v in (head, prompt, query, key):
+        h = _mix(h ^ v.to(torch.int64))
+    return ((h >> 11) & ((1 << 52) - 1)).to(torch.float64) / float(1 << 52)
+
+
+def _check_baseline(baseline: Any, fraction: float, bound: Optional[float]) -> tuple[str, ...]:
+    if baseline is None:
+        return ()
+    kinds = (baseline,) if isinstance(baseline, str) else tuple(baseline)
+    bad = [k for k in kinds if k not in KINDS[1:]]
+    if bad or not kinds:
+        raise SVToolsError(f"unknown baseline {bad or baseline!r}: use None, 'non-attended', 'random' "
+                           "or a list of them")
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not (0.0 < float(fraction) <= 1.0):
+        raise SVToolsError(f"baseline_fraction must be in (0, 1], got {fraction!r}")
+    if bound is not None and (isinstance(bound, bool) or not isinstance(bound, (int, float))
+                              or not (0.0 < float(bound) <= 1.0)):
+        raise SVToolsError(f"baseline_bound must be None or in (0, 1], got {bound!r}")
+    return tuple(dict.fromkeys(kinds))
+
+
+def baseline_pairs(
+    kind: str,
+    pattern: Float[Tensor, "batch head query key"],
+    mask: Bool[Tensor, "batch 1 query key"],
+    selected: Bool[Tensor, "batch head query key"],
+    *,
+    query_mask: Bool[Tensor, "batch 1 query"],
+    layer: int,
+    heads: Sequence[int],
+    prompt0: int = 0,
+    fraction: float = 0.1,
+    bound: Optional[float] = None,
+    exclude_first: bool = True,
+    seed: int = 0,
+) -> Bool[Tensor, "batch head query key"]:
+    """The baseline pairs :func:`head_sparsity` measures beside the attended ones.
+
+    Eligible pairs: visible keys (``mask``), real queries (``query_mask``), key 0 excluded when
+    ``exclude_first`` (the same rules as :func:`select_pairs`), and
+
+    * ``"non-attended"``: not ``selected`` and, with ``bound``, attention ``< bound``;
+    * ``"random"``: any eligible pair, whatever its attention (it may also be selected).
+
+    Each eligible pair is kept independently with probability ``fraction``, from
+    :func:`pair_uniform` of ``(seed, kind, layer, head, prompt0 + batch row, query, key)``: the
+    sample does not depend on chunking or on the other heads measured.
+    """
+    B, H, n, _ = pattern.shape
+    dev = pattern.device
+    ok = mask & query_mask[..., None]
+    if exclude_first:
+        ok = ok.clone()
+        ok[..., 0] = False
+    if kind == "non-attended":
+        ok = ok & ~selected
+        if bound is not None:
+            ok = ok & (pattern < float(bound))
+    elif kind != "random":
+        raise SVToolsError(f"unknown baseline kind {kind!r}")
+    ok = ok.expand(B, H, n, n)
+    b, h, q, k = ok.nonzero().unbind(-1)
+    head_t = torch.as_tensor(list(heads), device=dev)
+    u = pair_uniform(seed, 1 if kind == "non-attended" else 2, layer, head_t[h], b + int(prompt0), q, k)
+    keep = u < float(fraction)
+    out = torch.zeros_like(ok)
+    out[b[keep], h[keep], q[keep], k[keep]] = True
+    return out
 
 
 def head_sparsity(
@@ -194,15 +321,19 @@ def head_sparsity(
     batch_size: int = 32,
     dtype: Optional[torch.dtype] = None,
     progress: bool = True,
+    baseline: Optional[str | Sequence[str]] = None,
+    baseline_fraction: float = 0.1,
+    baseline_bound: Optional[float] = None,
+    baseline_seed: int = 0,
 ) -> pd.DataFrame:
-    """Per-pair sparseness of the chosen heads' decompositions, and of the rotated control.
+    """Per-pair sparseness of the chosen heads' decompositions, with the controls and the nulls.
 
     For each layer (streamed; tqdm over layers) and each chunk of ``batch_size`` prompts, runs
     :func:`svtools.decompose` for all chosen heads of the layer at once, selects the attended
     pairs (:func:`select_pairs`, padding queries excluded), and keeps one row per pair; the
     ``(batch, head, query, key, r)`` term tensors are freed before the next chunk.
 
-    Rows (one per selected pair), columns (:data:`COLUMNS`):
+    Rows (one per measured pair), columns (:data:`COLUMNS`):
         ``layer, head, prompt`` (row of ``tokens``), ``query, key`` (positions), ``attention``
         (the model's own weight), ``score`` (sum of the terms: unscaled score, or relative score
         with ``attention="relative"``), ``n_recon, rolls_tovee`` of the terms over the singular
@@ -211,12 +342,43 @@ def head_sparsity(
         the direction of the score; singular values are descending, so 0 = largest sigma),
         ``dominant_k_rotated``, ``dominant_sigma`` (``sigma_dominant / sigma_0``), ``r``
         (number of terms), ``used`` (tuple: the ``n_recon`` indices that reconstruct the score,
-        largest first), ``query_token, key_token`` (ids).
+        largest first), ``query_token, key_token`` (ids), ``kind`` (``"attended"`` for the
+        selected pairs, else the baseline the row belongs to).
 
-    Identities: terms sum to the score in both bases, so the score column is basis-free; the rows
-    agree with :func:`svtools.sad_terms` / :func:`svtools.n_recon` applied pair by pair
-    (tested). Rotary models (Pythia, Llama) have one basis per offset ``query - key``, so index
-    ``k`` names a different vector at different offsets.
+    Rows are ordered by ``kind`` (attended first), then layer, head, prompt, query, key; the
+    attended rows are the same whether or not baselines are asked for.
+
+    Controls and nulls, and what each can and cannot rule out:
+        * the **rotated control** (columns ``*_rotated``, every row): the same score split over
+          ``U S^1/2 Q``, ``V S^1/2 Q`` with ``Q`` Haar-random. It rules out that the sparsity is
+          an artefact of the score being a sum of few *large-norm* directions in any basis
+          (e.g. a nearly rank-one head read in a random basis). It cannot separate alignment
+          from an uneven spectrum: the rotation mixes large and small singular values, so a head
+          whose ``sigma_k`` fall off steeply looks sparse in its singular basis for *every* pair,
+          attended or not (see PAPER.md, part 3, caution).
+        * ``baseline="non-attended"`` (``kind="non-attended"``): a seeded sample of the same
+          heads' pairs on the same prompts that the head does *not* select (attention below
+          ``baseline_bound`` when given, else simply not selected by the rule; visible keys,
+          real queries, the same ``exclude_first`` rule). Same basis and spectrum as the
+          attended pairs, so a difference between the two is not the spectrum. It cannot rule
+          out that the difference comes from the score itself: non-attended pairs mostly have
+          large *negative* scores, and N_recon / Rolls-Tovee depend on the total's sign and size;
+          compare like with like (relative attention, or pairs matched on score) before reading
+          a difference as alignment. Which singular vectors each kind uses:
+          :func:`usage_difference`.
+        * ``baseline="random"`` (``kind="random"``): a seeded sample of all eligible pairs of
+          the head, whatever their attention (a random pair may also be attended). It keeps the
+          spectrum and the token statistics and answers "is an attended pair sparser than a
+          typical pair of this head?"; it cannot say why (a head sparse for every pair is sparse
+          for random pairs too, and attended pairs differ from random ones in score as well).
+
+        ``baseline`` may list both. Baseline rows carry the rotated control too.
+
+    Identities: terms sum to the score in both bases, so the score column is basis-free (and the
+    same for a pair whatever its kind); the rows agree with :func:`svtools.sad_terms` /
+    :func:`svtools.n_recon` applied pair by pair (tested). Rotary models (Pythia, Llama) have
+    one basis per offset ``query - key``, so index ``k`` names a different vector at different
+    offsets.
 
     Args:
         model: a ``TransformerBridge`` from :func:`svtools.load_model` (runs where it lives: GPU
@@ -224,7 +386,10 @@ def head_sparsity(
         tokens: list of strings (tokenised once by :func:`svtools.decomposition.tokenize`), or
             ``(batch, pos)`` ids with ``attention_mask``.
         layers, heads: which heads. ``heads`` may be head indices (used in every layer of
-            ``layers``, default all) or ``(layer, head)`` pairs such as the IOI heads.
+            ``layers``, default all) or a list of ``(layer, head)`` pairs such as the IOI heads
+            (``heads=[(9, 6)]``). A bare tuple of two ints without ``layers`` (``heads=(9, 6)``)
+            is ambiguous and raises :class:`SVToolsError` naming both spellings. Python and numpy
+            integers are accepted alike (a frame row's ``row.layer`` round-trips).
         select, threshold, exclude_first: pair selection, see :func:`select_pairs`.
         attention: ``"absolute"`` decomposes scores; ``"relative"`` decomposes relative scores
             (each term minus its mean over the query's other visible keys,
@@ -235,6 +400,13 @@ def head_sparsity(
         frac: N_recon fraction (paper: 1.0).
         batch_size: prompts per chunk; memory grows linearly with it.
         dtype: decomposition dtype (float32 default).
+        baseline: None (attended pairs only), ``"non-attended"``, ``"random"`` or a list of them.
+        baseline_fraction: probability with which each eligible baseline pair is sampled
+            (independently per pair; SAD 2024 used a 10% sample of non-firing pairs).
+        baseline_bound: non-attended pairs must have attention ``< baseline_bound`` (e.g. 0.02);
+            None = every pair the selection rule leaves out.
+        baseline_seed: seed of the baseline samples (:func:`baseline_pairs`): the same pairs
+            whatever ``batch_size`` or the other heads measured.
 
     Memory: the peak is about ``(3 + 2 * relative) * batch_size * heads * pos^2 * r`` numbers per
     chunk plus the model. Measured on GPT-2-small shapes (``GPT2Config()``, random weights: 12
@@ -247,22 +419,27 @@ def head_sparsity(
     """
     from svtools.decomposition import _as_ids, decompose_layers
 
+    from svtools._checks import as_dtype, as_float, as_int
+    from svtools.models import check_bridge
+
+    check_bridge(model)
     if attention not in ("absolute", "relative"):
         raise SVToolsError(f"unknown attention {attention!r}: use 'absolute' or 'relative'")
     if control not in ("rotated", None):
         raise SVToolsError(f"unknown control {control!r}: use 'rotated' or None")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise SVToolsError(f"batch_size must be a positive int, got {batch_size!r}")
+    batch_size = as_int(batch_size, "batch_size", min_value=1)
     if select not in ("threshold", "acc"):
         raise SVToolsError(f"unknown pair selection {select!r}: use 'threshold' or 'acc'")
-    if select == "threshold" and not (0.0 < float(threshold) <= 1.0):
-        raise SVToolsError(f"threshold must be in (0, 1], got {threshold}")
-    if not (0.0 < float(frac) <= 1.0):
-        raise SVToolsError(f"frac must be in (0, 1], got {frac}")
+    if select == "threshold":
+        threshold = as_float(threshold, "threshold", lo=0.0, hi=1.0, lo_open=True)
+    frac = as_float(frac, "frac", lo=0.0, hi=1.0, lo_open=True)
+    seed = as_int(seed, "seed")
+    as_dtype(dtype)
+    kinds = ("attended",) + _check_baseline(baseline, baseline_fraction, baseline_bound)
     plan = _heads_by_layer(model, layers, heads)
     ids, am = _as_ids(model, tokens, attention_mask)
 
-    frames: list[dict[str, np.ndarray]] = []
+    frames: list[dict[str, Any]] = []
     starts = range(0, ids.shape[0], batch_size)
     qk_cache: dict = {}  # every chunk has the same padded length: one SVD per layer
     bar = tqdm(total=len(plan) * len(starts), desc="head_sparsity (chunks x layers)", disable=not progress)
@@ -271,64 +448,82 @@ def head_sparsity(
         # one forward pass per chunk of prompts; layers are decomposed one at a time from it
         for dec in decompose_layers(model, ids_c, plan, attention_mask=am_c, dtype=dtype, qk_cache=qk_cache):
             bar.update(1)
-            layer = dec.layer
-            head_t = torch.tensor(dec.heads)
             qvalid = dec.attention_mask.bool()[:, None, :]
             sel = select_pairs(dec.pattern, dec.mask, select=select, threshold=threshold,
                                exclude_first=exclude_first, query_mask=qvalid)
             terms = dec.terms if attention == "absolute" else dec.relative_terms()
-            t = terms[sel]
-            rot = None
+            rt_all = None
             if control == "rotated":
                 rt_all = dec.rotated_terms(seed)
                 if attention == "relative":
                     rt_all = relative_terms(rt_all, dec.mask)
-                rot = rt_all[sel]
-                del rt_all
-            idx = sel.nonzero()
-            attn = dec.pattern[sel]
-            del terms
-            keep = ~torch.isnan(t).any(-1)
-            if not bool(keep.all()):
-                t, idx, attn = t[keep], idx[keep], attn[keep]
-                rot = None if rot is None else rot[keep]
-            b, hi, qi, ki = idx.unbind(-1)
-            sigma = _sigma_at(dec.qk, hi, qi, ki)
-            tok = dec.tokens
-            cols = {"layer": np.full(len(t), layer, dtype=np.int64),
-                    "head": head_t[hi.cpu()].numpy().astype(np.int64),
-                    "prompt": (b + start).cpu().numpy().astype(np.int64),
-                    "query": qi.cpu().numpy().astype(np.int64), "key": ki.cpu().numpy().astype(np.int64),
-                    "attention": attn.float().cpu().numpy()}
-            if len(t):
-                m = pair_measures(t, frac)
-                dom = m["dominant_k"]
-                cols.update(score=m["score"].double().cpu().numpy(), n_recon=m["n_recon"].cpu().numpy(),
-                            rolls_tovee=m["rolls_tovee"].double().cpu().numpy(),
-                            dominant_k=dom.cpu().numpy(),
-                            dominant_sigma=(sigma.gather(-1, dom[:, None])[:, 0] / sigma[:, 0]).double().cpu().numpy(),
-                            r=np.full(len(t), t.shape[-1], dtype=np.int64),
-                            used=_used_tuples(m["order"].cpu().numpy(), m["n_recon"].cpu().numpy()),
-                            query_token=tok[b, qi].cpu().numpy(), key_token=tok[b, ki].cpu().numpy())
-                if rot is not None:
-                    mr = pair_measures(rot, frac)
-                    cols.update(n_recon_rotated=mr["n_recon"].cpu().numpy().astype(np.float64),
-                                rolls_tovee_rotated=mr["rolls_tovee"].double().cpu().numpy(),
-                                dominant_k_rotated=mr["dominant_k"].cpu().numpy().astype(np.float64))
-                else:
-                    nan = np.full(len(t), np.nan)
-                    cols.update(n_recon_rotated=nan, rolls_tovee_rotated=nan, dominant_k_rotated=nan)
-                frames.append(cols)
-            del dec, t, rot, sel
+            for kind in kinds:
+                pick = sel if kind == "attended" else baseline_pairs(
+                    kind, dec.pattern, dec.mask, sel, query_mask=qvalid, layer=dec.layer, heads=dec.heads,
+                    prompt0=start, fraction=baseline_fraction, bound=baseline_bound,
+                    exclude_first=exclude_first, seed=baseline_seed)
+                idx = pick.nonzero()
+                rot = None if rt_all is None else rt_all[pick]
+                cols = _pair_rows(dec, idx, terms[pick], rot, dec.pattern[pick], start, kind, frac)
+                if cols is not None:
+                    frames.append(cols)
+            del dec, terms, rt_all, sel
     bar.close()
+    return _assemble(frames, control)
+
+
+def _pair_rows(dec: Any, idx: Int[Tensor, "pair 4"], t: Float[Tensor, "pair r"],
+               rot: Optional[Float[Tensor, "pair r"]], attn: Float[Tensor, "pair"], start: int, kind: str,
+               frac: float) -> Optional[dict[str, Any]]:
+    """The :data:`COLUMNS` of the pairs ``idx`` = (batch row, head slot, query, key) of ``dec``."""
+    keep = ~torch.isnan(t).any(-1)
+    if not bool(keep.all()):
+        t, idx, attn = t[keep], idx[keep], attn[keep]
+        rot = None if rot is None else rot[keep]
+    if not len(t):
+        return None
+    b, hi, qi, ki = idx.unbind(-1)
+    sigma = _sigma_at(dec.qk, hi, qi, ki)
+    tok = dec.tokens
+    head_t = torch.tensor(dec.heads)
+    m = pair_measures(t, frac)
+    dom = m["dominant_k"]
+    cols: dict[str, Any] = {
+        "layer": np.full(len(t), dec.layer, dtype=np.int64),
+        "head": head_t[hi.cpu()].numpy().astype(np.int64),
+        "prompt": (b + start).cpu().numpy().astype(np.int64),
+        "query": qi.cpu().numpy().astype(np.int64), "key": ki.cpu().numpy().astype(np.int64),
+        "attention": attn.float().cpu().numpy(),
+        "score": m["score"].double().cpu().numpy(), "n_recon": m["n_recon"].cpu().numpy(),
+        "rolls_tovee": m["rolls_tovee"].double().cpu().numpy(),
+        "dominant_k": dom.cpu().numpy(),
+        "dominant_sigma": (sigma.gather(-1, dom[:, None])[:, 0] / sigma[:, 0]).double().cpu().numpy(),
+        "r": np.full(len(t), t.shape[-1], dtype=np.int64),
+        "used": _used_tuples(m["order"].cpu().numpy(), m["n_recon"].cpu().numpy()),
+        "query_token": tok[b, qi].cpu().numpy(), "key_token": tok[b, ki].cpu().numpy(),
+        "kind": np.full(len(t), kind, dtype=object)}
+    if rot is not None:
+        mr = pair_measures(rot, frac)
+        cols.update(n_recon_rotated=mr["n_recon"].cpu().numpy().astype(np.float64),
+                    rolls_tovee_rotated=mr["rolls_tovee"].double().cpu().numpy(),
+                    dominant_k_rotated=mr["dominant_k"].cpu().numpy().astype(np.float64))
+    else:
+        nan = np.full(len(t), np.nan)
+        cols.update(n_recon_rotated=nan, rolls_tovee_rotated=nan, dominant_k_rotated=nan)
+    return cols
+
+
+def _assemble(frames: list[dict[str, Any]], control: Optional[str]) -> pd.DataFrame:
+    """One frame from the per-chunk columns, typed and ordered (kind, layer, head, prompt, query, key)."""
     if not frames:
-        return _empty_frame()
+        return _empty_frame(control)
     df = pd.concat([pd.DataFrame(c) for c in frames], ignore_index=True)
     if control == "rotated":
         df["n_recon_rotated"] = df["n_recon_rotated"].astype(np.int64)
         df["dominant_k_rotated"] = df["dominant_k_rotated"].astype(np.int64)
-    df = df[list(COLUMNS)].sort_values(["layer", "head", "prompt", "query", "key"], kind="stable")
-    return df.reset_index(drop=True)
+    df["_kind"] = df["kind"].map({k: i for i, k in enumerate(KINDS)})
+    df = df.sort_values(["_kind", "layer", "head", "prompt", "query", "key"], kind="stable")
+    return df[list(COLUMNS)].reset_index(drop=True)
 
 
 # ----------------------------------------------------------------------------- toy model
@@ -445,15 +640,19 @@ def singular_vector_usage(df: pd.DataFrame, *, by: Sequence[str] = ("layer", "he
     For each group (default: each head) and each ``k`` used at least once: ``n_pairs`` (pairs
     whose N_recon set, column ``used``, contains ``k``), ``frac_pairs = n_pairs / pairs of the
     group``, ``n_prompts`` (distinct prompts with such a pair), ``frac_prompts``,
-    ``frac_dominant`` (fraction of the group's pairs whose dominant term is ``k``). A head that
-    reuses the same singular vectors across prompts has a few ``k`` with ``frac_prompts`` near 1.
+    ``frac_dominant`` (fraction of the group's pairs whose dominant term is ``k``), ``mass``
+    (the usage distribution of :func:`usage_difference`: each pair spreads 1 evenly over its
+    N_recon set; sums to 1 over ``k``). A head that reuses the same singular vectors across
+    prompts has a few ``k`` with ``frac_prompts`` near 1. With baselines, group by
+    ``("layer", "head", "kind")`` to compare attended and non-attended pairs.
     """
     by = list(by)
     _check_columns(df, by + ["prompt", "used", "dominant_k"], "singular_vector_usage")
     if df.empty:
         return pd.DataFrame(columns=by + ["k", "n_pairs", "frac_pairs", "n_prompts", "frac_prompts",
-                                          "frac_dominant"])
-    ex = df[by + ["prompt", "used"]].explode("used").dropna(subset=["used"]).rename(columns={"used": "k"})
+                                          "frac_dominant", "mass"])
+    ex = df[by + ["prompt", "used"]].assign(w=1.0 / df["used"].map(len).clip(lower=1).to_numpy()) \
+        .explode("used").dropna(subset=["used"]).rename(columns={"used": "k"})
     ex["k"] = ex["k"].astype(np.int64)
     g = ex.groupby(by + ["k"])
     out = pd.DataFrame({"n_pairs": g.size(), "n_prompts": g["prompt"].nunique()})
@@ -464,8 +663,133 @@ def singular_vector_usage(df: pd.DataFrame, *, by: Sequence[str] = ("layer", "he
     out["frac_pairs"] = out["n_pairs"] / out["pairs"]
     out["frac_prompts"] = out["n_prompts"] / out["prompts"]
     out["frac_dominant"] = out["n_dom"] / out["pairs"]
-    return out[by + ["k", "n_pairs", "frac_pairs", "n_prompts", "frac_prompts", "frac_dominant"]] \
+    # usage mass: each pair spreads 1 evenly over its N_recon set (the distribution compared by
+    # usage_difference); sums to 1 over k within a group (less when some scores are exactly zero)
+    mass = ex.groupby(by + ["k"])["w"].sum().rename("mass").reset_index()
+    out = out.merge(mass, on=by + ["k"], how="left")
+    out["mass"] = out["mass"] / out["pairs"]
+    return out[by + ["k", "n_pairs", "frac_pairs", "n_prompts", "frac_prompts", "frac_dominant", "mass"]] \
         .sort_values(by + ["k"]).reset_index(drop=True)
+
+
+def _usage_weights(g: pd.DataFrame, r: int, on: str) -> np.ndarray:
+    """``(pairs, r)`` usage of each pair: its N_recon set with mass 1/N_recon each (``on="used"``),
+    or a one-hot at its dominant index (``on="dominant"``); rows sum to 1 (0 for a zero score)."""
+    W = np.zeros((len(g), r), dtype=np.float64)
+    if on == "dominant":
+        W[np.arange(len(g)), g["dominant_k"].to_numpy(dtype=np.int64)] = 1.0
+        return W
+    used = g["used"].tolist()
+    lens = np.fromiter((len(u) for u in used), dtype=np.int64, count=len(used))
+    if lens.sum():
+        rows = np.repeat(np.arange(len(used)), lens)
+        cols = np.fromiter((k for u in used for k in u), dtype=np.int64, count=int(lens.sum()))
+        W[rows, cols] = 1.0 / lens[rows]
+    return W
+
+
+def _distance(P: np.ndarray, Q: np.ndarray, measure: str) -> np.ndarray:
+    """Total-variation or Jensen-Shannon distance (base 2, in [0, 1]) between rows of P and Q."""
+    if measure == "tv":
+        return 0.5 * np.abs(P - Q).sum(-1)
+    M = 0.5 * (P + Q)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        kl = lambda A: np.where(A > 0, A * np.log2(np.where(A > 0, A, 1.0) / np.where(M > 0, M, 1.0)), 0.0)  # noqa: E731
+        js = 0.5 * kl(P).sum(-1) + 0.5 * kl(Q).sum(-1)
+    return np.sqrt(np.clip(js, 0.0, 1.0))
+
+
+def usage_difference(
+    df: pd.DataFrame,
+    *,
+    by: Sequence[str] = ("layer", "head"),
+    kinds: tuple[str, str] = ("attended", "non-attended"),
+    on: Literal["used", "dominant"] = "used",
+    measure: Literal["js", "tv"] = "js",
+    n_perm: int = 1000,
+    seed: int = 0,
+) -> pd.DataFrame:
+    """Do two kinds of pairs of a head use *different* singular vectors? Distance and permutation null.
+
+    For each group (default: each head) and each kind, the *usage distribution* over singular
+    indices ``k``: ``P(k) = mean over the kind's pairs of w_pair(k)``, where a pair spreads a mass
+    of 1 evenly over its N_recon set (column ``used``; ``on="used"``) or puts it on its dominant
+    index (``on="dominant"``). So ``P(k)`` is the chance that a term drawn from the set of a
+    random pair of that kind is ``k``; pairs with a zero score (empty set) are left out.
+
+    ``distance``: Jensen-Shannon distance (``measure="js"``: square root of the base-2
+    JS divergence, in [0, 1]) or total variation (``"tv"``: ``1/2 sum_k |P_a(k) - P_b(k)|``, in
+    [0, 1]) between the two kinds. What "different" means: the same distance after shuffling
+    the kind labels among the group's pairs (``n_perm`` permutations, group sizes kept; seeded).
+    Finite samples make the distance positive even when both kinds use the same vectors; the
+    null says how large it gets by chance. ``p_value = (1 + #{null >= distance}) / (1 + n_perm)``.
+    Pairs of one prompt are not independent, so treat the p-value as a screen, not a test of a
+    hypothesis about prompts.
+
+    Rotary heads: index ``k`` is the ``k``-th singular vector *at the pair's offset*, a different
+    vector at each offset; compare usage within an offset range, or read it as "which rank".
+
+    Args:
+        df: a :func:`head_sparsity` frame with baseline rows (column ``kind``).
+        by: grouping columns.
+        kinds: the two kinds to compare (values of the ``kind`` column).
+        on, measure, n_perm, seed: as above.
+
+    Returns:
+        One row per group with both kinds present: ``by...``, ``kind_a, kind_b, pairs_a,
+        pairs_b, distance, null_mean, null_q95, p_value, top_k_a, top_k_b`` (the index with
+        the largest usage mass in each kind), ``measure``, ``on``.
+    """
+    by = list(by)
+    _check_columns(df, by + ["kind", "used", "dominant_k"], "usage_difference")
+    if on not in ("used", "dominant"):
+        raise SVToolsError(f"unknown on={on!r}: use 'used' or 'dominant'")
+    if measure not in ("js", "tv"):
+        raise SVToolsError(f"unknown measure {measure!r}: use 'js' or 'tv'")
+    if isinstance(n_perm, bool) or not isinstance(n_perm, int) or n_perm < 1:
+        raise SVToolsError(f"n_perm must be a positive int, got {n_perm!r}")
+    kinds = tuple(kinds)
+    if len(kinds) != 2 or kinds[0] == kinds[1]:
+        raise SVToolsError(f"kinds must name two different kinds, got {kinds!r}")
+    present = set(df["kind"].unique())
+    missing = [k for k in kinds if k not in present]
+    if missing:
+        raise SVToolsError(f"the frame has no rows of kind {missing}: run head_sparsity with "
+                           f"baseline= (it has {sorted(present)})")
+    rng = np.random.default_rng(seed)
+    sub = df[df["kind"].isin(kinds)]
+    if on == "used":
+        sub = sub[sub["used"].map(len) > 0]
+    rows = []
+    for key, g in (sub.groupby(by, sort=True) if by else [((), sub)]):
+        key = key if isinstance(key, tuple) else (key,)
+        is_a = (g["kind"] == kinds[0]).to_numpy()
+        n_a, n = int(is_a.sum()), len(g)
+        if n_a == 0 or n_a == n:
+            continue
+        r = int(g["r"].max()) if "r" in g.columns else 1 + max(max(u) for u in g["used"] if len(u))
+        W = _usage_weights(g, r, on)
+        total = W.sum(0)
+        Pa, Pb = W[is_a].mean(0), W[~is_a].mean(0)
+        dist = float(_distance(Pa[None], Pb[None], measure)[0])
+        null = []
+        chunk = max(1, min(n_perm, 2_000_000 // max(n, 1)))
+        for s in range(0, n_perm, chunk):
+            m = min(chunk, n_perm - s)
+            u = rng.random((m, n))
+            cut = np.partition(u, n_a - 1, axis=1)[:, n_a - 1:n_a]
+            L = (u <= cut).astype(np.float64)  # (m, n): n_a ones per row
+            Sa = L @ W
+            null.append(_distance(Sa / n_a, (total - Sa) / (n - n_a), measure))
+        null = np.concatenate(null)
+        rows.append(dict(zip(by, key)) | {
+            "kind_a": kinds[0], "kind_b": kinds[1], "pairs_a": n_a, "pairs_b": n - n_a, "distance": dist,
+            "null_mean": float(null.mean()), "null_q95": float(np.quantile(null, 0.95)),
+            "p_value": float((1 + (null >= dist - 1e-12).sum()) / (1 + n_perm)),
+            "top_k_a": int(np.argmax(Pa)), "top_k_b": int(np.argmax(Pb)), "measure": measure, "on": on})
+    cols = by + ["kind_a", "kind_b", "pairs_a", "pairs_b", "distance", "null_mean", "null_q95", "p_value",
+                 "top_k_a", "top_k_b", "measure", "on"]
+    return pd.DataFrame(rows, columns=cols)
 
 
 def reuse(df: pd.DataFrame, *, by: Sequence[str] = ("layer", "head")) -> pd.DataFrame:

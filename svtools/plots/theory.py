@@ -24,8 +24,8 @@ def _np(x) -> np.ndarray:
 
 
 def plot_theorem1(spectra: Mapping[str, torch.Tensor], table) -> Figure:
-    """(a) Normalised singular values ``sigma_k / sigma_1`` of each head (log scale);
-    (b) ``|cos|`` of each head's top singular vectors with Theorem 1's whitened prediction and with
+    """Panel (a): normalised singular values ``sigma_k / sigma_1`` of each head (log scale);
+    panel (b): ``|cos|`` of each head's top singular vectors with Theorem 1's whitened prediction and with
     the raw features.
 
     Args:
