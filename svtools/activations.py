@@ -21,7 +21,7 @@ from torch import Tensor
 from svtools._checks import SVToolsError
 from svtools.runtime import tqdm
 
-__all__ = ["residual_activations"]
+__all__ = ["residual_activations", "sample_texts"]
 
 
 def _hook_name(model: Any, layer: int) -> str:
@@ -88,3 +88,29 @@ def residual_activations(model: Any, texts: Sequence[str] | Int[Tensor, "batch p
     if out.shape[0] == 0:
         raise SVToolsError("no tokens left (every text is empty after skip_first)")
     return (out, torch.cat(index)) if return_index else out
+
+
+def sample_texts(n_doc: int = 400, n_ioi: int = 100, *, seed: int = 0) -> list[str]:
+    """Offline text for activation statistics: the book's plain sentences
+    (:data:`svtools.data.text.PLAIN_SENTENCES`), ``n_ioi`` IOI prompts and ``n_doc`` prose
+    sentences from the documentation bundled with Python itself (``pydoc_data.topics``: English
+    technical prose, 40-200 characters, lines with code symbols dropped), shuffled with ``seed``.
+    Deterministic; needs no network."""
+    import random
+    import re
+
+    from pydoc_data.topics import topics
+
+    from svtools.data.ioi import ioi_prompts
+    from svtools.data.text import PLAIN_SENTENCES
+
+    if n_doc < 0 or n_ioi < 0:
+        raise SVToolsError(f"n_doc and n_ioi must be >= 0, got {n_doc}, {n_ioi}")
+    prose = re.split(r"(?<=[.!?])\s+", " ".join(topics[k] for k in sorted(topics)))
+    prose = [re.sub(r"\s+", " ", t).strip() for t in prose]
+    prose = sorted({t for t in prose if 40 <= len(t) <= 200 and not re.search(r"[>{}\[\]=*_|]", t)})
+    random.Random(seed).shuffle(prose)
+    if n_doc > len(prose):
+        raise SVToolsError(f"n_doc={n_doc} but only {len(prose)} documentation sentences are available")
+    ioi = ioi_prompts(n_ioi, seed=seed).texts if n_ioi else []
+    return list(PLAIN_SENTENCES) + list(ioi) + prose[:n_doc]

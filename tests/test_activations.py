@@ -60,3 +60,14 @@ def test_bad_input(random_models, batch_tokens):
         residual_activations(model, ids, 0, batch_size=0, progress=False)
     with pytest.raises(SVToolsError, match="empty"):
         residual_activations(model, [], 0, progress=False)
+
+
+def test_sample_texts_deterministic():
+    from svtools.activations import sample_texts
+    from svtools.data.text import PLAIN_SENTENCES
+
+    a, b = sample_texts(50, 10, seed=1), sample_texts(50, 10, seed=1)
+    assert a == b and len(a) == len(PLAIN_SENTENCES) + 60
+    assert sample_texts(50, 10, seed=2) != a
+    with pytest.raises(SVToolsError, match="n_doc"):
+        sample_texts(10 ** 6)
