@@ -676,6 +676,7 @@ def head_sparsity(
           spectrum and the token statistics and answers "is an attended pair sparser than a
           typical pair of this head?"; it cannot say why (a head sparse for every pair is sparse
           for random pairs too, and attended pairs differ from random ones in score as well).
+
         ``baseline`` may list both. Baseline rows carry the rotated control too.
 
     Identities: terms sum to the score in both bases, so the score column is basis-free (and the
