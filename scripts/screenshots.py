@@ -152,7 +152,8 @@ async def check_page(b: Browser, url: str, width: int, shot: Path) -> dict:
     await b.send("Emulation.setDeviceMetricsOverride", width=width, height=height, deviceScaleFactor=1,
                  mobile=width < 700)
     await asyncio.sleep(0.3)
-    img = await b.send("Page.captureScreenshot", format="png", captureBeyondViewport=True)
+    # The viewport is now as tall as the page (up to 30,000 px): capture it as it is laid out.
+    img = await b.send("Page.captureScreenshot", format="png", captureBeyondViewport=False)
     shot.parent.mkdir(parents=True, exist_ok=True)
     shot.write_bytes(base64.b64decode(img["data"]))
     external, exceptions = [], []

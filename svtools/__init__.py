@@ -31,7 +31,8 @@ _LAZY = {
     "decompose": "svtools.decomposition",
     "HeadDecomposition": "svtools.decomposition",
 }
-_SUBMODULES = {"toy", "alignment", "theory", "data", "sad", "plots", "models", "decomposition", "runtime"}
+_SUBMODULES = {"toy", "alignment", "theory", "data", "sad", "plots", "models", "decomposition", "runtime",
+               "sae", "activations"}
 
 __all__ = [
     "QKSVD", "RotarySpec", "SVToolsError", "qk_svd", "random_rotation", "rotary_matrices",

@@ -51,15 +51,16 @@ class PairAlignment:
     """How each template pair ``(i, j)`` lines up with the singular pairs of ``Omega``.
 
     Shapes (``P`` pairs, ``N`` features, ``r`` singular pairs):
-        pairs: ``(P, 2)`` query feature ``i``, key feature ``j``.
-        index: ``(P,)`` singular index assigned to each pair (one pair per index; ``-1`` when
-            there are more pairs than indices and the pair lost the assignment).
-        best: ``(P,)`` the index that maximises the pair's score on its own (pairs may share it:
-            this is how "several pairs share one singular vector" shows up).
-        cos_q: ``(P,)`` ``|cos(w_i, u_index)|`` (NaN where ``index = -1``).
-        cos_k: ``(P,)`` ``|cos(w_j, v_index)|``.
-        sigma: ``(P,)`` the singular value at the assigned index (NaN where ``index = -1``).
-        chance: expected ``|cos|`` of a random direction in ``d_model`` dimensions.
+
+    - pairs: ``(P, 2)`` query feature ``i``, key feature ``j``.
+    - index: ``(P,)`` singular index assigned to each pair (one pair per index; ``-1`` when
+      there are more pairs than indices and the pair lost the assignment).
+    - best: ``(P,)`` the index that maximises the pair's score on its own (pairs may share it:
+      this is how "several pairs share one singular vector" shows up).
+    - cos_q: ``(P,)`` ``|cos(w_i, u_index)|`` (NaN where ``index = -1``).
+    - cos_k: ``(P,)`` ``|cos(w_j, v_index)|``.
+    - sigma: ``(P,)`` the singular value at the assigned index (NaN where ``index = -1``).
+    - chance: expected ``|cos|`` of a random direction in ``d_model`` dimensions.
         cos_U: ``(N, r)`` ``|cos(w_n, u_k)|`` for every feature (heatmaps).
         cos_V: ``(N, r)`` ``|cos(w_n, v_k)|``.
         S: ``(r,)`` all singular values.

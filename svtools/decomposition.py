@@ -29,7 +29,7 @@ from svtools.qk import QKSVD, RotarySpec, qk_svd, random_rotation, rotated_facto
 from svtools.terms import homogeneous, relative_terms
 
 __all__ = ["decompose", "decompose_layers", "HeadDecomposition", "head_weights", "layer_qk", "tokenize",
-           "prepends_bos", "head_rotations", "attention_scale", "rotary_spec", "is_causal"]
+           "prepends_bos", "head_rotations", "attention_scale", "rotary_spec", "is_causal", "stream_attention"]
 
 
 # ----------------------------------------------------------------------------- model facts
@@ -316,11 +316,12 @@ class HeadDecomposition:
         Identity: ``rotated_terms(seed).sum(-1) == scores`` (float precision). One Haar-random
         ``r x r`` rotation per head (per offset for rotary heads) from :func:`head_rotations`: a
         head's control depends on ``(seed, layer, head)`` only, not on the other heads decomposed
-        with it (for rotary heads also on the number of offsets, i.e. the padded length).
+        with it (for rotary heads on ``(seed, layer, head, offset)``).
         """
         if seed not in self._rotated:
             Q = head_rotations(seed, self.layer, self.heads, self.qk.batch_shape[1:], self.qk.r,
-                               dtype=self.qk.U.dtype, device=self.qk.U.device)
+                               dtype=self.qk.U.dtype, device=self.qk.U.device,
+                               offsets=None if self.qk.rotary is None else self.qk.rotary.offsets)
             left, right = rotated_factors(self.qk, rotation=Q)
             self._rotated[seed] = _grid_terms(left, right, self.qk, self.x_query, self.x_key, self.mask)
         return self._rotated[seed]
@@ -331,14 +332,25 @@ class HeadDecomposition:
 
 
 def head_rotations(seed: int, layer: int, heads: Sequence[int], inner_shape: tuple[int, ...] | torch.Size,
-                   r: int, *, dtype=torch.float32, device=None) -> Float[Tensor, "head ... r r"]:
+                   r: int, *, dtype=torch.float32, device=None,
+                   offsets: Optional[Sequence[int] | Tensor] = None) -> Float[Tensor, "head ... r r"]:
     """Haar-random rotations for the rotated control, one stream per ``(seed, layer, head)``.
 
     Returns ``(len(heads), *inner_shape, r, r)``; ``inner_shape`` is ``()`` or ``(offset,)``.
+    Rotary heads: pass ``offsets`` (the offset values, ``inner_shape`` is then ignored) and each
+    ``(seed, layer, head, offset)`` gets its own stream, so the rotation of an offset does not
+    depend on which other offsets (or how long a padded batch) are decomposed.
     """
+    def head_seed(h: int) -> int:
+        return (int(seed) * 1_000_003 + int(layer) * 10_007 + int(h)) % 2**63
+
+    if offsets is not None:
+        offs = [int(o) for o in torch.as_tensor(offsets).reshape(-1).tolist()]
+        return torch.stack([torch.stack([
+            random_rotation((), r, seed=(head_seed(h) * 1_000_033 + 7 * o + 1) % 2**63, dtype=torch.float64)
+            for o in offs]) for h in heads]).to(dtype=dtype, device=device)
     return torch.stack([
-        random_rotation(tuple(inner_shape), r, seed=(int(seed) * 1_000_003 + int(layer) * 10_007 + int(h)) % 2**63,
-                        dtype=dtype, device=device)
+        random_rotation(tuple(inner_shape), r, seed=head_seed(h), dtype=dtype, device=device)
         for h in heads])
 
 
@@ -382,6 +394,59 @@ def _run_once(model: Any, ids: Tensor, am: Tensor, layers: Sequence[int]) -> dic
     if missing:
         raise UnsupportedModelError(f"the model's bridge does not expose hooks {missing[:3]}")
     return {n: cache[n].detach() for n in names}
+
+
+class _StopForward(Exception):
+    """Raised from the last needed hook: the rest of the forward pass is not needed."""
+
+
+def stream_attention(
+    model: Any,
+    ids: Int[Tensor, "batch pos"],
+    attention_mask: Int[Tensor, "batch pos"],
+    layers: Sequence[int],
+    callback: Any,
+) -> None:
+    """One forward pass that hands each layer's attention inputs to ``callback``, then stops.
+
+    For each layer in ``layers`` (ascending), ``callback(layer, x_query, x_key, pattern)`` is
+    called from inside the forward pass as soon as that layer's attention pattern exists:
+    ``x_query, x_key (batch, pos, d_model)`` are the inputs of the query and key projections,
+    ``pattern (batch, head, query, key)`` the model's own weights (every head). Only one
+    layer's tensors are alive at a time (nothing is cached), and the pass stops right after
+    the last layer needed: no later attention, MLP, final norm or unembedding is computed.
+    """
+    layers = sorted(set(int(l) for l in layers))
+    if not layers:
+        raise SVToolsError("no layers to stream")
+    last = layers[-1]
+    held: dict[str, Tensor] = {}
+
+    def keep(t: Tensor, hook: Any) -> None:
+        held[hook.name] = t.detach()
+
+    def at_pattern(t: Tensor, hook: Any) -> None:
+        layer = int(hook.name.split(".")[1])
+        pre = f"blocks.{layer}.attn."
+        try:
+            xq, xk = held.pop(pre + "q.hook_in"), held.pop(pre + "k.hook_in")
+        except KeyError as exc:
+            raise UnsupportedModelError(f"the model's bridge did not run hook {exc.args[0]} before "
+                                        f"{hook.name}") from exc
+        callback(layer, xq, xk, t.detach())
+        if layer == last:
+            raise _StopForward
+
+    hooks = []
+    for l in layers:
+        pre = f"blocks.{l}.attn."
+        hooks += [(pre + "q.hook_in", keep), (pre + "k.hook_in", keep), (pre + "hook_pattern", at_pattern)]
+    try:
+        with torch.no_grad(), model.hooks(fwd_hooks=hooks):
+            model(ids, attention_mask=attention_mask, return_type=None)
+    except _StopForward:
+        return
+    raise UnsupportedModelError(f"the forward pass ended without reaching blocks.{last}.attn.hook_pattern")
 
 
 def _mask(model: Any, am: Tensor) -> Bool[Tensor, "batch 1 query key"]:

@@ -19,7 +19,7 @@ independent zero-mean activations of equal variance (``F ∝ I``) that is ``Sigm
 ``Sigma_X = X X^T``: the *whitened* feature direction (Theorem 1). Everything here is computed
 in float64 internally and returned in the input's dtype.
 
-Interference (deviation of a frame from isotropy). We use the trace-normalised definition
+Interference (deviation of a frame from isotropy). We use the trace-normalised definition::
 
     E_X = Sigma_X / (tr Sigma_X / D) - I,       ||E_X||_2 = max_k |lambda_k / mean(lambda) - 1|,
 
@@ -52,7 +52,7 @@ __all__ = [
     "sample_pairs", "least_squares_omega", "toy_optimal_omega", "BilinearRun", "train_bilinear",
     "interference_matrix", "interference", "frame_spectrum", "frame", "whitening_alignment",
     "alignment_floor", "mean_alignment_bound", "unwhiten", "FrameRun", "train_frame",
-    "alignment_sweep", "mean_drift", "head_report",
+    "alignment_sweep", "mean_drift", "head_report", "measure_frame",
 ]
 
 _F64 = torch.float64
@@ -672,6 +672,20 @@ def whitening_alignment(X: Float[Tensor, "D N"]) -> Float[Tensor, "N"]:
     return ((_unit(X64) * _unit(Z)).sum(0)).abs().to(X.dtype)
 
 
+def measure_frame(X: Float[Tensor, "D N"]) -> dict:
+    """Where a given frame (e.g. a sparse autoencoder's dictionary ``W_dec``) sits on the
+    alignment-vs-interference sweep: ``D``, ``N``, ``interference`` (trace-normalised
+    ``||E_X||_2``), ``interference_abs`` (unnormalised), ``cos_raw`` (mean over features of
+    ``|cos(x_i, Sigma_X^+ x_i)|``, the alignment Theorem 1 predicts for a head reading feature
+    ``i``), ``cos_raw_min`` and ``bound_mean`` (:func:`mean_alignment_bound`; meaningful for
+    unit-norm columns). Columns are used as given (normalise them first if needed)."""
+    X = _frame(X, "X")
+    cos = whitening_alignment(X)
+    return {"D": int(X.shape[0]), "N": int(X.shape[1]), "interference": interference(X),
+            "interference_abs": interference(X, normalise="none"), "cos_raw": float(cos.mean()),
+            "cos_raw_min": float(cos.min()), "bound_mean": float(mean_alignment_bound(X))}
+
+
 def alignment_floor(interference: float | Tensor) -> Tensor:
     """Theorem 2, worst case: ``cos(x, Sigma_X^{-1} x) >= sqrt(1 - e^2)`` for every ``x`` when
     ``||E_X||_2 = e < 1`` (for *any* normalisation ``E_X = Sigma_X / c - I``); 0 (no guarantee)
@@ -759,13 +773,14 @@ class FrameRun:
     """A frame trained with the head ``Omega`` held fixed (Theorem 3's experiment).
 
     Attributes (``L`` logged steps):
-        features: ``(D, N)`` final frame; bias: ``(N,)``; omega: the fixed ``(D, D)`` head.
-        step: ``(L,)``; loss_recon, loss_attn: ``(L,)`` mean reconstruction loss and relative
-            attention loss (:func:`attention_loss` with ``relative=True``) since the last entry.
-        overlap_u, overlap_v: ``(L,)`` largest ``|cos(w_k, u)|``, ``|cos(w_k, v)|`` over the
-            non-target features ``k``, with ``(u, v)`` the top singular pair of ``omega``.
-        cos_target: ``(L, 2)`` ``|cos(w_i, u)|`` and ``|cos(w_j, v)|`` for the target pair.
-        interference_target: ``(L, 2)`` largest ``|cos(w_i, w_k)|`` over ``k != i`` (and for ``j``).
+
+    - features: ``(D, N)`` final frame; bias: ``(N,)``; omega: the fixed ``(D, D)`` head.
+    - step: ``(L,)``; loss_recon, loss_attn: ``(L,)`` mean reconstruction loss and relative
+      attention loss (:func:`attention_loss` with ``relative=True``) since the last entry.
+    - overlap_u, overlap_v: ``(L,)`` largest ``|cos(w_k, u)|``, ``|cos(w_k, v)|`` over the
+      non-target features ``k``, with ``(u, v)`` the top singular pair of ``omega``.
+    - cos_target: ``(L, 2)`` ``|cos(w_i, u)|`` and ``|cos(w_j, v)|`` for the target pair.
+    - interference_target: ``(L, 2)`` largest ``|cos(w_i, w_k)|`` over ``k != i`` (and for ``j``).
     """
 
     features: Float[Tensor, "D N"]
@@ -789,9 +804,11 @@ def train_frame(init: Float[Tensor, "D N"], omega: Float[Tensor, "D D"], pair: t
     Loss: ``L_recon + lam * L_attn`` where ``L_attn`` is the exact relative squared-error
     attention loss of the fixed head for the single pair ``T = e_i e_j^T`` (from moments, no
     sampling noise), and ``L_recon`` is sampled:
-        ``"relu"``: the toy's tied autoencoder ``|f - ReLU(W^T W f + b)|^2`` (bias learned);
-        ``"linear"``: ``|f - W^T W f|^2`` (the surrogate Theorem 3 (c) is proved for);
-        ``"none"``: attention only (isolates Theorem 3 (b)).
+
+    - ``"relu"``: the toy's tied autoencoder ``|f - ReLU(W^T W f + b)|^2`` (bias learned);
+    - ``"linear"``: ``|f - W^T W f|^2`` (the surrogate Theorem 3 (c) is proved for);
+    - ``"none"``: attention only (isolates Theorem 3 (b)).
+
     Adam, constant ``lr``; deterministic given ``seed``; ``init`` is copied, not modified.
     """
     W0 = _frame(init, "init")
@@ -858,7 +875,7 @@ def train_frame(init: Float[Tensor, "D N"], omega: Float[Tensor, "D D"], pair: t
 # ----------------------------------------------------------------------------- sweeps
 def alignment_sweep(levels: Iterable[float], *, N: int, D: int, spectrum: Literal["spike", "power"] = "spike",
                     seeds: Iterable[int] = (0,), n_check: int = 8, n_cov: int = 20_000,
-                    progress: bool = True) -> "pd.DataFrame":
+                    tol: float = 1e-9, progress: bool = True) -> "pd.DataFrame":
     """Alignment of raw and un-whitened singular vectors against the frame's interference.
 
     For each level ``e`` and seed: build :func:`frame` ``(N, D, e)``, then
@@ -873,20 +890,32 @@ def alignment_sweep(levels: Iterable[float], *, N: int, D: int, spectrum: Litera
         the ``n_check`` computed singular vectors. With the exact ``Sigma_X`` un-whitening
         is exact (Theorem 1), so only the estimate is interesting.
 
+    ``n_check=0`` skips the SVD check and the un-whitening (frame quantities only: much faster,
+    for the spread over many frames). ``tol`` is passed to :func:`frame`.
+
     Returns a pandas DataFrame with one row per (level, seed), columns ``level, seed, D, N,
-    spectrum, interference`` (measured) and the quantities above.
+    spectrum, interference`` (measured, trace-normalised), ``interference_abs`` (the same frame's
+    ``||E_X||_2`` without normalisation, :func:`interference` with ``normalise="none"``) and the
+    quantities above.
     """
     import pandas as pd
 
     levels, seeds = [float(e) for e in levels], [int(s) for s in seeds]
-    if n_check < 1:
-        raise SVToolsError(f"n_check must be >= 1, got {n_check}")
+    if n_check < 0:
+        raise SVToolsError(f"n_check must be >= 0, got {n_check}")
     act = Activation(centered=True)
     rows = []
     grid = [(e, s) for e in levels for s in seeds]
     for e, seed in tqdm(grid, desc=f"sweep D={D} {spectrum}", disable=not progress):
-        X = frame(N, D, e, seed, spectrum=spectrum, dtype=_F64)
+        X = frame(N, D, e, seed, spectrum=spectrum, dtype=_F64, tol=tol)
         cos = whitening_alignment(X)
+        base = dict(level=e, seed=seed, D=D, N=N, spectrum=spectrum, interference=interference(X),
+                    interference_abs=interference(X, normalise="none"),
+                    cos_raw=float(cos.mean()), cos_raw_min=float(cos.min()),
+                    bound_mean=float(mean_alignment_bound(X)), bound_worst=float(alignment_floor(interference(X))))
+        if n_check == 0:
+            rows.append(base)
+            continue
         g = torch.Generator().manual_seed(seed + 12345)
         idx = torch.randperm(N, generator=g)[:n_check]
         T = torch.zeros(len(idx), N, N, dtype=_F64)
@@ -902,10 +931,6 @@ def alignment_sweep(levels: Iterable[float], *, N: int, D: int, spectrum: Litera
             M2 += xs.T @ xs
         U_est, _ = unwhiten(qk, M2 / n_cov)
         cos_est = (U_est[:, :, 0] * _unit(X[:, idx]).T).sum(-1).abs()
-        rows.append(dict(level=e, seed=seed, D=D, N=N, spectrum=spectrum, interference=interference(X),
-                         cos_raw=float(cos.mean()), cos_raw_min=float(cos.min()),
-                         cos_raw_checked=float((Uc[:, :, 0] * _unit(X[:, idx]).T).sum(-1).abs().mean()),
-                         svd_check=float(check.max()), bound_mean=float(mean_alignment_bound(X)),
-                         bound_worst=float(alignment_floor(interference(X))),
-                         cos_unwhitened_est=float(cos_est.mean())))
+        rows.append(dict(base, cos_raw_checked=float((Uc[:, :, 0] * _unit(X[:, idx]).T).sum(-1).abs().mean()),
+                         svd_check=float(check.max()), cos_unwhitened_est=float(cos_est.mean())))
     return pd.DataFrame(rows)

@@ -47,7 +47,7 @@ from svtools.runtime import default_device, tqdm
 
 __all__ = ["ToyConfig", "ToyRun", "ToyHistory", "ToyBatch", "train", "train_seeds", "sample_batch",
            "settle_step", "settle_steps", "summarize", "sweep",
-           "template_matrix", "linear_template"]
+           "template_matrix", "linear_template", "failing_pairs"]
 
 Pair = tuple[int, int, float]
 
@@ -640,4 +640,44 @@ def sweep(cfg: ToyConfig, grid: dict[str, Sequence], seeds: Sequence[int], *,
             c = adapt(c, name, value)
         for run in train_seeds(c, seeds, progress=False):
             rows.append({"param": name, "value": value, "seed": run.cfg.seed, **summarize(run)})
+    return pd.DataFrame(rows)
+
+
+def failing_pairs(run: ToyRun, threshold: float = 0.9):
+    """Why the unaligned template pairs of a run fail, read off the run itself.
+
+    For every pair ``p = (i, j)`` whose smaller cosine at its assigned index is below
+    ``threshold``: its strength, that cosine, the singular index ``best`` it would take on its own
+    (sharing allowed), the other template pair ``q = (i', j')`` the assignment gave that index to
+    (if any), and the cosines ``cos(w_i, w_i')``, ``cos(w_j, w_j')`` between the two pairs'
+    features (near ``-1``: the antipodal sharing the chapter describes), plus ``w_i``'s
+    largest ``|cos|`` with any other feature and which feature that is.
+
+    Returns:
+        pandas DataFrame, one row per failing pair (empty if every pair is aligned).
+    """
+    import pandas as pd
+
+    al = run.alignment()
+    W = run.features.double()
+    Wn = W / W.norm(dim=0, keepdim=True).clamp_min(1e-12)
+    C = Wn.T @ Wn
+    C.fill_diagonal_(0.0)
+    owner = {int(k): p for p, k in enumerate(al.index.tolist()) if k >= 0}
+    worst = al.worst.nan_to_num(0.0)
+    rows = []
+    for p, (i, j) in enumerate(run.cfg.pairs):
+        if float(worst[p]) >= threshold:
+            continue
+        k = int(al.best[p])
+        q = owner.get(k)
+        q = None if q == p else q
+        i2, j2 = run.cfg.pairs[q] if q is not None else (None, None)
+        partner = int(C[i].abs().argmax())
+        rows.append({"pair": p, "features (i, j)": (i, j), "strength": run.cfg.strengths[p],
+                     "min |cos|": float(worst[p]), "assigned k": int(al.index[p]), "best k": k,
+                     "k owned by pair": q,
+                     "cos(w_i, w_i')": float(C[i, i2]) if q is not None else float("nan"),
+                     "cos(w_j, w_j')": float(C[j, j2]) if q is not None else float("nan"),
+                     "w_i's closest feature": partner, "cos with it": float(C[i, partner])})
     return pd.DataFrame(rows)
