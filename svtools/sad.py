@@ -411,8 +411,8 @@ def _check_pattern(scores: Tensor, pattern: Tensor, mask: Tensor, scale: float, 
     if not err <= tol:
         raise UnsupportedModelError(
             f"decomposition does not reproduce the model's attention at layer {layer} "
-            f"(max |softmax - pattern| = {err:.2e} > {tol}); this model's attention "
-            "has a mechanism svtools does not model")
+            f"(max |softmax - pattern| = {err:.2e} > tolerance {tol:.2e}, see svtools.models.pattern_tolerance); "
+            "this model's attention has a mechanism svtools does not model")
 
 
 def _check_sums(t: Tensor, want: Tensor, what: str, layer: int, tol: float) -> None:
@@ -432,13 +432,16 @@ class _PairEngine:
     def __init__(self, model: Any, plan: dict[int, list[int]], *, select: str, threshold: float,
                  exclude_first: bool, attention: str, control: Optional[str], seed: int, frac: float,
                  dtype: torch.dtype, kinds: tuple[str, ...], baseline_fraction: float,
-                 baseline_bound: Optional[float], baseline_seed: int, check_tol: float = 1e-3) -> None:
+                 baseline_bound: Optional[float], baseline_seed: int, check_tol: float = 1e-3,
+                 pattern_tol: Optional[float] = None) -> None:
         from svtools.decomposition import attention_scale, is_causal
 
         self.model, self.plan = model, plan
         self.select, self.threshold, self.exclude_first = select, threshold, exclude_first
         self.relative, self.control, self.seed, self.frac = attention == "relative", control, seed, frac
         self.dtype, self.kinds, self.check_tol = dtype, kinds, check_tol
+        # tolerance of the pattern check: svtools.models.pattern_tolerance of the model's dtype
+        self.pattern_tol = check_tol if pattern_tol is None else pattern_tol
         self.bfrac, self.bbound, self.bseed = baseline_fraction, baseline_bound, baseline_seed
         self.scale = {l: attention_scale(model, l) for l in plan}
         self.causal = is_causal(model)
@@ -481,7 +484,7 @@ class _PairEngine:
             pv = torch.einsum("bnd,hdr->bhnr", xk, basis.V)
             a = pu * basis.S[None, :, None, :]
             scores = a @ pv.transpose(-1, -2)
-        _check_pattern(scores, pattern, mask, self.scale[layer], layer, self.check_tol)
+        _check_pattern(scores, pattern, mask, self.scale[layer], layer, self.pattern_tol)
         sel = select_pairs(pattern, mask, select=self.select, threshold=self.threshold,
                            exclude_first=self.exclude_first, query_mask=qvalid)
         picks = {"attended": sel}
@@ -722,11 +725,9 @@ def head_sparsity(
     Returns:
         ``pandas.DataFrame`` with the columns above (integers as int64).
     """
-    from svtools.decomposition import _as_ids, _hf
-    from svtools.models import check_supported
-
     from svtools._checks import as_dtype, as_float, as_int
-    from svtools.models import check_bridge
+    from svtools.decomposition import _decomposition_dtype, _prepare
+    from svtools.models import check_bridge, resolve_check_tol
 
     check_bridge(model)
     if attention not in ("absolute", "relative"):
@@ -743,16 +744,15 @@ def head_sparsity(
     as_dtype(dtype)
     kinds = ("attended",) + _check_baseline(baseline, baseline_fraction, baseline_bound)
     plan = _heads_by_layer(model, layers, heads)
-    check_supported(_hf(model))
-    ids, am = _as_ids(model, tokens, attention_mask)
-
-    dtype = dtype or torch.float32
-    device = next(_hf(model).parameters()).device
-    ids, am = ids.to(device), am.to(device)
+    # the same input checks as decompose (supported model, eval mode, 0/1 mask, max positions),
+    # the same dtype rule (half precision decomposed in float32) and the same exactness tolerance
+    ids, am = _prepare(model, tokens, attention_mask)
+    dtype = _decomposition_dtype(dtype)
+    pattern_tol = resolve_check_tol(model, "auto")
     engine = _PairEngine(model, plan, select=select, threshold=threshold, exclude_first=exclude_first,
                          attention=attention, control=control, seed=seed, frac=frac, dtype=dtype, kinds=kinds,
                          baseline_fraction=baseline_fraction, baseline_bound=baseline_bound,
-                         baseline_seed=baseline_seed)
+                         baseline_seed=baseline_seed, pattern_tol=pattern_tol)
     # prompts per forward pass: at most batch_size, and few enough that one layer's
     # (batch, head, query, key) tensor stays under CHUNK_BYTES
     per_prompt = model.cfg.n_heads * ids.shape[1] ** 2 * max(torch.finfo(dtype).bits // 8, 4)
