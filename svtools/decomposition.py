@@ -280,9 +280,7 @@ class HeadDecomposition:
         qk: the heads' :class:`~svtools.qk.QKSVD`, ``(head, [offset,] d_in, r)``.
         x_query, x_key: ``(batch, pos, d_model)`` inputs of the query and key projections.
         tokens, attention_mask: ``(batch, pos)`` what the model was run on.
-        check_tol: the tolerance of the exactness check that this decomposition passed (None
-            when the check was skipped); by default :func:`svtools.models.pattern_tolerance` of the
-            model's dtype.
+        check_tol: tolerance of the exactness check it passed (None: unchecked; see ``pattern_tolerance``).
     """
 
     layer: int

@@ -456,7 +456,10 @@ def qk_svd_factored(
         raise SVToolsError("qk_svd_factored needs rotary=RotarySpec(...)")
     W_Q = as_tensor(W_Q, "W_Q")
     W_K = as_tensor(W_K, "W_K")
-    dtype = dtype or torch.promote_types(W_Q.dtype, W_K.dtype)
+    requested = as_dtype(dtype)  # the dtype rule of qk_svd: half-precision weights give float32
+    dtype = requested or torch.promote_types(W_Q.dtype, W_K.dtype)
+    if requested is None and dtype in (torch.float16, torch.bfloat16):
+        dtype = torch.float32
     check_last_dims(W_Q, (None, None), "W_Q", "(..., d_model, d_head)")
     d_model, d_head = W_Q.shape[-2:]
     check_last_dims(W_K, (d_model, d_head), "W_K", f"(..., {d_model}, {d_head}) to match W_Q")
