@@ -722,8 +722,8 @@ def head_sparsity(
     Returns:
         ``pandas.DataFrame`` with the columns above (integers as int64).
     """
-    from svtools.decomposition import _as_ids, _hf
-    from svtools.models import check_supported
+    from svtools.decomposition import _hf, _prepare
+    from svtools.models import resolve_check_tol
 
     from svtools._checks import as_dtype, as_float, as_int
     from svtools.models import check_bridge
@@ -743,8 +743,8 @@ def head_sparsity(
     as_dtype(dtype)
     kinds = ("attended",) + _check_baseline(baseline, baseline_fraction, baseline_bound)
     plan = _heads_by_layer(model, layers, heads)
-    check_supported(_hf(model))
-    ids, am = _as_ids(model, tokens, attention_mask)
+    # the same checks as decompose: supported architecture, eval mode, ids, max positions
+    ids, am = _prepare(model, tokens, attention_mask)
 
     dtype = dtype or torch.float32
     device = next(_hf(model).parameters()).device
@@ -752,7 +752,7 @@ def head_sparsity(
     engine = _PairEngine(model, plan, select=select, threshold=threshold, exclude_first=exclude_first,
                          attention=attention, control=control, seed=seed, frac=frac, dtype=dtype, kinds=kinds,
                          baseline_fraction=baseline_fraction, baseline_bound=baseline_bound,
-                         baseline_seed=baseline_seed)
+                         baseline_seed=baseline_seed, check_tol=resolve_check_tol(model, "auto"))
     # prompts per forward pass: at most batch_size, and few enough that one layer's
     # (batch, head, query, key) tensor stays under CHUNK_BYTES
     per_prompt = model.cfg.n_heads * ids.shape[1] ** 2 * max(torch.finfo(dtype).bits // 8, 4)
