@@ -142,10 +142,14 @@ def pair_alignment(al: PairAlignment, strengths: Optional[Sequence[float]] = Non
     ax.axhline(al.chance, color="k", ls=":", label=f"chance ({al.chance:.2f})")
     ax.axhline(threshold, color="tab:red", ls="--", label=f"threshold {threshold}")
     ax.set_ylim(0, 1.0)
-    ax.set_xlabel("template pair p (index)")
+    ax.set_xlim(-0.6, P - 0.4)
+    ax.set_xlabel("template pair p (index; no bar: the pair got no singular index)")
     ax.set_ylabel("|cosine| at assigned k")
     ax.set_title(f"(c) {al.n_aligned(threshold)}/{P} pairs with both >= {threshold}", fontsize=10)
-    _int_ticks(ax)
+    if P <= 25:
+        ax.set_xticks(np.arange(P))
+    else:
+        _int_ticks(ax)
     ax.legend(fontsize=8, ncol=4, loc="upper center", bbox_to_anchor=(0.5, -0.22), frameon=False)
     if strengths is not None:
         from scipy.stats import spearmanr
