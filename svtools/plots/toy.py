@@ -268,8 +268,11 @@ def sweep(df, params: Sequence[str], metric: str, *, ylabel: str, ref: Optional[
         a = axes[n // ncols, n % ncols]
         d = df[df["param"] == p].groupby("value")[metric].agg(["mean", "std", worst_fn])
         xs = d.index.to_numpy(dtype=float)
-        a.errorbar(xs, d["mean"], yerr=d["std"].fillna(0), marker="o", capsize=3, label="mean +- std")
-        a.plot(xs, d[worst_fn], "v" if higher_is_better else "^", color="tab:red", ms=6, label="worst seed")
+        eb = a.errorbar(xs, d["mean"], yerr=d["std"].fillna(0), marker="o", capsize=3, label="mean +- std")
+        for artist in [eb.lines[0], *eb.lines[1], *eb.lines[2]]:
+            artist.set_clip_on(False)                      # points at the axis limit (|cos| = 1) stay whole
+        a.plot(xs, d[worst_fn], "v" if higher_is_better else "^", color="tab:red", ms=6, label="worst seed",
+               clip_on=False)
         if ref is not None:
             a.axhline(ref, color="k", ls=":", label=ref_label)
         if p in log_x:
