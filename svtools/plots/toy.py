@@ -40,13 +40,13 @@ def _suptitle(fig: Figure, title: Optional[str]) -> None:
         fig.suptitle(textwrap.fill(title, 90), fontsize=10)
 
 
-def _int_ticks(*axes, x: bool = True, y: bool = False) -> None:
+def _int_ticks(*axes, x: bool = True, y: bool = False, nbins="auto") -> None:
     """Integer tick labels only (indices, counts)."""
     for a in axes:
         if x:
-            a.xaxis.set_major_locator(MaxNLocator(integer=True))
+            a.xaxis.set_major_locator(MaxNLocator(integer=True, nbins=nbins))
         if y:
-            a.yaxis.set_major_locator(MaxNLocator(integer=True))
+            a.yaxis.set_major_locator(MaxNLocator(integer=True, nbins=nbins))
 
 
 def feature_geometry(features: Mapping[str, Tensor], attended: Sequence[int] = (),
@@ -65,7 +65,7 @@ def feature_geometry(features: Mapping[str, Tensor], attended: Sequence[int] = (
         ax.set_title(f"{name}\ncos(w_i, w_j)", fontsize=10)
         ax.set_xlabel("feature j (index)")
         ax.set_ylabel("feature i (index)")
-        _int_ticks(ax, x=True, y=True)
+        _int_ticks(ax, x=True, y=True, nbins=5)
         fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="cosine (unitless)")
         dims = _np(feature_dimensionality(W))
         colors = ["tab:red" if i in att else "tab:gray" for i in range(len(dims))]
