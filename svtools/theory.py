@@ -677,13 +677,18 @@ def measure_frame(X: Float[Tensor, "D N"]) -> dict:
     alignment-vs-interference sweep: ``D``, ``N``, ``interference`` (trace-normalised
     ``||E_X||_2``), ``interference_abs`` (unnormalised), ``cos_raw`` (mean over features of
     ``|cos(x_i, Sigma_X^+ x_i)|``, the alignment Theorem 1 predicts for a head reading feature
-    ``i``), ``cos_raw_min`` and ``bound_mean`` (:func:`mean_alignment_bound`; meaningful for
-    unit-norm columns). Columns are used as given (normalise them first if needed)."""
+    ``i``), ``cos_raw_min``, ``bound_mean`` (:func:`mean_alignment_bound`; meaningful for
+    unit-norm columns) and ``lambda_min``, ``lambda_max`` (the extreme eigenvalues of
+    ``Sigma_X`` over their mean: ``||E_X||_2`` sees only the larger deviation, whitening sees
+    both). Columns are used as given (normalise them first if needed)."""
     X = _frame(X, "X")
     cos = whitening_alignment(X)
+    X64 = X.to(_F64)
+    lam = torch.linalg.eigvalsh(X64 @ X64.T)
     return {"D": int(X.shape[0]), "N": int(X.shape[1]), "interference": interference(X),
             "interference_abs": interference(X, normalise="none"), "cos_raw": float(cos.mean()),
-            "cos_raw_min": float(cos.min()), "bound_mean": float(mean_alignment_bound(X))}
+            "cos_raw_min": float(cos.min()), "bound_mean": float(mean_alignment_bound(X)),
+            "lambda_min": float(lam.min() / lam.mean()), "lambda_max": float(lam.max() / lam.mean())}
 
 
 def alignment_floor(interference: float | Tensor) -> Tensor:

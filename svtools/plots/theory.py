@@ -38,7 +38,7 @@ def plot_theorem1(spectra: Mapping[str, torch.Tensor], table) -> Figure:
     for c in ("frame", "method", "cos_whitened", "cos_raw"):
         if c not in table.columns:
             raise SVToolsError(f"table needs a column {c!r}")
-    fig, (a, b) = subplots(2, 1, figsize=(7.0, 7.6))
+    fig, (a, b) = subplots(2, 1, figsize=(7.0, 9.5))
     for label, s in spectra.items():
         s = _np(s)
         a.semilogy(np.arange(1, len(s) + 1), np.maximum(s / s[0], 1e-17), "o-", ms=3, label=label)
@@ -46,7 +46,7 @@ def plot_theorem1(spectra: Mapping[str, torch.Tensor], table) -> Figure:
     a.set_ylabel(r"$\sigma_k / \sigma_1$ (dimensionless)")
     a.set_title("(a) one significant singular value", fontsize=10)
     a.xaxis.set_major_locator(MaxNLocator(integer=True))
-    a.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    a.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2, frameon=False)
     frames = list(dict.fromkeys(table["frame"]))
     methods = list(dict.fromkeys(table["method"]))
     width = 0.8 / len(methods)
@@ -61,7 +61,7 @@ def plot_theorem1(spectra: Mapping[str, torch.Tensor], table) -> Figure:
     b.set_ylabel(r"$|\cos|$ with top singular vector")
     b.set_xlabel(r"feature frame (interference $\|E_X\|_2$)")
     b.set_title("(b) the whitened direction is the singular vector", fontsize=10)
-    b.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    b.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2, frameon=False)
     fig.tight_layout()
     return fig
 
@@ -159,7 +159,7 @@ def plot_frame_training(runs: Mapping[str, object], *, predicted_cos: Optional[f
     """
     if not runs:
         raise SVToolsError("runs is empty")
-    fig, (a, b) = subplots(2, 1, figsize=(7.0, 7.6), sharex=True)
+    fig, (a, b) = subplots(2, 1, figsize=(7.0, 9.0))
     for n, (label, r) in enumerate(runs.items()):
         col = f"C{n}"
         st = _np(r.step)
@@ -173,12 +173,13 @@ def plot_frame_training(runs: Mapping[str, object], *, predicted_cos: Optional[f
         b.axhline(predicted_interference, color="0.5", lw=0.8, ls="-.", label="predicted interference")
     a.set_ylabel("overlap of non-target\n" r"features, $|\cos|$")
     a.set_title("(a) non-target features leave the head's directions", fontsize=10)
-    a.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    a.set_xlabel("training step")
+    a.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=2, frameon=False)
     b.set_xlabel("training step")
     b.set_ylabel(r"$|\cos|$")
     b.set_ylim(0, 1.0)
     b.set_title("(b) the target feature lines up with u", fontsize=10)
-    b.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    b.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=2, frameon=False)
     fig.tight_layout()
     return fig
 

@@ -40,13 +40,13 @@ def _suptitle(fig: Figure, title: Optional[str]) -> None:
         fig.suptitle(textwrap.fill(title, 90), fontsize=10)
 
 
-def _int_ticks(*axes, x: bool = True, y: bool = False) -> None:
+def _int_ticks(*axes, x: bool = True, y: bool = False, nbins="auto") -> None:
     """Integer tick labels only (indices, counts)."""
     for a in axes:
         if x:
-            a.xaxis.set_major_locator(MaxNLocator(integer=True))
+            a.xaxis.set_major_locator(MaxNLocator(integer=True, nbins=nbins))
         if y:
-            a.yaxis.set_major_locator(MaxNLocator(integer=True))
+            a.yaxis.set_major_locator(MaxNLocator(integer=True, nbins=nbins))
 
 
 def feature_geometry(features: Mapping[str, Tensor], attended: Sequence[int] = (),
@@ -65,7 +65,7 @@ def feature_geometry(features: Mapping[str, Tensor], attended: Sequence[int] = (
         ax.set_title(f"{name}\ncos(w_i, w_j)", fontsize=10)
         ax.set_xlabel("feature j (index)")
         ax.set_ylabel("feature i (index)")
-        _int_ticks(ax, x=True, y=True)
+        _int_ticks(ax, x=True, y=True, nbins=5)
         fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="cosine (unitless)")
         dims = _np(feature_dimensionality(W))
         colors = ["tab:red" if i in att else "tab:gray" for i in range(len(dims))]
@@ -142,10 +142,14 @@ def pair_alignment(al: PairAlignment, strengths: Optional[Sequence[float]] = Non
     ax.axhline(al.chance, color="k", ls=":", label=f"chance ({al.chance:.2f})")
     ax.axhline(threshold, color="tab:red", ls="--", label=f"threshold {threshold}")
     ax.set_ylim(0, 1.0)
-    ax.set_xlabel("template pair p (index)")
+    ax.set_xlim(-0.6, P - 0.4)
+    ax.set_xlabel("template pair p (index; no bar: the pair got no singular index)")
     ax.set_ylabel("|cosine| at assigned k")
     ax.set_title(f"(c) {al.n_aligned(threshold)}/{P} pairs with both >= {threshold}", fontsize=10)
-    _int_ticks(ax)
+    if P <= 25:
+        ax.set_xticks(np.arange(P))
+    else:
+        _int_ticks(ax)
     ax.legend(fontsize=8, ncol=4, loc="upper center", bbox_to_anchor=(0.5, -0.22), frameon=False)
     if strengths is not None:
         from scipy.stats import spearmanr
@@ -264,8 +268,11 @@ def sweep(df, params: Sequence[str], metric: str, *, ylabel: str, ref: Optional[
         a = axes[n // ncols, n % ncols]
         d = df[df["param"] == p].groupby("value")[metric].agg(["mean", "std", worst_fn])
         xs = d.index.to_numpy(dtype=float)
-        a.errorbar(xs, d["mean"], yerr=d["std"].fillna(0), marker="o", capsize=3, label="mean +- std")
-        a.plot(xs, d[worst_fn], "v" if higher_is_better else "^", color="tab:red", ms=6, label="worst seed")
+        eb = a.errorbar(xs, d["mean"], yerr=d["std"].fillna(0), marker="o", capsize=3, label="mean +- std")
+        for artist in [eb.lines[0], *eb.lines[1], *eb.lines[2]]:
+            artist.set_clip_on(False)                      # points at the axis limit (|cos| = 1) stay whole
+        a.plot(xs, d[worst_fn], "v" if higher_is_better else "^", color="tab:red", ms=6, label="worst seed",
+               clip_on=False)
         if ref is not None:
             a.axhline(ref, color="k", ls=":", label=ref_label)
         if p in log_x:
