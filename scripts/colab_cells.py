@@ -17,6 +17,8 @@ Only the first code cell changes, and the notebook is written back in nbformat's
   (the book's build and the tests import the working tree);
 - checks the import, and if it fails says where to look and what to do;
 - says which model the chapter uses and how to switch to GPT-2 or Pythia (``SVTOOLS_MODEL``).
+
+In the built book the cell's code is folded (tag ``hide-input``); its output shows.
 """
 
 from __future__ import annotations
@@ -39,8 +41,8 @@ MODELS = {
 }
 
 HEAD = '''\
-# Set-up. Where svtools is not installed (Colab, a fresh environment) this installs it from the
-# book's repository, with pip's messages shown (errors in red); elsewhere it only checks the import.
+# Set-up: where svtools is not installed (Colab, a fresh environment), this installs
+# it from the book's repository, showing pip's messages (errors in red).
 import importlib.util
 import os
 
@@ -48,9 +50,8 @@ REPO = "{url}"
 '''
 
 SWITCH = '''\
-# This chapter runs on the model named by SVTOOLS_MODEL, by default the embedded all-MiniLM-L6-v2
-# (works offline). For the paper's models (they download from the model hub, as in Colab),
-# uncomment one line:
+# The model: SVTOOLS_MODEL, by default the embedded all-MiniLM-L6-v2 (works offline).
+# For the paper's models (downloaded from the model hub), uncomment one line:
 # os.environ["SVTOOLS_MODEL"] = "gpt2"
 # os.environ["SVTOOLS_MODEL"] = "EleutherAI/pythia-160m"
 '''
@@ -62,29 +63,34 @@ try:
     import svtools
 except ImportError as err:
     raise ImportError(
-        f"svtools is not importable after the install above ({err}). Scroll up to pip's first "
-        "ERROR line: it names the cause. Then restart the runtime (Colab: Runtime > Restart "
-        f"session) and run this cell again; if it still fails, report pip's error at {REPO}/issues."
+        f"svtools is not importable after the install above ({err}). Scroll up to "
+        "pip's first ERROR line: it names the cause. Restart the runtime (Colab: "
+        "Runtime > Restart session) and run this cell again; if it still fails, "
+        f"report pip's error at {REPO}/issues."
     ) from err
 print(f"svtools {svtools.__version__} is ready.")
 '''
 
 MESSAGE = {
     REAL_MODEL: '''\
-print(f"Model: {os.environ.get('SVTOOLS_MODEL', 'minilm')} (SVTOOLS_MODEL; 'gpt2' or "
-      "'EleutherAI/pythia-160m' for the paper's models, which need the model hub). "
-      "Scale: SVTOOLS_FULL=1 runs the paper's scale.")
+print("Model:", os.environ.get("SVTOOLS_MODEL", "minilm"), "(from SVTOOLS_MODEL;")
+print("the paper's: 'gpt2', 'EleutherAI/pythia-160m', which need the model hub).")
+print("Scale: fast default; SVTOOLS_FULL=1 runs the paper's scale.")
 ''',
     PYTHIA: '''\
-print("Model: Pythia-160M training checkpoints (EleutherAI/pythia-160m) where the model hub is "
-      "reachable, as in Colab; otherwise the toy model of Part 1 stands in. "
-      "Scale: SVTOOLS_FULL=1 measures every checkpoint.")
+print("Model: Pythia-160M's training checkpoints (EleutherAI/pythia-160m) where")
+print("the model hub is reachable, as in Colab; otherwise the toy model of Part 1.")
+print("Scale: fast default; SVTOOLS_FULL=1 measures every checkpoint.")
 ''',
     None: '''\
-print("Model: none to download; this chapter trains its own small models (GPT-2 and Pythia "
-      "appear in Part 3). Scale: SVTOOLS_FULL=1 runs the paper's scale.")
+print("Model: none to download; this chapter trains its own small models")
+print("(GPT-2 and Pythia appear in Part 3, via SVTOOLS_MODEL).")
+print("Scale: fast default; SVTOOLS_FULL=1 runs the paper's scale.")
 ''',
 }
+
+#: Cell tags: the book shows the cell's output and folds its code (Colab shows both).
+TAGS = ["hide-input"]
 
 
 def repository_url(config: Path = ROOT / "_config.yml") -> str:
@@ -132,11 +138,12 @@ def main(argv: list[str] | None = None) -> int:
         nb = json.loads(path.read_text(encoding="utf-8"))
         cell = first_code_cell(nb)
         want = cell_source(rel, url)
-        if "".join(cell["source"]) == want:
+        if "".join(cell["source"]) == want and cell["metadata"].get("tags") == TAGS:
             continue
         differ.append(rel)
         if not a.check:
             cell["source"] = to_lines(want)
+            cell["metadata"]["tags"] = TAGS
             cell["outputs"] = []
             cell["execution_count"] = None
             path.write_text(json.dumps(nb, indent=1, sort_keys=True, ensure_ascii=False) + "\n",

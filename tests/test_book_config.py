@@ -43,6 +43,9 @@ def test_first_cell_is_the_generated_colab_cell(path: Path):
     """Rewrite with ``python scripts/colab_cells.py`` after changing ``_config.yml``."""
     src = _first_code_cell(path)
     assert src == colab.cell_source(path.relative_to(ROOT).as_posix(), URL)
+    cell = colab.first_code_cell(json.loads(path.read_text(encoding="utf-8")))
+    assert cell["metadata"].get("tags") == colab.TAGS
+    assert all(len(line) <= 88 for line in src.splitlines()), "keep lines short: the column shows ~88"
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.relative_to(ROOT).as_posix())
