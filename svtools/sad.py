@@ -42,7 +42,7 @@ __all__ = ["select_pairs", "pair_measures", "head_sparsity", "toy_sparsity", "to
            "singular_vector_usage", "usage_difference", "reuse", "bootstrap", "ioi_tokens", "label_ioi_roles",
            "IOI_HEADS", "ioi_heads", "model_note", "sparsity_over_checkpoints",
            "toy_sparsity_over_training", "format_summary", "COLUMNS", "KINDS",
-           "baseline_pairs", "pair_uniform"]
+           "baseline_pairs", "pair_uniform", "compare_kinds"]
 
 #: Columns every :func:`head_sparsity` frame has (acceptance checks read these names).
 COLUMNS = ("layer", "head", "prompt", "query", "key", "attention", "score", "n_recon", "rolls_tovee",
@@ -1349,3 +1349,25 @@ def format_summary(summary: pd.DataFrame, *, digits: int = 2) -> pd.DataFrame:
         summary[["pairs", "prompts"]].max().to_frame().T
     order = list(dict.fromkeys(summary["column"]))
     return wide[order].join(counts) if by else pd.concat([wide[order], counts], axis=1)
+
+
+def compare_kinds(summary: pd.DataFrame, a: str = "attended", b: str = "non-attended", *,
+                  column: str = "rolls_tovee", column_b: Optional[str] = None) -> pd.DataFrame:
+    """Compare two kinds of pairs group by group in a :func:`bootstrap` summary grouped by ``kind``.
+
+    For each group (the summary's other ``by`` columns): the estimates of ``column`` for kind
+    ``a`` and of ``column_b`` (default ``column``; e.g. ``"rolls_tovee_rotated"`` to compare with
+    the control) for kind ``b``, and ``verdict``: ``"lower"`` when ``a``'s interval lies entirely
+    below ``b``'s, ``"higher"`` when entirely above, else ``"overlap"``. For Rolls-Tovee and
+    N_recon, "lower" means sparser.
+    """
+    _check_columns(summary, ["kind", "column", "estimate", "lo", "hi"], "compare_kinds")
+    column_b = column_b or column
+    by = [c for c in summary.columns if c not in ("kind", "column", "stat", "estimate", "lo", "hi", "pairs", "prompts")]
+    A = summary[(summary["kind"] == a) & (summary["column"] == column)]
+    B = summary[(summary["kind"] == b) & (summary["column"] == column_b)]
+    keep = by + ["estimate", "lo", "hi"]
+    m = A[keep].merge(B[keep], on=by, suffixes=("_a", "_b")) if by else \
+        pd.concat([A[keep].add_suffix("_a").reset_index(drop=True), B[keep].add_suffix("_b").reset_index(drop=True)], axis=1)
+    m["verdict"] = np.where(m["hi_a"] < m["lo_b"], "lower", np.where(m["lo_a"] > m["hi_b"], "higher", "overlap"))
+    return m.rename(columns={"estimate_a": a, "estimate_b": f"{b} ({column_b})" if column_b != column else b})
