@@ -11,7 +11,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from torch import Tensor
 
-from svtools.plots import subplots
+from svtools.plots import book_figure, subplots
 from svtools.alignment import PairAlignment
 from svtools.geometry import feature_dimensionality, gram
 
@@ -49,6 +49,7 @@ def _int_ticks(*axes, x: bool = True, y: bool = False, nbins="auto") -> None:
             a.yaxis.set_major_locator(MaxNLocator(integer=True, nbins=nbins))
 
 
+@book_figure
 def feature_geometry(features: Mapping[str, Tensor], attended: Sequence[int] = (),
                      *, title: Optional[str] = None) -> Figure:
     """Cosine Gram matrices (top) and Elhage et al. dimensionality per feature (bottom), one
@@ -80,6 +81,7 @@ def feature_geometry(features: Mapping[str, Tensor], attended: Sequence[int] = (
     return fig
 
 
+@book_figure
 def singular_spectrum(S: Tensor, al: Optional[PairAlignment] = None, *, n_show: int = 10,
                       title: Optional[str] = None) -> Figure:
     """Singular values of ``Omega`` (left, log scale) and, if ``al`` is given, the ``|cos|`` of
@@ -111,6 +113,7 @@ def singular_spectrum(S: Tensor, al: Optional[PairAlignment] = None, *, n_show: 
     return fig
 
 
+@book_figure
 def pair_alignment(al: PairAlignment, strengths: Optional[Sequence[float]] = None, *,
                    n_show: Optional[int] = None, threshold: float = 0.9,
                    title: Optional[str] = None) -> Figure:
@@ -168,6 +171,7 @@ def pair_alignment(al: PairAlignment, strengths: Optional[Sequence[float]] = Non
     return fig
 
 
+@book_figure
 def pairs_over_seeds(worst: Tensor, seeds: Sequence[int], strengths: Optional[Sequence[float]] = None, *,
                      threshold: float = 0.9, title: Optional[str] = None) -> Figure:
     """Many pairs over several seeds: (a) number of pairs aligned (both ``|cos| >= threshold``) per
@@ -212,6 +216,7 @@ def pairs_over_seeds(worst: Tensor, seeds: Sequence[int], strengths: Optional[Se
     return fig
 
 
+@book_figure
 def training_dynamics(history, settle: Optional[Mapping[str, float]] = None, *,
                       title: Optional[str] = None) -> Figure:
     """Losses (top, log scale) and alignment / interference (bottom) against the training step.
@@ -251,6 +256,7 @@ def training_dynamics(history, settle: Optional[Mapping[str, float]] = None, *,
     return fig
 
 
+@book_figure
 def sweep(df, params: Sequence[str], metric: str, *, ylabel: str, ref: Optional[float] = None,
           ref_label: str = "paper", log_x: Sequence[str] = (), higher_is_better: bool = True,
           ylim: Optional[tuple] = None, title: Optional[str] = None) -> Figure:
@@ -294,6 +300,7 @@ def sweep(df, params: Sequence[str], metric: str, *, ylabel: str, ref: Optional[
     return fig
 
 
+@book_figure
 def offset_alignment(offsets: Sequence[int], cos_q: Tensor, cos_k: Tensor, sigma_ratio: Tensor, *,
                      title: Optional[str] = None) -> Figure:
     """Rotary head: alignment of the template pair(s) with the decomposition at each offset
