@@ -127,7 +127,7 @@ def pair_alignment(al: PairAlignment, strengths: Optional[Sequence[float]] = Non
     score = _np(al.cos_U[al.pairs[:, 0], :n_show] * al.cos_V[al.pairs[:, 1], :n_show])
     fig = _figure((WIDTH, 6.6))
     layout = [["a", "c"], ["b", "b"]] if strengths is not None else [["a", "a"], ["b", "b"]]
-    axd = fig.subplot_mosaic(layout, gridspec_kw={"height_ratios": [1.1, 1]})
+    axd = fig.subplot_mosaic(layout, gridspec_kw={"height_ratios": [1.1, 1], "wspace": 0.45})
     ax = axd["a"]
     im = ax.imshow(score, aspect="auto", cmap="viridis", vmin=0, vmax=1, interpolation="nearest")
     idx = _np(al.index)
@@ -137,7 +137,7 @@ def pair_alignment(al: PairAlignment, strengths: Optional[Sequence[float]] = Non
     ax.set_ylabel("template pair p")
     ax.set_title("(a) |cos(w_i,u_k)| |cos(w_j,v_k)|", fontsize=10)
     _int_ticks(ax, x=True, y=True)
-    fig.colorbar(im, ax=ax, fraction=0.06, pad=0.03, label="product (unitless)")
+    fig.colorbar(im, ax=ax, fraction=0.06, pad=0.03, label="product")
     ax = axd["b"]
     x = np.arange(P)
     ax.bar(x - 0.2, _np(al.cos_q), width=0.4, label="query |cos(w_i, u_k)|")
@@ -163,7 +163,7 @@ def pair_alignment(al: PairAlignment, strengths: Optional[Sequence[float]] = Non
         sc = ax.scatter(st[good], sg[good], c=_np(al.worst)[good], cmap="viridis", vmin=0, vmax=1, s=18)
         rho = spearmanr(st[good], sg[good]).statistic if good.sum() > 2 else float("nan")
         ax.set_xlabel("template strength T_ij")
-        ax.set_ylabel("assigned sigma_k")
+        ax.set_ylabel("sigma_k")
         ax.set_title(f"(b) Spearman rho = {rho:.3f}", fontsize=10)
         fig.colorbar(sc, ax=ax, fraction=0.06, pad=0.03, label="pair's min |cos|")
     _suptitle(fig, title)
