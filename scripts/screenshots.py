@@ -68,7 +68,7 @@ PROBE = r"""
   const art = document.querySelector("article.bd-article") || document.querySelector("main");
   out.column = art ? Math.round(art.getBoundingClientRect().width
       - parseFloat(getComputedStyle(art).paddingLeft) - parseFloat(getComputedStyle(art).paddingRight)) : null;
-  out.images = [...document.querySelectorAll("main img")].filter(i => i.naturalWidth > 0).map(i => ({
+  out.images = [...document.querySelectorAll("article img")].filter(i => i.naturalWidth > 0).map(i => ({
     src: i.getAttribute("src"), natural: i.naturalWidth, shown: Math.round(i.getBoundingClientRect().width)}));
   out.broken_images = [...document.querySelectorAll("main img")].filter(i => i.complete && i.naturalWidth === 0)
       .map(i => i.getAttribute("src"));
@@ -152,7 +152,8 @@ async def check_page(b: Browser, url: str, width: int, shot: Path) -> dict:
     await b.send("Emulation.setDeviceMetricsOverride", width=width, height=height, deviceScaleFactor=1,
                  mobile=width < 700)
     await asyncio.sleep(0.3)
-    img = await b.send("Page.captureScreenshot", format="png", captureBeyondViewport=True)
+    # The viewport is now as tall as the page (up to 30,000 px): capture it as it is laid out.
+    img = await b.send("Page.captureScreenshot", format="png", captureBeyondViewport=False)
     shot.parent.mkdir(parents=True, exist_ok=True)
     shot.write_bytes(base64.b64decode(img["data"]))
     external, exceptions = [], []
@@ -238,7 +239,8 @@ def main(argv: list[str] | None = None) -> int:
         pages = [html / f"{p}.html" for p in a.pages]
     else:
         pages = sorted(p for p in html.rglob("*.html")
-                       if not p.relative_to(html).parts[0].startswith("_") and p.name != "search.html")
+                       if not p.relative_to(html).parts[0].startswith("_") and p.name != "search.html"
+                       and 'http-equiv="Refresh"' not in p.read_text(encoding="utf-8")[:300])  # redirects
     return asyncio.run(run(pages, html, a.widths, a.out.resolve(), a.chromium))
 
 

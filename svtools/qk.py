@@ -21,16 +21,20 @@ extra ``offset`` dimension, one decomposition per offset, sharing the QR factori
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Iterable, Literal, Optional
 
+import numpy as np
 import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from svtools._checks import SVToolsError, as_tensor, broadcast_leading, check_finite, check_last_dims
+from svtools._checks import (SVToolsError, as_dtype, as_float, as_int, as_tensor, broadcast_leading, check_finite,
+                             check_last_dims)
 
-__all__ = ["QKSVD", "RotarySpec", "qk_svd", "rotary_matrices", "random_rotation"]
+__all__ = ["QKSVD", "RotarySpec", "qk_svd", "rotary_matrices", "random_rotation", "RotaryFactors",
+           "qk_svd_factored", "one_thread"]
 
 
 @dataclass(frozen=True)
@@ -65,40 +69,62 @@ class RotarySpec:
         layout: Literal["neox", "gptj"] = "neox",
         attention_scaling: float = 1.0,
     ) -> "RotarySpec":
-        """Standard RoPE frequencies ``base ** (-2p / rotary_dim)``."""
+        """Standard RoPE frequencies ``base ** (-2p / rotary_dim)`` (``base`` finite and > 0)."""
+        rotary_dim = as_int(rotary_dim, "rotary_dim")
         if rotary_dim <= 0 or rotary_dim % 2:
             raise SVToolsError(f"rotary_dim must be a positive even number, got {rotary_dim}")
+        base = as_float(base, "base", lo=0.0, lo_open=True)
         p = torch.arange(0, rotary_dim, 2, dtype=torch.float64)
         inv_freq = 1.0 / (base ** (p / rotary_dim))
-        return cls(rotary_dim, inv_freq, torch.as_tensor(list(offsets) if not isinstance(offsets, Tensor) else offsets),
-                   layout, attention_scaling)
+        if not isinstance(offsets, Tensor):
+            offsets = torch.as_tensor(list(offsets)) if not isinstance(offsets, np.ndarray) else torch.from_numpy(offsets)
+        return cls(rotary_dim, inv_freq, offsets, layout, attention_scaling)
 
     def __post_init__(self) -> None:
         if self.layout not in ("neox", "gptj"):
             raise SVToolsError(f"rotary layout must be 'neox' or 'gptj', got {self.layout!r}")
-        if self.rotary_dim <= 0 or self.rotary_dim % 2:
-            raise SVToolsError(f"rotary_dim must be a positive even number, got {self.rotary_dim}")
-        if tuple(self.inv_freq.shape) != (self.rotary_dim // 2,):
+        rotary_dim = as_int(self.rotary_dim, "rotary_dim")
+        if rotary_dim <= 0 or rotary_dim % 2:
+            raise SVToolsError(f"rotary_dim must be a positive even number, got {rotary_dim}")
+        object.__setattr__(self, "rotary_dim", rotary_dim)
+        inv_freq = as_tensor(self.inv_freq, "inv_freq")
+        if tuple(inv_freq.shape) != (rotary_dim // 2,):
             raise SVToolsError(
-                f"inv_freq must have shape ({self.rotary_dim // 2},) for rotary_dim={self.rotary_dim}, "
-                f"got {tuple(self.inv_freq.shape)}")
-        offsets = torch.as_tensor(self.offsets)
-        if offsets.ndim != 1 or offsets.numel() == 0 or offsets.is_floating_point():
+                f"inv_freq must have shape ({rotary_dim // 2},) for rotary_dim={rotary_dim}, "
+                f"got {tuple(inv_freq.shape)}")
+        check_finite(inv_freq, "inv_freq")
+        object.__setattr__(self, "inv_freq", inv_freq)
+        object.__setattr__(self, "attention_scaling", as_float(self.attention_scaling, "attention_scaling"))
+        offsets = self.offsets
+        if isinstance(offsets, np.ndarray):
+            offsets = torch.from_numpy(offsets)
+        try:
+            offsets = torch.as_tensor(offsets)
+        except Exception as exc:
+            raise SVToolsError(f"offsets must be a non-empty 1-D integer tensor, got {type(self.offsets).__name__}") from exc
+        if offsets.ndim != 1 or offsets.numel() == 0 or offsets.is_floating_point() or offsets.is_complex() \
+                or offsets.dtype == torch.bool:
             raise SVToolsError(f"offsets must be a non-empty 1-D integer tensor, got {offsets!r}")
         object.__setattr__(self, "offsets", offsets.long().cpu())
 
     def offset_index(self, delta: Tensor | int) -> Tensor:
-        """Position of each ``delta`` in :attr:`offsets`; raises if one is missing."""
-        delta = torch.as_tensor(delta).long().cpu()
-        table = {int(o): i for i, o in enumerate(self.offsets.tolist())}
-        missing = sorted({int(d) for d in delta.flatten().tolist()} - table.keys())
-        if missing:
+        """Position of each ``delta`` in :attr:`offsets` (same shape as ``delta``); raises if one is missing.
+
+        Binary search over the sorted offsets: memory ``O(len(offsets) + delta.numel())``, whatever
+        the span of the offsets.
+        """
+        delta = torch.as_tensor(delta)
+        if delta.is_floating_point() or delta.is_complex() or delta.dtype == torch.bool:
+            raise SVToolsError(f"offsets to look up must be integers, got dtype {delta.dtype}")
+        delta = delta.long().cpu()
+        sorted_offs, perm = torch.sort(self.offsets)
+        pos = torch.searchsorted(sorted_offs, delta).clamp_max(len(sorted_offs) - 1)
+        found = sorted_offs[pos] == delta
+        if not bool(found.all()):
+            missing = sorted({int(d) for d in delta[~found].flatten()[:1000].tolist()})
             raise SVToolsError(f"offset(s) {missing[:5]} not decomposed; this RotarySpec has "
                                f"offsets {self.offsets.min().item()}..{self.offsets.max().item()}")
-        lo = int(self.offsets.min())
-        lut = torch.full((int(self.offsets.max()) - lo + 1,), -1, dtype=torch.long)
-        lut[self.offsets - lo] = torch.arange(len(self.offsets))
-        return lut[delta - lo]
+        return perm[pos]
 
 
 def rotary_matrices(spec: RotarySpec, d_head: int, *, dtype=torch.float32,
@@ -134,9 +160,10 @@ class QKSVD:
 
     Shapes (``...`` = leading batch dims such as ``layer head``; rotary adds ``offset`` last
     among them):
-        U: ``(..., d_in, r)`` orthonormal columns (left singular vectors, query side)
-        S: ``(..., r)`` singular values, descending, non-negative
-        V: ``(..., d_in, r)`` orthonormal columns (right singular vectors, key side)
+
+    - U: ``(..., d_in, r)`` orthonormal columns (left singular vectors, query side)
+    - S: ``(..., r)`` singular values, descending, non-negative
+    - V: ``(..., d_in, r)`` orthonormal columns (right singular vectors, key side)
 
     ``d_in = d_model + 1`` when ``has_bias`` (the constant coordinate last), else ``d_model``.
     """
@@ -181,7 +208,11 @@ class QKSVD:
         idx = idx if isinstance(idx, tuple) else (idx,)
         if len(idx) > len(self.batch_shape):
             raise SVToolsError(f"too many indices ({len(idx)}) for batch shape {tuple(self.batch_shape)}")
-        return replace(self, U=self.U[idx], S=self.S[idx], V=self.V[idx])
+        try:
+            return replace(self, U=self.U[idx], S=self.S[idx], V=self.V[idx])
+        except IndexError as exc:
+            raise SVToolsError(f"index {idx if len(idx) > 1 else idx[0]!r} is out of range for this "
+                               f"decomposition's batch shape {tuple(self.batch_shape)}") from exc
 
     def at_offset(self, delta: int) -> "QKSVD":
         """The decomposition for one rotary offset ``delta = i - j`` (drops the offset dim)."""
@@ -229,7 +260,12 @@ def qk_svd(
         b_Q, b_K: optional ``(..., d_head)`` biases. If either is given the result is in
             homogeneous coordinates (``d_in = d_model + 1``, constant last; a missing bias is 0).
         rotary: a :class:`RotarySpec`; adds an ``offset`` dim just before ``d_in``/``r``.
-        dtype: computation dtype (default: that of ``W_Q``; use ``torch.float64`` for checks).
+        dtype: dtype of the result (a floating ``torch.dtype`` or its name, e.g. ``"float64"``;
+            default: the inputs' dtype, except that float16/bfloat16 inputs give float32). The
+            work is done in float64 (Gram matrices, core SVD) and at least float32 (the
+            projections), so half-precision weights whose singular values exceed the half range
+            still decompose; an explicit half ``dtype`` whose values do not fit raises
+            :class:`SVToolsError`.
 
     Returns:
         :class:`QKSVD` with ``U, V: (..., [offset,] d_in, r)``, ``S: (..., [offset,] r)``,
@@ -237,7 +273,14 @@ def qk_svd(
     """
     W_Q = as_tensor(W_Q, "W_Q")
     W_K = as_tensor(W_K, "W_K")
-    dtype = dtype or torch.promote_types(W_Q.dtype, W_K.dtype)
+    requested = as_dtype(dtype)
+    out_dtype = requested or torch.promote_types(W_Q.dtype, W_K.dtype)
+    if requested is None and out_dtype in (torch.float16, torch.bfloat16):
+        out_dtype = torch.float32
+    if rotary is not None and not isinstance(rotary, RotarySpec):
+        raise SVToolsError(f"rotary must be a RotarySpec, got {type(rotary).__name__}")
+    # projections in at least float32: half-precision products overflow past 65504
+    dtype = torch.promote_types(out_dtype, torch.float32)
     check_last_dims(W_Q, (None, None), "W_Q", "(..., d_model, d_head)")
     d_model, d_head = W_Q.shape[-2:]
     check_last_dims(W_K, (d_model, d_head), "W_K", f"(..., {d_model}, {d_head}) to match W_Q")
@@ -251,11 +294,13 @@ def qk_svd(
             names.append(n)
     lead = broadcast_leading(shapes, names)
     bias = b_Q is not None or b_K is not None
-    A = _homogeneous(W_Q.to(dtype), None if b_Q is None else as_tensor(b_Q, "b_Q").to(dtype), bias)
-    B = _homogeneous(W_K.to(dtype), None if b_K is None else as_tensor(b_K, "b_K").to(dtype), bias)
+    # every operand expanded to the common leading shape first, so a bias may carry batch dims
+    # that the weights lack (and vice versa)
+    A = _homogeneous(W_Q.to(dtype).expand(lead + W_Q.shape[-2:]),
+                     None if b_Q is None else as_tensor(b_Q, "b_Q").to(dtype).expand(lead + (d_head,)), bias)
+    B = _homogeneous(W_K.to(dtype).expand(lead + W_K.shape[-2:]),
+                     None if b_K is None else as_tensor(b_K, "b_K").to(dtype).expand(lead + (d_head,)), bias)
     d_in = A.shape[-2]
-    A = A.expand(lead + A.shape[-2:])
-    B = B.expand(lead + B.shape[-2:])
 
     # Omega~ = A M B^T with A, B (..., d_in, d_head) and M = I (or the rotary M_delta).
     # With the Gram matrix A^T A = R_A^T R_A (Cholesky, in float64), Q_A = A R_A^-1 has
@@ -288,9 +333,13 @@ def qk_svd(
     sign = torch.sign(U.sum(-2, keepdim=True))
     sign = torch.where(sign == 0, torch.ones_like(sign), sign)
     U, V = U * sign, V * sign
-    S = S.to(dtype)
     r = min(d_head, d_in)
-    return QKSVD(U=U[..., :r], S=S[..., :r], V=V[..., :r], has_bias=bias, rotary=rotary)
+    s_max = float(S.max()) if S.numel() else 0.0
+    U, S, V = U[..., :r].to(out_dtype), S[..., :r].to(out_dtype), V[..., :r].to(out_dtype)
+    if out_dtype != dtype and not bool(torch.isfinite(S).all() & torch.isfinite(U).all() & torch.isfinite(V).all()):
+        raise SVToolsError(f"the decomposition does not fit in dtype={out_dtype} (singular values up to "
+                           f"{s_max:.3g} overflow it); use dtype=torch.float32")
+    return QKSVD(U=U, S=S, V=V, has_bias=bias, rotary=rotary)
 
 
 def random_rotation(batch_shape: torch.Size | tuple[int, ...], r: int, *, seed: int = 0,
@@ -326,3 +375,129 @@ def rotated_factors(qk: QKSVD, *, seed: int = 0, rotation: Optional[Tensor] = No
             raise SVToolsError(f"rotation must have shape {tuple(qk.batch_shape + (qk.r, qk.r))}, got {tuple(Q.shape)}")
     root = qk.S.clamp_min(0).sqrt()[..., None, :]
     return (qk.U * root) @ Q, (qk.V * root) @ Q
+
+
+# ----------------------------------------------------------------------------- rotary, factored form
+
+@contextmanager
+def one_thread():
+    """Run a block with one intra-op thread (restored after).
+
+    Batched decompositions of many small (``d_head x d_head``) matrices gain nothing from
+    threads inside each call and lose a lot when the machine is busy: on the project's loaded
+    2-core machine a batch of 64x64 SVDs ran 10-25x slower with 2 threads than with 1 (the
+    threads spin-wait for each other). Process-wide setting: not for use from several threads.
+    """
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
+@dataclass(frozen=True)
+class RotaryFactors:
+    """Rotary heads' per-offset SVDs in factored form, sharing the offset-independent side.
+
+    For offset ``delta = offsets[o]``: ``U[..., o] = A @ XA[..., o]``, ``V[..., o] = B @ XB[..., o]``
+    and ``Omega~_delta = A M_delta B^T = U[..., o] diag(S[..., o]) V[..., o]^T`` (the same
+    decomposition :func:`qk_svd` returns, signs included, without the ``d_in x r`` matrices per
+    offset). A score's terms are then ``((x~ A) XA_o S_o)_k ((y~ B) XB_o)_k``: the projections
+    ``x~ A``, ``y~ B`` (the pre-rotary query and key) are shared by every offset.
+
+    Shapes: ``A, B (..., d_in, d_head)`` (homogeneous ``[W; b^T]`` when ``has_bias``),
+    ``XA, XB (..., offset, d_head, r)``, ``S (..., offset, r)``; ``rotary.offsets`` lists the
+    offsets decomposed. Rank-deficient sides cannot be written this way; then ``A, B`` are the
+    identity (``d_in x d_in``) and ``XA, XB`` the full ``U, V``.
+    """
+
+    A: Float[Tensor, "... d_in d_head"]
+    B: Float[Tensor, "... d_in d_head"]
+    XA: Float[Tensor, "... offset d_head r"]
+    S: Float[Tensor, "... offset r"]
+    XB: Float[Tensor, "... offset d_head r"]
+    has_bias: bool
+    rotary: RotarySpec
+
+    @property
+    def r(self) -> int:
+        return self.S.shape[-1]
+
+    def qksvd(self) -> QKSVD:
+        """The dense :class:`QKSVD` (``U = A XA`` for every offset; memory ``offset * d_in * r``)."""
+        return QKSVD(U=self.A[..., None, :, :] @ self.XA, S=self.S, V=self.B[..., None, :, :] @ self.XB,
+                     has_bias=self.has_bias, rotary=self.rotary)
+
+
+def qk_svd_factored(
+    W_Q: Float[Tensor, "... d_model d_head"],
+    W_K: Float[Tensor, "... d_model d_head"],
+    b_Q: Optional[Float[Tensor, "... d_head"]] = None,
+    b_K: Optional[Float[Tensor, "... d_head"]] = None,
+    *,
+    rotary: RotarySpec,
+    dtype: Optional[torch.dtype] = None,
+) -> RotaryFactors:
+    """:func:`qk_svd` of rotary heads at ``rotary.offsets``, kept in factored form.
+
+    Identity: ``qk_svd_factored(...).qksvd()`` equals ``qk_svd(..., rotary=rotary)`` (same
+    singular values and vectors, same sign convention, float rounding aside), but only the
+    ``d_head x d_head`` factors ``XA, XB`` are stored per offset: ``d_in / d_head`` times less
+    memory, and no ``d_in x d_head x r`` products per offset. Cost per offset: one
+    ``d_head x d_head`` SVD per head (run on one thread, see :func:`one_thread`). Decompose
+    only the offsets you need (e.g. those of the pairs measured).
+
+    The core of offset ``delta`` is ``R_A M_delta R_B^T`` with ``R`` the Cholesky factors of the
+    two sides' Gram matrices; ``M_delta`` is the identity on the non-rotating dimensions, so
+    the core is a shared part plus the rotating block's contribution.
+    """
+    if not isinstance(rotary, RotarySpec):
+        raise SVToolsError("qk_svd_factored needs rotary=RotarySpec(...)")
+    W_Q = as_tensor(W_Q, "W_Q")
+    W_K = as_tensor(W_K, "W_K")
+    requested = as_dtype(dtype)  # the dtype rule of qk_svd: half-precision weights give float32
+    dtype = requested or torch.promote_types(W_Q.dtype, W_K.dtype)
+    if requested is None and dtype in (torch.float16, torch.bfloat16):
+        dtype = torch.float32
+    check_last_dims(W_Q, (None, None), "W_Q", "(..., d_model, d_head)")
+    d_model, d_head = W_Q.shape[-2:]
+    check_last_dims(W_K, (d_model, d_head), "W_K", f"(..., {d_model}, {d_head}) to match W_Q")
+    if rotary.rotary_dim > d_head:
+        raise SVToolsError(f"rotary_dim {rotary.rotary_dim} exceeds d_head {d_head}")
+    bias = b_Q is not None or b_K is not None
+    A = _homogeneous(W_Q.to(dtype), None if b_Q is None else as_tensor(b_Q, "b_Q").to(dtype), bias)
+    B = _homogeneous(W_K.to(dtype), None if b_K is None else as_tensor(b_K, "b_K").to(dtype), bias)
+    lead = torch.broadcast_shapes(A.shape[:-2], B.shape[:-2])
+    A, B = A.expand(lead + A.shape[-2:]), B.expand(lead + B.shape[-2:])
+    d_in = A.shape[-2]
+    r = min(d_head, d_in)
+    A64, B64 = A.to(torch.float64), B.to(torch.float64)
+    LA, infoA = torch.linalg.cholesky_ex(A64.transpose(-1, -2) @ A64)
+    LB, infoB = torch.linalg.cholesky_ex(B64.transpose(-1, -2) @ B64)
+    if d_in < d_head or bool(infoA.any()) or bool(infoB.any()):
+        qk = qk_svd(W_Q, W_K, b_Q, b_K, rotary=rotary, dtype=dtype)
+        eye = torch.eye(d_in, dtype=dtype, device=A.device).expand(lead + (d_in, d_in))
+        return RotaryFactors(A=eye, B=eye, XA=qk.U, S=qk.S, XB=qk.V, has_bias=bias, rotary=rotary)
+    RA, RB = LA.transpose(-1, -2), LB.transpose(-1, -2)
+    # shared + rotating: R_A M R_B^T = R_A[:, pass] R_B[:, pass]^T + R_A[:, rot] M_rot R_B[:, rot]^T
+    M = rotary_matrices(rotary, d_head, dtype=torch.float64, device=A.device)  # (offset, d_head, d_head)
+    rot = torch.zeros(d_head, dtype=torch.bool)
+    half = rotary.rotary_dim // 2
+    p = torch.arange(half)
+    rot[torch.cat([p, p + half]) if rotary.layout == "neox" else torch.arange(rotary.rotary_dim)] = True
+    rot = rot.to(A.device)
+    shared = RA[..., :, ~rot] @ RB[..., :, ~rot].transpose(-1, -2)
+    Mr = M[:, rot][:, :, rot]
+    core = shared[..., None, :, :] + RA[..., None, :, rot] @ Mr @ RB[..., None, :, rot].transpose(-1, -2)
+    with one_thread():
+        Uc, S, Vch = torch.linalg.svd(core, full_matrices=False)
+    XA = torch.linalg.solve_triangular(RA[..., None, :, :], Uc, upper=True)  # R_A^-1 U_c
+    XB = torch.linalg.solve_triangular(RB[..., None, :, :], Vch.transpose(-1, -2), upper=True)
+    # the sign convention of qk_svd: every u_k = A XA[:, k] has a non-negative entry sum
+    colsum = A.sum(-2).to(torch.float64)[..., None, None, :] @ XA  # (..., offset, 1, r)
+    sign = torch.sign(colsum)
+    sign = torch.where(sign == 0, torch.ones_like(sign), sign)
+    XA, XB = XA * sign, XB * sign
+    return RotaryFactors(A=A, B=B, XA=XA[..., :r].to(dtype), S=S[..., :r].to(dtype), XB=XB[..., :r].to(dtype),
+                         has_bias=bias, rotary=rotary)

@@ -50,18 +50,34 @@ def seed_everything(seed: int) -> torch.Generator:
 warnings.filterwarnings("ignore", message="IProgress not found", category=TqdmWarning)
 
 
+def _bars_off() -> bool:
+    return os.environ.get("TQDM_DISABLE", "").strip().lower() in {"1", "true", "yes", "on"}
+
+
 def _pick_tqdm():
-    """``tqdm.auto`` when notebook widgets can be drawn, else the plain text bar.
+    """``tqdm.auto`` when notebook widgets can be drawn, else the plain text bar; off when
+    ``TQDM_DISABLE=1`` even where the caller passes ``disable=False`` (``progress=True``).
 
     ``tqdm.auto`` without ipywidgets warns ("IProgress not found") in every notebook; the text
-    bar shows the same progress without the warning. Both honour ``TQDM_DISABLE``.
+    bar shows the same progress without the warning.
     """
     try:
         import ipywidgets  # noqa: F401
-        from tqdm.auto import tqdm as bar
+        from tqdm.auto import tqdm as base
     except ImportError:
-        from tqdm.std import tqdm as bar
-    return bar
+        from tqdm.std import tqdm as base
+
+    class tqdm(base):  # noqa: N801 - the name readers know
+        """tqdm's progress bar (``tqdm.auto`` or ``tqdm.std``, same arguments), off under ``TQDM_DISABLE=1``."""
+
+        def __init__(self, *args, **kwargs):
+            if _bars_off():  # tqdm's own TQDM_DISABLE only sets the default of ``disable``
+                kwargs["disable"] = True
+            super().__init__(*args, **kwargs)
+
+    tqdm.__module__ = __name__
+    tqdm.__qualname__ = "tqdm"
+    return tqdm
 
 
 #: The progress bar every long loop of svtools uses (off when ``TQDM_DISABLE=1``, as in the build).

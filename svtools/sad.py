@@ -36,7 +36,7 @@ from svtools.runtime import tqdm
 from svtools._checks import SVToolsError, as_tensor
 from svtools.qk import QKSVD
 from svtools.sparsity import n_recon, rolls_tovee
-from svtools.terms import relative_terms, rotated_terms, sad_terms
+from svtools.terms import relative_pair_terms, relative_terms, rotated_terms, sad_terms
 
 __all__ = ["select_pairs", "pair_measures", "head_sparsity", "toy_sparsity", "toy_tokens",
            "singular_vector_usage", "usage_difference", "reuse", "bootstrap", "ioi_tokens", "label_ioi_roles",
@@ -137,24 +137,26 @@ def pair_measures(terms: Float[Tensor, "pair r"], frac: float = 1.0) -> dict[str
     return {"n_recon": nr, "rolls_tovee": rt, "dominant_k": order[:, 0], "score": total[:, 0], "order": order}
 
 
-def _sigma_at(qk: QKSVD, head_idx: Tensor, query: Tensor, key: Tensor) -> Float[Tensor, "pair r"]:
-    """Singular values each pair's terms use: ``S[head]`` (rotary: at offset ``query - key``)."""
-    if qk.rotary is None:
-        return qk.S[head_idx]
-    oi = qk.rotary.offset_index((query - key).clamp_min(0).cpu()).to(qk.S.device)
-    return qk.S[head_idx, oi]
-
-
 def _used_tuples(order: np.ndarray, n: np.ndarray) -> list[tuple[int, ...]]:
     return [tuple(int(k) for k in o[:m]) for o, m in zip(order, n)]
 
 
 def _heads_by_layer(model: Any, layers, heads) -> dict[int, list[int]]:
-    from svtools.decomposition import _check_heads, _check_layer
+    """``layers``/``heads`` of :func:`head_sparsity` -> ``{layer: heads}``.
 
+    ``heads`` is either head indices (an int, a list or 1-D array of ints: the same heads in every
+    layer of ``layers``) or a list of ``(layer, head)`` pairs. A bare *tuple* of two ints with no
+    ``layers`` (``heads=(9, 6)``) could mean either, so it is an error that names both spellings.
+    """
+    from svtools._checks import as_indices, is_index_sequence
+    from svtools.decomposition import _check_heads, _check_layer
+    from svtools.models import check_bridge
+
+    check_bridge(model)
     n_layers = model.cfg.n_layers
-    if heads is not None and not isinstance(heads, int) and len(heads) and all(
-            isinstance(h, (tuple, list)) for h in heads):
+    if heads is not None and is_index_sequence(heads) and not isinstance(heads, (Tensor, np.ndarray)) \
+            and len(heads) and all(isinstance(h, (tuple, list)) or (isinstance(h, (Tensor, np.ndarray)) and h.ndim == 1)
+                                   for h in heads):
         if layers is not None:
             raise SVToolsError("give either (layer, head) pairs in heads= or layers= with head indices, not both")
         out: dict[int, list[int]] = {}
@@ -167,18 +169,34 @@ def _heads_by_layer(model: Any, layers, heads) -> dict[int, list[int]]:
                 if h not in out[layer]:
                     out[layer].append(h)
         return {k: sorted(v) for k, v in sorted(out.items())}
+    if isinstance(heads, tuple) and len(heads) == 2 and layers is None:
+        a, b = heads
+        raise SVToolsError(f"heads={heads!r} is ambiguous: for the single head (layer {a}, head {b}) write "
+                           f"heads=[({a}, {b})]; for heads {a} and {b} of every layer write heads=[{a}, {b}]")
     if layers is None:
         layer_list = list(range(n_layers))
     else:
-        layer_list = [layers] if isinstance(layers, int) else list(layers)
+        layer_list = as_indices(layers, "layers", allow_empty=True)
         if not layer_list:
             raise SVToolsError("layers is empty")
     head_list = _check_heads(model, heads)
     return {_check_layer(model, layer): head_list for layer in sorted(set(layer_list))}
 
 
-def _empty_frame() -> pd.DataFrame:
-    return pd.DataFrame({c: pd.Series(dtype=object if c in ("used", "kind") else float) for c in COLUMNS})
+#: dtype of each :data:`COLUMNS` entry in a :func:`head_sparsity` frame (also when it is empty)
+_COLUMN_DTYPES = {"layer": np.int64, "head": np.int64, "prompt": np.int64, "query": np.int64, "key": np.int64,
+                  "attention": np.float32, "score": np.float64, "n_recon": np.int64, "rolls_tovee": np.float64,
+                  "n_recon_rotated": np.int64, "rolls_tovee_rotated": np.float64, "dominant_k": np.int64,
+                  "dominant_k_rotated": np.int64, "dominant_sigma": np.float64, "r": np.int64, "used": object,
+                  "query_token": np.int64, "key_token": np.int64, "kind": str}
+
+
+def _empty_frame(control: Optional[str] = "rotated") -> pd.DataFrame:
+    """A frame with no rows and the same columns and dtypes as a non-empty one."""
+    dt = dict(_COLUMN_DTYPES)
+    if control is None:  # no control: the rotated columns are NaN, hence float
+        dt.update(n_recon_rotated=np.float64, dominant_k_rotated=np.float64)
+    return pd.DataFrame({c: pd.Series(dtype=dt[c]) for c in COLUMNS})
 
 
 # ----------------------------------------------------------------------------- baseline samples
@@ -278,6 +296,322 @@ def baseline_pairs(
     return out
 
 
+# ----------------------------------------------------------------------------- the pair engine
+
+#: Prompts per forward pass are cut so that one layer's ``(batch, head, query, key)`` tensor of the
+#: decomposition dtype stays under this many bytes (the model's own attention, the scores of the
+#: exactness check and the selection masks are tensors of this size).
+CHUNK_BYTES = 32 * 2**20
+#: Rotary layers keep their per-offset factors across chunks up to this many bytes in all.
+ROTARY_CACHE_BYTES = 2**30
+_PAIR_BLOCK = 4096  # pairs per gathered block of rotary factors
+
+
+class _LayerBasis:
+    """One layer's decomposition for the pair engine, built once and reused by every chunk.
+
+    Absolute positions: ``U, S, V`` of the chosen heads and the control's rotations ``Q``.
+    Rotary: the homogeneous weights ``A, B`` (the model's own pre-rotary query and key maps) and,
+    per offset actually needed, :class:`~svtools.qk.RotaryFactors` (``XA, S, XB``) and ``Q``,
+    computed on demand and kept while the cache allows.
+    """
+
+    def __init__(self, model: Any, layer: int, heads: list[int], dtype: torch.dtype, seed: int,
+                 control: bool, cache: dict) -> None:
+        from svtools.decomposition import _model_type, head_rotations, head_weights, layer_qk
+
+        self.model, self.layer, self.heads, self.dtype, self.seed, self.control = \
+            model, layer, heads, dtype, seed, control
+        self.cache = cache
+        self.rotary = _model_type(model) in ("gpt_neox", "llama")
+        idx = torch.tensor(heads)
+        if not self.rotary:
+            qk = layer_qk(model, layer, heads, dtype=dtype)
+            self.U, self.S, self.V, self.has_bias = qk.U, qk.S, qk.V, qk.has_bias
+            self.Q = head_rotations(seed, layer, heads, (), qk.r, dtype=dtype, device=qk.U.device) if control else None
+            self.r = qk.r
+            return
+        W_Q, W_K, b_Q, b_K = head_weights(model, layer)
+        sel = lambda t: None if t is None else t.index_select(0, idx.to(t.device)).to(dtype)  # noqa: E731
+        self.W = (sel(W_Q), sel(W_K), sel(b_Q), sel(b_K))
+        self.has_bias = b_Q is not None or b_K is not None
+        from svtools.qk import _homogeneous
+        self.A = _homogeneous(self.W[0], self.W[2], self.has_bias)
+        self.B = _homogeneous(self.W[1], self.W[3], self.has_bias)
+        self.r = min(self.A.shape[-1], self.A.shape[-2])
+        self.offsets = torch.zeros(0, dtype=torch.long)
+        self.F: Any = None
+        self.Qo: Optional[Tensor] = None
+
+    def at_offsets(self, needed: Tensor) -> tuple[Any, Optional[Tensor], Tensor]:
+        """Factors and rotations covering ``needed`` offsets, and the slot of each offset."""
+        from svtools.decomposition import head_rotations, rotary_spec
+        from svtools.qk import RotaryFactors, qk_svd_factored
+
+        needed = torch.unique(needed.cpu())
+        missing = needed[~torch.isin(needed, self.offsets)]
+        F, Qo, offsets = self.F, self.Qo, self.offsets
+        if len(missing):
+            Fm = qk_svd_factored(*self.W, rotary=rotary_spec(self.model, missing), dtype=self.dtype)
+            Qm = head_rotations(self.seed, self.layer, self.heads, (), self.r, dtype=self.dtype,
+                                device=Fm.S.device, offsets=missing) if self.control else None
+            if F is None:
+                F, Qo, offsets = Fm, Qm, missing
+            else:
+                cat = lambda a, b: torch.cat([a, b], dim=1)  # noqa: E731
+                offsets = torch.cat([offsets, missing])
+                F = RotaryFactors(A=F.A, B=F.B, XA=cat(F.XA, Fm.XA), S=cat(F.S, Fm.S), XB=cat(F.XB, Fm.XB),
+                                  has_bias=F.has_bias, rotary=rotary_spec(self.model, offsets))
+                Qo = None if Qo is None else cat(Qo, Qm)
+            other = sum(_nbytes(getattr(b, 'F', None), getattr(b, 'Qo', None)) for b in self.cache.values()
+                        if b is not self)
+            if other + _nbytes(F, Qo) <= ROTARY_CACHE_BYTES:  # else: use now, do not keep
+                self.F, self.Qo, self.offsets = F, Qo, offsets
+        lut = torch.full((int(offsets.max()) + 1,), -1, dtype=torch.long)
+        lut[offsets] = torch.arange(len(offsets))
+        return F, Qo, lut
+
+
+def _nbytes(F: Any, Qo: Optional[Tensor]) -> int:
+    if F is None:
+        return 0
+    return sum(t.numel() * t.element_size() for t in (F.XA, F.XB, F.S) + (() if Qo is None else (Qo,)))
+
+
+def _rotate_positions(x: Float[Tensor, "... pos d_head"], spec: Any) -> Tensor:
+    """Apply each position's rotary rotation (times ``attention_scaling``) to ``x``."""
+    n = x.shape[-2]
+    half = spec.rotary_dim // 2
+    ang = torch.arange(n, dtype=torch.float64)[:, None] * spec.inv_freq.to(torch.float64)[None, :]
+    c = torch.cos(ang).to(x.dtype).to(x.device) * spec.attention_scaling
+    s = torch.sin(ang).to(x.dtype).to(x.device) * spec.attention_scaling
+    p = torch.arange(half, device=x.device)
+    ia, ib = (p, p + half) if spec.layout == "neox" else (2 * p, 2 * p + 1)
+    xa, xb = x[..., ia], x[..., ib]
+    out = x.clone()
+    out[..., ia] = xa * c - xb * s
+    out[..., ib] = xa * s + xb * c
+    return out
+
+
+def _hom(x: Tensor, has_bias: bool, dtype: torch.dtype) -> Tensor:
+    x = x.to(dtype)
+    return torch.cat([x, torch.ones_like(x[..., :1])], dim=-1) if has_bias else x
+
+
+def _check_pattern(scores: Tensor, pattern: Tensor, mask: Tensor, scale: float, layer: int, tol: float) -> None:
+    """The exactness check: ``softmax(scale * scores + mask)`` must be the model's pattern."""
+    from svtools.decomposition import _softmax_masked
+    from svtools.models import UnsupportedModelError
+
+    err = 0.0
+    for h in range(scores.shape[1]):  # one head at a time: temporaries stay one head's size
+        sm = _softmax_masked(scores[:, h:h + 1], scale, mask)
+        err = max(err, float((sm - pattern[:, h:h + 1].to(sm.dtype)).abs().max()))
+    if not err <= tol:
+        raise UnsupportedModelError(
+            f"decomposition does not reproduce the model's attention at layer {layer} "
+            f"(max |softmax - pattern| = {err:.2e} > tolerance {tol:.2e}, see svtools.models.pattern_tolerance); "
+            "this model's attention has a mechanism svtools does not model")
+
+
+def _check_sums(t: Tensor, want: Tensor, what: str, layer: int, tol: float) -> None:
+    from svtools.models import UnsupportedModelError
+
+    if not len(t):
+        return
+    bad = (t.sum(-1) - want).abs() > tol * (1 + t.abs().sum(-1))
+    if bool(bad.any()):
+        raise UnsupportedModelError(f"layer {layer}: {what} of {int(bad.sum())} pair(s) do not sum to the "
+                                    "score; the decomposition is not exact here")
+
+
+class _PairEngine:
+    """Selects pairs in each layer's pattern and decomposes only those (see :func:`head_sparsity`)."""
+
+    def __init__(self, model: Any, plan: dict[int, list[int]], *, select: str, threshold: float,
+                 exclude_first: bool, attention: str, control: Optional[str], seed: int, frac: float,
+                 dtype: torch.dtype, kinds: tuple[str, ...], baseline_fraction: float,
+                 baseline_bound: Optional[float], baseline_seed: int, check_tol: float = 1e-3,
+                 pattern_tol: Optional[float] = None) -> None:
+        from svtools.decomposition import attention_scale, is_causal
+
+        self.model, self.plan = model, plan
+        self.select, self.threshold, self.exclude_first = select, threshold, exclude_first
+        self.relative, self.control, self.seed, self.frac = attention == "relative", control, seed, frac
+        self.dtype, self.kinds, self.check_tol = dtype, kinds, check_tol
+        # tolerance of the pattern check: svtools.models.pattern_tolerance of the model's dtype
+        self.pattern_tol = check_tol if pattern_tol is None else pattern_tol
+        self.bfrac, self.bbound, self.bseed = baseline_fraction, baseline_bound, baseline_seed
+        self.scale = {l: attention_scale(model, l) for l in plan}
+        self.causal = is_causal(model)
+        self.bases: dict[int, _LayerBasis] = {}
+        self.frames: list[dict[str, Any]] = []
+
+    def basis(self, layer: int) -> _LayerBasis:
+        if layer not in self.bases:
+            self.bases[layer] = _LayerBasis(self.model, layer, self.plan[layer], self.dtype, self.seed,
+                                            self.control == "rotated", self.bases)
+        return self.bases[layer]
+
+    def run_chunk(self, ids: Tensor, am: Tensor, start: int, bar: Any) -> None:
+        from svtools.decomposition import _mask, stream_attention
+
+        mask = _mask(self.model, am)
+        qvalid = am.bool()[:, None, :]
+
+        def on_layer(layer: int, xq: Tensor, xk: Tensor, pattern_all: Tensor) -> None:
+            self.layer_rows(layer, xq, xk, pattern_all, ids, mask, qvalid, start)
+            bar.update(1)
+
+        stream_attention(self.model, ids, am, list(self.plan), on_layer)
+
+    # -- one layer of one chunk
+    def layer_rows(self, layer: int, xq: Tensor, xk: Tensor, pattern_all: Tensor, ids: Tensor, mask: Tensor,
+                   qvalid: Tensor, start: int) -> None:
+        heads = self.plan[layer]
+        basis = self.basis(layer)
+        dev = pattern_all.device
+        pattern = pattern_all.index_select(1, torch.tensor(heads, device=dev))
+        xq, xk = _hom(xq, basis.has_bias, self.dtype), _hom(xk, basis.has_bias, self.dtype)
+        if basis.rotary:
+            qa = torch.einsum("bnd,hde->bhne", xq, basis.A)
+            kb = torch.einsum("bnd,hde->bhne", xk, basis.B)
+            spec = _spec_of(self.model)
+            scores = _rotate_positions(qa, spec) @ _rotate_positions(kb, spec).transpose(-1, -2)
+        else:
+            pu = torch.einsum("bnd,hdr->bhnr", xq, basis.U)
+            pv = torch.einsum("bnd,hdr->bhnr", xk, basis.V)
+            a = pu * basis.S[None, :, None, :]
+            scores = a @ pv.transpose(-1, -2)
+        _check_pattern(scores, pattern, mask, self.scale[layer], layer, self.pattern_tol)
+        sel = select_pairs(pattern, mask, select=self.select, threshold=self.threshold,
+                           exclude_first=self.exclude_first, query_mask=qvalid)
+        picks = {"attended": sel}
+        for kind in self.kinds[1:]:
+            picks[kind] = baseline_pairs(kind, pattern, mask, sel, query_mask=qvalid, layer=layer, heads=heads,
+                                         prompt0=start, fraction=self.bfrac, bound=self.bbound,
+                                         exclude_first=self.exclude_first, seed=self.bseed)
+        del sel
+        idx_all = {k: p.nonzero() for k, p in picks.items()}
+        pair_scores = {k: pattern.new_zeros(0) if not len(i) else scores[tuple(i.unbind(-1))]
+                       for k, i in idx_all.items()}
+        attn = {k: pattern[tuple(i.unbind(-1))] for k, i in idx_all.items()}
+        del picks
+        if self.relative:
+            maskf = mask[:, 0].to(self.dtype)  # (batch, query, key)
+            count = maskf.sum(-1)  # (batch, query)
+        if basis.rotary:
+            needed = torch.cat([(i[:, 2] - i[:, 3]) for i in idx_all.values()]) if idx_all else torch.zeros(0)
+            if self.relative:  # every query's total needs every offset up to the query's position
+                qmax = int(max((int(i[:, 2].max()) for i in idx_all.values() if len(i)), default=0))
+                needed = torch.arange(qmax + 1)
+            if not len(needed):
+                return
+            F, Qo, lut = basis.at_offsets(needed)
+            qf = qa if F.A is basis.A else torch.einsum("bnd,hde->bhne", xq, F.A)
+            kf = kb if F.B is basis.B else torch.einsum("bnd,hde->bhne", xk, F.B)
+            if self.relative:
+                totals = self._rotary_totals(idx_all, qf, kf, F, Qo, lut, mask)
+        elif self.relative:
+            csum = torch.einsum("bqk,bhkr->bhqr", maskf, pv)
+            if basis.Q is not None:
+                root = basis.S.clamp_min(0).sqrt()[None, :, None, :]
+                arot = (pu * root) @ basis.Q[None]
+                crot = (pv * root) @ basis.Q[None]
+                crotsum = torch.einsum("bqk,bhkr->bhqr", maskf, crot)
+        elif basis.Q is not None:
+            root = basis.S.clamp_min(0).sqrt()[None, :, None, :]
+            arot = (pu * root) @ basis.Q[None]
+            crot = (pv * root) @ basis.Q[None]
+        for kind, idx in idx_all.items():
+            if not len(idx):
+                continue
+            b, h, q, k = idx.unbind(-1)
+            if basis.rotary:
+                slot = lut[(q - k).cpu()].to(dev)
+                t, rot = self._rotary_pair_terms(b, h, q, k, slot, qf, kf, F, Qo)
+                sigma = F.S[h, slot]
+            else:
+                t = a[b, h, q] * pv[b, h, k]
+                rot = None if basis.Q is None else arot[b, h, q] * crot[b, h, k]
+                sigma = basis.S[h]
+            _check_sums(t, pair_scores[kind], "the terms", layer, self.check_tol)
+            if rot is not None:
+                _check_sums(rot, t.sum(-1), "the rotated control's terms", layer, self.check_tol)
+            if self.relative:
+                cnt = count[b, q]
+                if basis.rotary:
+                    (tkeys, ttot), rtot = totals
+                    pos = torch.searchsorted(tkeys, (b * pattern.shape[1] + h) * pattern.shape[2] + q)
+                    t = relative_pair_terms(t, ttot[pos], cnt)
+                    rot = None if rot is None else relative_pair_terms(rot, rtot[pos], cnt)
+                else:
+                    t = relative_pair_terms(t, a[b, h, q] * csum[b, h, q], cnt)
+                    rot = None if rot is None else relative_pair_terms(rot, arot[b, h, q] * crotsum[b, h, q], cnt)
+            cols = _pair_rows(layer, heads, idx, t, rot, attn[kind], sigma, ids, start, kind, self.frac)
+            if cols is not None:
+                self.frames.append(cols)
+
+    def _rotary_pair_terms(self, b, h, q, k, slot, qf, kf, F, Qo) -> tuple[Tensor, Optional[Tensor]]:
+        """Terms (and rotated terms) of rotary pairs: ``(q XA_o S_o) * (k XB_o)``, blocks of pairs."""
+        ts, rs = [], []
+        for s in range(0, len(b), _PAIR_BLOCK):
+            e = slice(s, s + _PAIR_BLOCK)
+            hh, ss = h[e], slot[e]
+            left = (qf[b[e], hh, q[e]][:, None, :] @ F.XA[hh, ss])[:, 0]  # (pairs, r)
+            right = (kf[b[e], hh, k[e]][:, None, :] @ F.XB[hh, ss])[:, 0]
+            S = F.S[hh, ss]
+            ts.append(left * S * right)
+            if Qo is not None:
+                root = S.clamp_min(0).sqrt()
+                Q = Qo[hh, ss]
+                rs.append(((left * root)[:, None, :] @ Q)[:, 0] * ((right * root)[:, None, :] @ Q)[:, 0])
+        return torch.cat(ts), (torch.cat(rs) if Qo is not None else None)
+
+    def _rotary_totals(self, idx_all, qf, kf, F, Qo, lut, mask) -> tuple[tuple[Tensor, Tensor], Optional[Tensor]]:
+        """Each measured query's sum of terms over every key it sees (offset-dependent bases).
+
+        Returns ``((keys, totals), rotated_totals)``: ``keys`` sorted flat (batch, head, query)
+        indices, ``totals (queries, r)``.
+        """
+        B, H, n, _ = qf.shape
+        allq = torch.cat([i[:, :3] for i in idx_all.values() if len(i)])
+        keys = torch.unique((allq[:, 0] * H + allq[:, 1]) * n + allq[:, 2])  # sorted
+        b, h, q = keys // (H * n), (keys // n) % H, keys % n
+        O = int(q.max()) + 1  # offsets 0..O-1 cover every visible key of every query
+        o = torch.arange(O, device=qf.device)
+        lut = lut[:O].to(qf.device)
+        XA, XB, S = F.XA[:, lut], F.XB[:, lut], F.S[:, lut]  # (head, offset, ...) in offset order 0..O-1
+        Qs = None if Qo is None else Qo[:, lut]
+        tot = torch.zeros(len(keys), F.r, dtype=qf.dtype, device=qf.device)
+        rtot = None if Qo is None else torch.zeros_like(tot)
+        block = max(1, _PAIR_BLOCK * 16 // max(O, 1))
+        for hh in torch.unique(h).tolist():
+            rows = (h == hh).nonzero()[:, 0]
+            for s in range(0, len(rows), block):
+                rr = rows[s:s + block]
+                bq, qq = b[rr], q[rr]
+                j = qq[:, None] - o[None, :]  # key position at each offset
+                ok = (j >= 0) & mask[bq[:, None], 0, qq[:, None], j.clamp_min(0)]
+                left = torch.einsum("pd,odr->por", qf[bq, hh, qq], XA[hh])
+                right = torch.einsum("pod,odr->por", kf[bq[:, None], hh, j.clamp_min(0)], XB[hh])
+                right = right * ok[..., None].to(right.dtype)
+                tot[rr] = (left * S[hh][None] * right).sum(1)
+                if Qs is not None:
+                    root = S[hh].clamp_min(0).sqrt()[None]
+                    lr = torch.einsum("por,ors->pos", left * root, Qs[hh])
+                    rr_ = torch.einsum("por,ors->pos", right * root, Qs[hh])
+                    rtot[rr] = (lr * rr_).sum(1)
+        return (keys, tot), rtot
+
+
+def _spec_of(model: Any) -> Any:
+    from svtools.decomposition import rotary_spec
+
+    return rotary_spec(model, [0])
+
+
 def head_sparsity(
     model: Any,
     tokens: Any,
@@ -345,6 +679,7 @@ def head_sparsity(
           spectrum and the token statistics and answers "is an attended pair sparser than a
           typical pair of this head?"; it cannot say why (a head sparse for every pair is sparse
           for random pairs too, and attended pairs differ from random ones in score as well).
+
         ``baseline`` may list both. Baseline rows carry the rotated control too.
 
     Identities: terms sum to the score in both bases, so the score column is basis-free (and the
@@ -359,7 +694,10 @@ def head_sparsity(
         tokens: list of strings (tokenised once by :func:`svtools.decomposition.tokenize`), or
             ``(batch, pos)`` ids with ``attention_mask``.
         layers, heads: which heads. ``heads`` may be head indices (used in every layer of
-            ``layers``, default all) or ``(layer, head)`` pairs such as the IOI heads.
+            ``layers``, default all) or a list of ``(layer, head)`` pairs such as the IOI heads
+            (``heads=[(9, 6)]``). A bare tuple of two ints without ``layers`` (``heads=(9, 6)``)
+            is ambiguous and raises :class:`SVToolsError` naming both spellings. Python and numpy
+            integers are accepted alike (a frame row's ``row.layer`` round-trips).
         select, threshold, exclude_first: pair selection, see :func:`select_pairs`.
         attention: ``"absolute"`` decomposes scores; ``"relative"`` decomposes relative scores
             (each term minus its mean over the query's other visible keys,
@@ -387,75 +725,66 @@ def head_sparsity(
     Returns:
         ``pandas.DataFrame`` with the columns above (integers as int64).
     """
-    from svtools.decomposition import _as_ids, decompose_layers
+    from svtools._checks import as_dtype, as_float, as_int
+    from svtools.decomposition import _decomposition_dtype, _prepare
+    from svtools.models import check_bridge, resolve_check_tol
 
+    check_bridge(model)
     if attention not in ("absolute", "relative"):
         raise SVToolsError(f"unknown attention {attention!r}: use 'absolute' or 'relative'")
     if control not in ("rotated", None):
         raise SVToolsError(f"unknown control {control!r}: use 'rotated' or None")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise SVToolsError(f"batch_size must be a positive int, got {batch_size!r}")
+    batch_size = as_int(batch_size, "batch_size", min_value=1)
     if select not in ("threshold", "acc"):
         raise SVToolsError(f"unknown pair selection {select!r}: use 'threshold' or 'acc'")
-    if select == "threshold" and not (0.0 < float(threshold) <= 1.0):
-        raise SVToolsError(f"threshold must be in (0, 1], got {threshold}")
-    if not (0.0 < float(frac) <= 1.0):
-        raise SVToolsError(f"frac must be in (0, 1], got {frac}")
+    if select == "threshold":
+        threshold = as_float(threshold, "threshold", lo=0.0, hi=1.0, lo_open=True)
+    frac = as_float(frac, "frac", lo=0.0, hi=1.0, lo_open=True)
+    seed = as_int(seed, "seed")
+    as_dtype(dtype)
     kinds = ("attended",) + _check_baseline(baseline, baseline_fraction, baseline_bound)
     plan = _heads_by_layer(model, layers, heads)
-    ids, am = _as_ids(model, tokens, attention_mask)
-
-    frames: list[dict[str, Any]] = []
-    starts = range(0, ids.shape[0], batch_size)
-    qk_cache: dict = {}  # every chunk has the same padded length: one SVD per layer
+    # the same input checks as decompose (supported model, eval mode, 0/1 mask, max positions),
+    # the same dtype rule (half precision decomposed in float32) and the same exactness tolerance
+    ids, am = _prepare(model, tokens, attention_mask)
+    dtype = _decomposition_dtype(dtype)
+    pattern_tol = resolve_check_tol(model, "auto")
+    engine = _PairEngine(model, plan, select=select, threshold=threshold, exclude_first=exclude_first,
+                         attention=attention, control=control, seed=seed, frac=frac, dtype=dtype, kinds=kinds,
+                         baseline_fraction=baseline_fraction, baseline_bound=baseline_bound,
+                         baseline_seed=baseline_seed, pattern_tol=pattern_tol)
+    # prompts per forward pass: at most batch_size, and few enough that one layer's
+    # (batch, head, query, key) tensor stays under CHUNK_BYTES
+    per_prompt = model.cfg.n_heads * ids.shape[1] ** 2 * max(torch.finfo(dtype).bits // 8, 4)
+    chunk = max(1, min(batch_size, CHUNK_BYTES // per_prompt))
+    starts = range(0, ids.shape[0], chunk)
     bar = tqdm(total=len(plan) * len(starts), desc="head_sparsity (chunks x layers)", disable=not progress)
     for start in starts:
-        ids_c, am_c = ids[start:start + batch_size], am[start:start + batch_size]
-        # one forward pass per chunk of prompts; layers are decomposed one at a time from it
-        for dec in decompose_layers(model, ids_c, plan, attention_mask=am_c, dtype=dtype, qk_cache=qk_cache):
-            bar.update(1)
-            qvalid = dec.attention_mask.bool()[:, None, :]
-            sel = select_pairs(dec.pattern, dec.mask, select=select, threshold=threshold,
-                               exclude_first=exclude_first, query_mask=qvalid)
-            terms = dec.terms if attention == "absolute" else dec.relative_terms()
-            rt_all = None
-            if control == "rotated":
-                rt_all = dec.rotated_terms(seed)
-                if attention == "relative":
-                    rt_all = relative_terms(rt_all, dec.mask)
-            for kind in kinds:
-                pick = sel if kind == "attended" else baseline_pairs(
-                    kind, dec.pattern, dec.mask, sel, query_mask=qvalid, layer=dec.layer, heads=dec.heads,
-                    prompt0=start, fraction=baseline_fraction, bound=baseline_bound,
-                    exclude_first=exclude_first, seed=baseline_seed)
-                idx = pick.nonzero()
-                rot = None if rt_all is None else rt_all[pick]
-                cols = _pair_rows(dec, idx, terms[pick], rot, dec.pattern[pick], start, kind, frac)
-                if cols is not None:
-                    frames.append(cols)
-            del dec, terms, rt_all, sel
+        engine.run_chunk(ids[start:start + chunk], am[start:start + chunk], start, bar)
     bar.close()
-    return _assemble(frames, control)
+    return _assemble(engine.frames, control)
 
 
-def _pair_rows(dec: Any, idx: Int[Tensor, "pair 4"], t: Float[Tensor, "pair r"],
-               rot: Optional[Float[Tensor, "pair r"]], attn: Float[Tensor, "pair"], start: int, kind: str,
-               frac: float) -> Optional[dict[str, Any]]:
-    """The :data:`COLUMNS` of the pairs ``idx`` = (batch row, head slot, query, key) of ``dec``."""
+def _pair_rows(layer: int, heads: Sequence[int], idx: Int[Tensor, "pair 4"], t: Float[Tensor, "pair r"],
+               rot: Optional[Float[Tensor, "pair r"]], attn: Float[Tensor, "pair"], sigma: Float[Tensor, "pair r"],
+               tokens: Int[Tensor, "batch pos"], start: int, kind: str, frac: float) -> Optional[dict[str, Any]]:
+    """The :data:`COLUMNS` of the pairs ``idx`` = (batch row, head slot, query, key) of one chunk.
+
+    ``t``, ``rot``: each pair's terms in the singular basis and in the control; ``sigma``: the
+    singular values they use. Pairs with NaN terms (no relative score) are dropped.
+    """
     keep = ~torch.isnan(t).any(-1)
     if not bool(keep.all()):
-        t, idx, attn = t[keep], idx[keep], attn[keep]
+        t, idx, attn, sigma = t[keep], idx[keep], attn[keep], sigma[keep]
         rot = None if rot is None else rot[keep]
     if not len(t):
         return None
     b, hi, qi, ki = idx.unbind(-1)
-    sigma = _sigma_at(dec.qk, hi, qi, ki)
-    tok = dec.tokens
-    head_t = torch.tensor(dec.heads)
+    head_t = torch.tensor(list(heads))
     m = pair_measures(t, frac)
     dom = m["dominant_k"]
     cols: dict[str, Any] = {
-        "layer": np.full(len(t), dec.layer, dtype=np.int64),
+        "layer": np.full(len(t), layer, dtype=np.int64),
         "head": head_t[hi.cpu()].numpy().astype(np.int64),
         "prompt": (b + start).cpu().numpy().astype(np.int64),
         "query": qi.cpu().numpy().astype(np.int64), "key": ki.cpu().numpy().astype(np.int64),
@@ -466,7 +795,7 @@ def _pair_rows(dec: Any, idx: Int[Tensor, "pair 4"], t: Float[Tensor, "pair r"],
         "dominant_sigma": (sigma.gather(-1, dom[:, None])[:, 0] / sigma[:, 0]).double().cpu().numpy(),
         "r": np.full(len(t), t.shape[-1], dtype=np.int64),
         "used": _used_tuples(m["order"].cpu().numpy(), m["n_recon"].cpu().numpy()),
-        "query_token": tok[b, qi].cpu().numpy(), "key_token": tok[b, ki].cpu().numpy(),
+        "query_token": tokens[b, qi].cpu().numpy(), "key_token": tokens[b, ki].cpu().numpy(),
         "kind": np.full(len(t), kind, dtype=object)}
     if rot is not None:
         mr = pair_measures(rot, frac)
@@ -482,7 +811,7 @@ def _pair_rows(dec: Any, idx: Int[Tensor, "pair 4"], t: Float[Tensor, "pair r"],
 def _assemble(frames: list[dict[str, Any]], control: Optional[str]) -> pd.DataFrame:
     """One frame from the per-chunk columns, typed and ordered (kind, layer, head, prompt, query, key)."""
     if not frames:
-        return _empty_frame()
+        return _empty_frame(control)
     df = pd.concat([pd.DataFrame(c) for c in frames], ignore_index=True)
     if control == "rotated":
         df["n_recon_rotated"] = df["n_recon_rotated"].astype(np.int64)

@@ -14,10 +14,10 @@ import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
-from svtools._checks import SVToolsError, as_tensor, broadcast_leading, check_finite
+from svtools._checks import SVToolsError, as_int, as_tensor, broadcast_leading, check_finite
 from svtools.qk import QKSVD, rotated_factors
 
-__all__ = ["sad_terms", "rotated_terms", "relative_terms", "homogeneous"]
+__all__ = ["sad_terms", "rotated_terms", "relative_terms", "relative_pair_terms", "homogeneous"]
 
 
 def homogeneous(x: Float[Tensor, "... d"], qk: QKSVD, name: str = "x") -> Float[Tensor, "... d_in"]:
@@ -37,10 +37,12 @@ def homogeneous(x: Float[Tensor, "... d"], qk: QKSVD, name: str = "x") -> Float[
 
 
 def _select_offset(qk: QKSVD, offset: Optional[int]) -> QKSVD:
+    if not isinstance(qk, QKSVD):
+        raise SVToolsError(f"qk must be a QKSVD (from svtools.qk_svd), got {type(qk).__name__}")
     if qk.rotary is not None:
         if offset is None:
             raise SVToolsError("this decomposition is rotary: pass offset= (query position - key position)")
-        return qk.at_offset(int(offset))
+        return qk.at_offset(as_int(offset, "offset"))
     if offset is not None:
         raise SVToolsError("offset= only applies to rotary decompositions")
     return qk
@@ -87,7 +89,7 @@ def rotated_terms(qk: QKSVD, x_query: Float[Tensor, "... d_model"], x_key: Float
     qk = _select_offset(qk, offset)
     x = homogeneous(x_query, qk, "x_query")
     y = homogeneous(x_key, qk, "x_key")
-    left, right = rotated_factors(qk, seed=seed)
+    left, right = rotated_factors(qk, seed=as_int(seed, "seed"))
     return _terms_from_factors(left, right, x, y)
 
 
@@ -128,3 +130,30 @@ def relative_terms(terms: Float[Tensor, "... query key r"],
     rel = terms - (total - masked) / others
     valid = mask[..., None] & (count >= 2)
     return torch.where(valid, rel, torch.full((), float("nan"), dtype=terms.dtype, device=terms.device))
+
+
+def relative_pair_terms(
+    terms: Float[Tensor, "pair r"],
+    total: Float[Tensor, "pair r"],
+    count: Float[Tensor, "pair"] | Tensor,
+) -> Float[Tensor, "pair r"]:
+    """Relative-attention terms of selected pairs from their query's total, without the full grid.
+
+    ``rel = terms - (total - terms) / (count - 1)``, where ``total[p] = sum_{j' visible} terms[q, j']``
+    is the sum of the query's terms over every key it sees (``count`` keys, the pair's own key
+    included). For a bilinear score ``t[q, j] = a_q * c_j`` the total is ``a_q * sum_j' c_j'``:
+    each query needs only the sum (or mean) of its keys' projections, so relative terms cost
+    ``O(pairs * r)`` instead of ``O(query * key * r)``.
+
+    Identity: equals ``relative_terms(grid, mask)[pair]`` for the grid the pairs come from. Pairs
+    whose query sees fewer than two keys are NaN (as in :func:`relative_terms`).
+    """
+    terms = as_tensor(terms, "terms")
+    total = as_tensor(total, "total").to(terms.dtype)
+    count = torch.as_tensor(count, device=terms.device).to(terms.dtype)
+    if terms.shape != total.shape or count.shape != terms.shape[:-1]:
+        raise SVToolsError(f"terms {tuple(terms.shape)}, total {tuple(total.shape)} and count "
+                           f"{tuple(count.shape)} must be (pair, r), (pair, r), (pair,)")
+    rel = terms - (total - terms) / (count - 1).clamp_min(1)[..., None]
+    return torch.where((count >= 2)[..., None], rel, torch.full((), float("nan"), dtype=terms.dtype,
+                                                               device=terms.device))

@@ -101,7 +101,8 @@ def _direct(model, ids, am, layer, threshold, seed, relative=False):
     n_pos = ids.shape[1]
     qk = layer_qk(model, layer, n_pos=n_pos, dtype=torch.float64)
     # the control's rotations: one stream per (seed, layer, head), as HeadDecomposition draws them
-    rot = head_rotations(seed, layer, range(model.cfg.n_heads), qk.batch_shape[1:], qk.r, dtype=torch.float64)
+    rot = head_rotations(seed, layer, range(model.cfg.n_heads), qk.batch_shape[1:], qk.r, dtype=torch.float64,
+                         offsets=None if qk.rotary is None else qk.rotary.offsets)
     left, right = rotated_factors(qk, rotation=rot)
     rows = []
     B, H = pat.shape[:2]
