@@ -373,13 +373,18 @@ class IOILMRun:
         return bridge
 
     def prompts(self, n: int, seed: int = 0, split: str = "test") -> IOIDataset:
-        """``n`` IOI prompts (mixed ABBA/BABA) of the ``"test"`` split (held-out names and
-        templates) or the ``"train"`` split, every word in the model's vocabulary."""
-        if split not in ("train", "test"):
-            raise SVToolsError(f"split must be 'train' or 'test', got {split!r}")
-        if split == "test":
-            return ioi_prompts(n, seed=seed, templates=TEST_TEMPLATES, names=TEST_NAMES)
-        return ioi_prompts(n, seed=seed, templates=TRAIN_TEMPLATES, names=TRAIN_NAMES)
+        """``n`` IOI prompts (mixed ABBA/BABA), every word in the model's vocabulary.
+
+        ``split``: ``"test"`` (held-out names and held-out templates), ``"train"`` (the training
+        names and templates), or one factor held out at a time: ``"test_templates"`` (training
+        names, held-out templates) and ``"test_names"`` (held-out names, training templates).
+        """
+        pools = {"test": (TEST_TEMPLATES, TEST_NAMES), "train": (TRAIN_TEMPLATES, TRAIN_NAMES),
+                 "test_templates": (TEST_TEMPLATES, TRAIN_NAMES), "test_names": (TRAIN_TEMPLATES, TEST_NAMES)}
+        if split not in pools:
+            raise SVToolsError(f"split must be one of {sorted(pools)}, got {split!r}")
+        templates, names = pools[split]
+        return ioi_prompts(n, seed=seed, templates=templates, names=names)
 
     def logits(self, step: int, dataset: IOIDataset, *, device: str | torch.device | None = None
                ) -> Float[Tensor, "batch vocab"]:

@@ -125,13 +125,18 @@ def test_split_names_and_templates_are_disjoint():
 
 def test_test_prompts_are_in_vocabulary(run):
     tok = run.tokenizer
-    for split in ("test", "train"):
+    pools = {"test": (ioi_lm.TEST_TEMPLATES, ioi_lm.TEST_NAMES), "train": (ioi_lm.TRAIN_TEMPLATES, ioi_lm.TRAIN_NAMES),
+             "test_templates": (ioi_lm.TEST_TEMPLATES, ioi_lm.TRAIN_NAMES),
+             "test_names": (ioi_lm.TRAIN_TEMPLATES, ioi_lm.TEST_NAMES)}
+    for split, (templates, names) in pools.items():
         ds = run.prompts(64, seed=1, split=split)
         ids = ds.tokens(tok, device="cpu").input_ids
         assert not (ids == tok.unk_token_id).any(), split
-        assert set(ds.template_ids) <= set(range(len(ioi_lm.TEST_TEMPLATES if split == "test" else
-                                                       ioi_lm.TRAIN_TEMPLATES)))
-    assert set(run.prompts(64, seed=1).io_names) <= set(ioi_lm.TEST_NAMES)
+        assert set(ds.template_ids) <= set(range(len(templates)))
+        assert set(ds.io_names) | set(ds.s_names) <= set(names)
+        for p in ds:  # the text is the split's template, filled in
+            a, b = (p.io, p.s) if p.order == "ABBA" else (p.s, p.io)
+            assert p.text == templates[p.template_id].format(A=a, B=b, S=p.s, PLACE=p.place, OBJECT=p.obj)
     with pytest.raises(SVToolsError, match="split"):
         run.prompts(4, split="validation")
 

@@ -396,7 +396,7 @@ def plot_lm_emergence(accuracy: pd.DataFrame, attention: pd.DataFrame, sparsenes
         _need(f, ["step", "mean", "lo", "hi"], f"plot_lm_emergence({what})")
     _need(accuracy, ["metric"], "plot_lm_emergence(accuracy)")
     _need(sparseness, ["kind"], "plot_lm_emergence(sparseness)")
-    fig, axes = subplots(3, 1, height=7.6, sharex=True)
+    fig, axes = subplots(3, 1, height=8.2, sharex=True)
 
     def band(ax, s, color, label, ls="-"):
         s = s.sort_values("step")
@@ -419,9 +419,10 @@ def plot_lm_emergence(accuracy: pd.DataFrame, attention: pd.DataFrame, sparsenes
         if not g.empty:
             band(axes[2], g, KIND_COLORS[kind], names[kind], ls="--" if kind == "rotated" else "-")
     axes[2].set_ylabel(measure_label)
-    axes[2].legend(loc="lower left", frameon=True, ncol=2)
     axes[2].set_xscale("symlog", linthresh=10)
     axes[2].set_xlabel("training step (log scale past 10)")
+    # below the axes: the curves can sit anywhere in the panel
+    axes[2].legend(loc="upper center", bbox_to_anchor=(0.5, -0.32), frameon=False, ncol=2)
     if title:
         axes[0].set_title(title)
     fig.tight_layout()
@@ -431,7 +432,7 @@ def plot_lm_emergence(accuracy: pd.DataFrame, attention: pd.DataFrame, sparsenes
 @book_figure
 def plot_sad_vs_alignment(pairs: pd.DataFrame, *, x: str = "cos", measures: Sequence[str] = ("n_recon", "rolls_tovee"),
                           hue: str = "n_features", title: Optional[str] = None) -> Figure:
-    """Per template pair of toy runs: alignment (``x``, e.g. the pair's worst |cos|) against the
+    """Per template pair of toy runs: alignment (``x``, e.g. the pair's worst ``|cos|``) against the
     SAD of the pair's own features (one panel per measure, stacked), coloured by ``hue``.
 
     ``pairs``: one row per (run, template pair) with columns ``x``, ``hue`` and the measures.
@@ -464,7 +465,7 @@ def plot_kind_summary(summary: pd.DataFrame, *, x: str = "layer", measure: str =
     (attended, non-attended, random) in the singular basis with its interval over prompts, and the
     attended pairs in the rotated control (dashed). Kinds are offset slightly along ``x``."""
     _need(summary, [x, "kind", "column", "estimate", "lo", "hi"], "plot_kind_summary")
-    fig, ax = (ax.figure, ax) if ax is not None else subplots(height=3.2)
+    fig, ax = (ax.figure, ax) if ax is not None else subplots(width=0.72, height=3.2)
     lines = [(k, measure, k.replace("-", " ") + " pairs", "-") for k in ("attended", "non-attended", "random")]
     lines.append(("attended", measure + "_rotated", "attended, rotated basis", "--"))
     lines = [ln for ln in lines if ((summary["kind"] == ln[0]) & (summary["column"] == ln[1])).any()]
@@ -480,6 +481,6 @@ def plot_kind_summary(summary: pd.DataFrame, *, x: str = "layer", measure: str =
     ax.set_ylabel(f"{stat} {measure.replace('_', ' ')}{unit}")
     if title:
         ax.set_title(title)
-    ax.legend(loc="lower left", ncol=2, frameon=True)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False, fontsize=9)
     fig.tight_layout()
     return fig
