@@ -1,23 +1,30 @@
-# The two commands of the README:
-#   make book   build the book (executes every notebook on the embedded default model)
-#   make test   run the whole test suite (unit tests + every notebook through nbmake)
-# Both create .venv on first use: CPU torch 2.13.0 first, then the project with its extras.
+# The commands of the README:
+#   make book         build the book (executes every notebook on the embedded default model)
+#   make check-html   check the built book (scripts/check_html.py): offline, no stderr, links, figures
+#   make test         run the whole test suite (unit tests + every notebook through nbmake)
+#   make screenshots  browser check of the built book (needs Chromium: apt-get install -y chromium)
+# All create .venv on first use: CPU torch 2.13.0 first, then the project with its extras.
+# TORCH_INDEX=https://download.pytorch.org/whl/cpu makes pip take torch's CPU build from there
+# (on Linux, PyPI's torch is the CUDA build); the GitHub workflow sets it.
 
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.svtools-installed
+TORCH  ?= torch==2.13.0
+TORCH_INDEX ?=
 
-# Tests and notebooks never touch the model hub; the book builds on the embedded model.
-export HF_HUB_OFFLINE := 1
-export TRANSFORMERS_OFFLINE := 1
+# Tests and notebooks never touch the model hub by default; the book builds on the embedded model.
+# (The GitHub Pages workflow sets both to 0 and SVTOOLS_MODEL=gpt2 to show the paper's models.)
+export HF_HUB_OFFLINE ?= 1
+export TRANSFORMERS_OFFLINE ?= 1
 
-.PHONY: book test env benchmark clean
+.PHONY: book check-html screenshots test env benchmark clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet torch==2.13.0
+	$(BIN)/python -m pip install --quiet $(TORCH) $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(BIN)/python -m pip install --quiet -e ".[book,test]"
 	$(BIN)/python -m ipykernel install --sys-prefix --name python3 >/dev/null
 	touch $(STAMP)
@@ -27,6 +34,12 @@ env: $(STAMP)
 book: $(STAMP)
 	$(BIN)/jupyter-book build . --warningiserror --keep-going
 	@echo "The book is in _build/html/index.html"
+
+check-html:
+	$(BIN)/python scripts/check_html.py
+
+screenshots:
+	$(BIN)/python scripts/screenshots.py
 
 test: $(STAMP)
 	$(BIN)/python -m pytest tests book --nbmake --nbmake-timeout=900 -p no:cacheprovider

@@ -23,12 +23,16 @@ _LAZY = {
     "load_model": "svtools.models",
     "HubUnavailableError": "svtools.models",
     "UnsupportedModelError": "svtools.models",
+    "ModelNotFoundError": "svtools.models",
+    "pattern_tolerance": "svtools.models",
+    "attention_patterns": "svtools.models",
     "head_weights": "svtools.decomposition",
     "decompose_layers": "svtools.decomposition",
     "decompose": "svtools.decomposition",
     "HeadDecomposition": "svtools.decomposition",
 }
-_SUBMODULES = {"toy", "alignment", "theory", "data", "sad", "plots", "models", "decomposition", "runtime"}
+_SUBMODULES = {"toy", "alignment", "theory", "data", "sad", "plots", "models", "decomposition", "runtime",
+               "sae", "activations"}
 
 __all__ = [
     "QKSVD", "RotarySpec", "SVToolsError", "qk_svd", "random_rotation", "rotary_matrices",

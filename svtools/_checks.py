@@ -1,9 +1,19 @@
-"""Input validation shared by every public function: clear errors, never silent wrong answers."""
+"""Input validation shared by every public function: clear errors, never silent wrong answers.
+
+One helper per kind of argument, so every module rejects the same mistakes with the same words:
+:func:`as_tensor` (real floating tensors), :func:`as_int` / :func:`as_indices` (integers and
+index lists: Python and numpy integers and integer tensors are accepted; floats, bools and strings
+are rejected rather than truncated), :func:`as_float` (finite real numbers, optionally in a range),
+:func:`as_dtype` (a floating ``torch.dtype`` or its name).
+"""
 
 from __future__ import annotations
 
-from typing import Sequence
+import math
+import numbers
+from typing import Any, Optional, Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -13,15 +23,144 @@ class SVToolsError(ValueError):
 
 
 def as_tensor(x, name: str) -> Tensor:
-    """Return ``x`` as a floating tensor, or raise naming the argument."""
+    """Return ``x`` as a real floating tensor, or raise naming the argument.
+
+    Integer and boolean inputs are converted to the default float dtype; complex inputs and
+    things that are not numbers are rejected.
+    """
     if not isinstance(x, Tensor):
         try:
             x = torch.as_tensor(x)
-        except Exception as exc:  # pragma: no cover - message only
-            raise SVToolsError(f"{name} must be a tensor, got {type(x).__name__}") from exc
+        except Exception as exc:
+            raise SVToolsError(f"{name} must be a tensor (or array of numbers), got {type(x).__name__}") from exc
+    if x.is_complex():
+        raise SVToolsError(f"{name} is complex ({x.dtype}); svtools works with real tensors only")
     if not torch.is_floating_point(x):
         x = x.to(torch.get_default_dtype())
     return x
+
+
+def _is_int_like(x: Any) -> bool:
+    if isinstance(x, (bool, np.bool_)):
+        return False
+    if isinstance(x, (int, np.integer)):
+        return True
+    if isinstance(x, Tensor) and x.ndim == 0 and not x.is_floating_point() and not x.is_complex() \
+            and x.dtype != torch.bool:
+        return True
+    if isinstance(x, np.ndarray) and x.ndim == 0 and np.issubdtype(x.dtype, np.integer):
+        return True
+    return False
+
+
+def as_int(x: Any, name: str, *, min_value: Optional[int] = None, max_value: Optional[int] = None) -> int:
+    """``x`` as a Python int, or raise naming ``name``.
+
+    Accepts ``int``, numpy integers (``np.int64(3)``) and 0-d integer tensors/arrays; rejects
+    ``bool``, floats (``2.0``, ``1.7``: never truncated), strings and everything else.
+    ``min_value``/``max_value`` are inclusive bounds.
+    """
+    if not _is_int_like(x):
+        what = type(x).__name__
+        hint = " (floats are not truncated: pass an int)" if isinstance(x, (float, np.floating)) or (
+            isinstance(x, Tensor) and x.is_floating_point()) else ""
+        raise SVToolsError(f"{name} must be an integer, got {x!r} of type {what}{hint}")
+    v = int(x)
+    if min_value is not None and v < min_value:
+        raise SVToolsError(f"{name} must be >= {min_value}, got {v}")
+    if max_value is not None and v > max_value:
+        raise SVToolsError(f"{name} must be <= {max_value}, got {v}")
+    return v
+
+
+def is_index_sequence(x: Any) -> bool:
+    """Whether ``x`` is a 1-D collection (list, tuple, range, 1-D array/tensor), not a scalar."""
+    if isinstance(x, (str, bytes)) or _is_int_like(x):
+        return False
+    if isinstance(x, (Tensor, np.ndarray)):
+        return x.ndim == 1
+    return isinstance(x, (list, tuple, range))
+
+
+def as_indices(x: Any, name: str, *, n: Optional[int] = None, allow_negative: bool = False,
+               allow_empty: bool = False) -> list[int]:
+    """A scalar or 1-D collection of integers as a list of Python ints, or raise naming ``name``.
+
+    Accepts what :func:`as_int` accepts, and lists/tuples/ranges of them, 1-D integer numpy arrays
+    and tensors. With ``n``, each index must lie in ``[0, n)`` (or ``[-n, n)`` with
+    ``allow_negative``; negatives are then returned as is).
+    """
+    if _is_int_like(x):
+        items = [x]
+    elif isinstance(x, (Tensor, np.ndarray)):
+        if x.ndim != 1:
+            raise SVToolsError(f"{name} must be an integer or a 1-D list of integers, got shape {tuple(x.shape)}")
+        is_float = x.is_floating_point() or x.dtype == torch.bool if isinstance(x, Tensor) else \
+            not np.issubdtype(x.dtype, np.integer)
+        if is_float:
+            raise SVToolsError(f"{name} must hold integers, got dtype {x.dtype} (floats are not truncated)")
+        items = [int(v) for v in x.tolist()]
+    elif isinstance(x, (list, tuple, range)):
+        items = list(x)
+    else:
+        raise SVToolsError(f"{name} must be an integer or a list of integers, got {type(x).__name__}")
+    out = [as_int(v, f"each entry of {name}") for v in items]
+    if not out and not allow_empty:
+        raise SVToolsError(f"{name} is empty")
+    if n is not None:
+        lo = -n if allow_negative else 0
+        bad = [v for v in out if not lo <= v < n]
+        if bad:
+            raise SVToolsError(f"{name}: index out of range, each must lie in [{lo}, {n}), got {bad[:8]}")
+    return out
+
+
+def as_float(x: Any, name: str, *, lo: Optional[float] = None, hi: Optional[float] = None,
+             lo_open: bool = False, hi_open: bool = False) -> float:
+    """``x`` as a finite Python float, or raise naming ``name`` (None, bools, strings, NaN, inf rejected).
+
+    ``lo``/``hi``: bounds, closed unless ``lo_open``/``hi_open``.
+    """
+    ok = isinstance(x, numbers.Real) and not isinstance(x, (bool, np.bool_))
+    if isinstance(x, Tensor) and x.ndim == 0 and not x.is_complex() and x.dtype != torch.bool:
+        ok = True
+    if not ok:
+        raise SVToolsError(f"{name} must be a real number, got {x!r} of type {type(x).__name__}")
+    v = float(x)
+    if not math.isfinite(v):
+        raise SVToolsError(f"{name} must be finite, got {v}")
+    if lo is not None and (v < lo or (lo_open and v == lo)) or hi is not None and (v > hi or (hi_open and v == hi)):
+        rng = ("(" if lo_open else "[") + f"{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}" + \
+            (")" if hi_open else "]")
+        raise SVToolsError(f"{name} must be in {rng}, got {v}")
+    return v
+
+
+_DTYPE_NAMES = {"float16": torch.float16, "half": torch.float16, "bfloat16": torch.bfloat16,
+                "float32": torch.float32, "float": torch.float32, "float64": torch.float64,
+                "double": torch.float64}
+
+
+def as_dtype(x: Any, name: str = "dtype") -> Optional[torch.dtype]:
+    """A floating ``torch.dtype`` from a dtype or its name (``"float64"``, ``"torch.float16"``); None passes.
+
+    Integer, boolean and complex dtypes are rejected: they would truncate or mis-handle weights.
+    """
+    if x is None:
+        return None
+    dt = x
+    if isinstance(x, str):
+        dt = _DTYPE_NAMES.get(x.lower().removeprefix("torch."))
+        if dt is None:
+            raise SVToolsError(f"{name} must be a floating dtype such as torch.float32 or 'float64', got {x!r}")
+    elif not isinstance(x, torch.dtype):
+        try:
+            dt = torch.from_numpy(np.zeros(0, dtype=np.dtype(x))).dtype
+        except Exception:
+            raise SVToolsError(f"{name} must be a torch dtype such as torch.float32, got {x!r}") from None
+    if not dt.is_floating_point:
+        raise SVToolsError(f"{name} must be a real floating dtype (float16, bfloat16, float32, float64), got {dt}")
+    return dt
 
 
 def check_finite(x: Tensor, name: str) -> None:

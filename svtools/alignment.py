@@ -20,7 +20,7 @@ from jaxtyping import Float, Int
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
-from svtools._checks import SVToolsError, as_tensor, check_finite
+from svtools._checks import SVToolsError, as_int, as_tensor, check_finite
 from svtools.qk import QKSVD
 
 __all__ = ["PairAlignment", "abs_cosines", "chance_cosine", "match_pairs"]
@@ -32,14 +32,15 @@ def chance_cosine(dim: int) -> float:
     Closed form: ``Gamma(dim/2) / (sqrt(pi) Gamma((dim+1)/2))`` (``= 2/pi`` for ``dim = 2``,
     ``1/2`` for ``dim = 3``, ``~ sqrt(2 / (pi dim))`` for large ``dim``).
     """
-    if int(dim) < 1:
-        raise SVToolsError(f"dim must be a positive integer, got {dim}")
-    d = int(dim)
+    d = as_int(dim, "dim", min_value=1)
     return math.exp(math.lgamma(d / 2) - math.lgamma((d + 1) / 2)) / math.sqrt(math.pi)
 
 
 def abs_cosines(a: Float[Tensor, "d n"], b: Float[Tensor, "d r"]) -> Float[Tensor, "n r"]:
     """``|cos|`` between every column of ``a`` and every column of ``b`` (zero columns give 0)."""
+    a, b = as_tensor(a, "a"), as_tensor(b, "b")
+    if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[0]:
+        raise SVToolsError(f"a and b must be (d, n) and (d, r) with the same d, got {tuple(a.shape)} and {tuple(b.shape)}")
     an = a / a.norm(dim=0, keepdim=True).clamp_min(torch.finfo(a.dtype).tiny)
     bn = b / b.norm(dim=0, keepdim=True).clamp_min(torch.finfo(b.dtype).tiny)
     return (an.transpose(0, 1) @ bn).abs()
@@ -50,15 +51,16 @@ class PairAlignment:
     """How each template pair ``(i, j)`` lines up with the singular pairs of ``Omega``.
 
     Shapes (``P`` pairs, ``N`` features, ``r`` singular pairs):
-        pairs: ``(P, 2)`` query feature ``i``, key feature ``j``.
-        index: ``(P,)`` singular index assigned to each pair (one pair per index; ``-1`` when
-            there are more pairs than indices and the pair lost the assignment).
-        best: ``(P,)`` the index that maximises the pair's score on its own (pairs may share it:
-            this is how "several pairs share one singular vector" shows up).
-        cos_q: ``(P,)`` ``|cos(w_i, u_index)|`` (NaN where ``index = -1``).
-        cos_k: ``(P,)`` ``|cos(w_j, v_index)|``.
-        sigma: ``(P,)`` the singular value at the assigned index (NaN where ``index = -1``).
-        chance: expected ``|cos|`` of a random direction in ``d_model`` dimensions.
+
+    - pairs: ``(P, 2)`` query feature ``i``, key feature ``j``.
+    - index: ``(P,)`` singular index assigned to each pair (one pair per index; ``-1`` when
+      there are more pairs than indices and the pair lost the assignment).
+    - best: ``(P,)`` the index that maximises the pair's score on its own (pairs may share it:
+      this is how "several pairs share one singular vector" shows up).
+    - cos_q: ``(P,)`` ``|cos(w_i, u_index)|`` (NaN where ``index = -1``).
+    - cos_k: ``(P,)`` ``|cos(w_j, v_index)|``.
+    - sigma: ``(P,)`` the singular value at the assigned index (NaN where ``index = -1``).
+    - chance: expected ``|cos|`` of a random direction in ``d_model`` dimensions.
         cos_U: ``(N, r)`` ``|cos(w_n, u_k)|`` for every feature (heatmaps).
         cos_V: ``(N, r)`` ``|cos(w_n, v_k)|``.
         S: ``(r,)`` all singular values.
@@ -93,7 +95,7 @@ def _as_pairs(pairs, n_features: int) -> Tensor:
         p = tuple(p)
         if len(p) not in (2, 3):
             raise SVToolsError(f"each pair must be (query feature, key feature[, strength]), got {p!r}")
-        rows.append((int(p[0]), int(p[1])))
+        rows.append((as_int(p[0], f"query feature of pair {p!r}"), as_int(p[1], f"key feature of pair {p!r}")))
     if not rows:
         raise SVToolsError("pairs is empty: give at least one (query feature, key feature) pair")
     t = torch.tensor(rows, dtype=torch.long)

@@ -15,15 +15,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Mapping, Optional, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Optional, Sequence
 
 import einops
+import numpy as np
 import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from svtools._checks import SVToolsError
-from svtools.models import UnsupportedModelError, check_supported
+from svtools._checks import SVToolsError, as_dtype, as_indices, as_int, is_index_sequence
+from svtools.models import UnsupportedModelError, check_bridge, check_supported, resolve_check_tol
 from svtools.qk import QKSVD, RotarySpec, one_thread, qk_svd, random_rotation, rotated_factors
 from svtools.terms import homogeneous, relative_terms
 
@@ -50,18 +51,29 @@ def is_causal(model: Any) -> bool:
 
 
 def _check_layer(model: Any, layer: int) -> int:
+    """One layer index (Python or numpy int; negative counts from the end) -> ``0..n_layers-1``."""
+    check_bridge(model)
     n = model.cfg.n_layers
-    if isinstance(layer, bool) or not isinstance(layer, int) or not (-n <= layer < n):
+    try:
+        v = as_int(layer, "layer")
+    except SVToolsError as exc:
+        raise SVToolsError(f"unknown layer {layer!r}: the model has {n} layers (0..{n - 1}); {exc}") from None
+    if not (-n <= v < n):
         raise SVToolsError(f"unknown layer {layer!r}: the model has {n} layers (0..{n - 1})")
-    return layer % n
+    return v % n
 
 
 def _check_heads(model: Any, head: int | Sequence[int] | None) -> list[int]:
+    """Head indices (an int, a list/array of ints, or None = all) -> list of ``0..n_heads-1``."""
+    check_bridge(model)
     n = model.cfg.n_heads
     if head is None:
         return list(range(n))
-    heads = [head] if isinstance(head, int) else list(head)
-    bad = [h for h in heads if isinstance(h, bool) or not isinstance(h, int) or not (0 <= h < n)]
+    try:
+        heads = as_indices(head, "head", allow_empty=True)
+    except SVToolsError as exc:
+        raise SVToolsError(f"unknown head(s) {head!r}: each layer has {n} heads (0..{n - 1}); {exc}") from None
+    bad = [h for h in heads if not (0 <= h < n)]
     if bad or not heads:
         raise SVToolsError(f"unknown head(s) {bad or heads!r}: each layer has {n} heads (0..{n - 1})")
     return heads
@@ -198,25 +210,55 @@ def tokenize(model: Any, texts: Sequence[str], *, prepend_bos: Optional[bool] = 
 
 
 def _as_ids(model: Any, tokens: Any, attention_mask: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    """Validate what a user may pass as tokens: strings (one, a list, any iterable), token ids
+    ``(batch, pos)``/``(pos,)`` (tensor, array, nested lists), or a tokenizer's ``BatchEncoding``
+    (its ``input_ids`` and ``attention_mask`` are used)."""
+    if isinstance(tokens, Mapping):  # a tokenizer's BatchEncoding (or a plain dict of the same)
+        if "input_ids" not in tokens:
+            raise SVToolsError(f"tokens given as a mapping must hold 'input_ids' (a tokenizer's output), "
+                               f"got keys {list(tokens)[:5]}")
+        if attention_mask is None:
+            attention_mask = tokens.get("attention_mask")
+        tokens = tokens["input_ids"]
+    if not isinstance(tokens, (str, list, tuple, Tensor, np.ndarray)) and isinstance(tokens, Iterable):
+        tokens = list(tokens)  # a generator of strings or of ids
+    if isinstance(tokens, (list, tuple)) and any(isinstance(t, str) for t in tokens):
+        bad = [t for t in tokens if not isinstance(t, str)]
+        if bad:
+            raise SVToolsError(f"tokens mixes strings and other values ({bad[0]!r}): give a list of strings "
+                               "or token ids, not both")
     if isinstance(tokens, str) or (isinstance(tokens, (list, tuple)) and tokens and isinstance(tokens[0], str)):
         if attention_mask is not None:
             raise SVToolsError("attention_mask is computed from the texts; pass it only with token ids")
         return tokenize(model, list(tokens) if not isinstance(tokens, str) else [tokens])
-    ids = torch.as_tensor(tokens)
-    if ids.is_floating_point() or ids.dtype == torch.bool:
+    try:
+        ids = torch.as_tensor(tokens)
+    except Exception as exc:
+        raise SVToolsError(f"tokens must be strings or integer token ids of shape (batch, pos), "
+                           f"got {type(tokens).__name__} that is not a rectangular array of ints") from exc
+    if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
         raise SVToolsError(f"tokens must be integer ids or strings, got dtype {ids.dtype}")
     if ids.ndim == 1:
         ids = ids[None]
-    if ids.ndim != 2 or ids.shape[1] == 0:
-        raise SVToolsError(f"tokens must have shape (batch, pos), got {tuple(ids.shape)}")
+    if ids.ndim != 2 or ids.shape[0] == 0 or ids.shape[1] == 0:
+        raise SVToolsError(f"tokens must have shape (batch, pos) with batch, pos >= 1, got {tuple(ids.shape)}")
     vocab = model.cfg.d_vocab
     if int(ids.min()) < 0 or int(ids.max()) >= vocab:
         raise SVToolsError(f"token ids must lie in [0, {vocab}), got range [{int(ids.min())}, {int(ids.max())}]")
     if attention_mask is None:
         attention_mask = torch.ones_like(ids)
-    attention_mask = torch.as_tensor(attention_mask)
+    try:
+        attention_mask = torch.as_tensor(attention_mask)
+    except Exception as exc:
+        raise SVToolsError(f"attention_mask must be a (batch, pos) array of 0/1, got {type(attention_mask).__name__}") from exc
+    if attention_mask.ndim == 1 and ids.shape[0] == 1:
+        attention_mask = attention_mask[None]
     if attention_mask.shape != ids.shape:
         raise SVToolsError(f"attention_mask shape {tuple(attention_mask.shape)} != tokens shape {tuple(ids.shape)}")
+    if attention_mask.is_complex() or not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
+        vals = sorted({float(v) for v in attention_mask.flatten()[:10000].tolist()} - {0.0, 1.0})[:5] \
+            if not attention_mask.is_complex() else ["complex"]
+        raise SVToolsError(f"attention_mask must hold only 0 (padding) and 1 (real token), got also {vals}")
     am = attention_mask.long()
     if bool((am[:, 1:] > am[:, :-1]).any()) or bool((am[:, 0] == 0).any()):
         raise SVToolsError("attention_mask must be right-padded (ones, then zeros, first token real)")
@@ -238,6 +280,7 @@ class HeadDecomposition:
         qk: the heads' :class:`~svtools.qk.QKSVD`, ``(head, [offset,] d_in, r)``.
         x_query, x_key: ``(batch, pos, d_model)`` inputs of the query and key projections.
         tokens, attention_mask: ``(batch, pos)`` what the model was run on.
+        check_tol: tolerance of the exactness check it passed (None: unchecked; see ``pattern_tolerance``).
     """
 
     layer: int
@@ -253,6 +296,8 @@ class HeadDecomposition:
     tokens: Int[Tensor, "batch pos"]
     attention_mask: Int[Tensor, "batch pos"]
     model_name: str = ""
+    #: tolerance the exactness check used (None: not checked); see :func:`svtools.models.pattern_tolerance`
+    check_tol: Optional[float] = None
     _rotated: dict = field(default_factory=dict, repr=False)
 
     def softmax_pattern(self) -> Float[Tensor, "batch head query key"]:
@@ -433,19 +478,47 @@ def _layer_decomposition(model: Any, layer: int, heads: list[int], cached: dict[
                             mask=mask, scale=attention_scale(model, layer), qk=qk, x_query=x_q, x_key=x_k,
                             tokens=ids, attention_mask=am,
                             model_name=str(getattr(model.cfg, "model_name", "")))
+    dec.check_tol = check_tol
     if check_tol is not None:
         err = dec.max_pattern_error()
         if not err <= check_tol:
+            mdt = next(_hf(model).parameters()).dtype
             raise UnsupportedModelError(
                 f"decomposition does not reproduce the model's attention at layer {layer} "
-                f"(max |softmax - pattern| = {err:.2e} > {check_tol}); this model's attention "
-                "has a mechanism svtools does not model")
+                f"(max |softmax - pattern| = {err:.2e} > tolerance {check_tol:.2e}, used for a {mdt} model; "
+                "see svtools.models.pattern_tolerance); this model's attention has a mechanism svtools "
+                "does not model")
     return dec
 
 
+def _decomposition_dtype(dtype: Any) -> torch.dtype:
+    """float32 by default; float16/bfloat16 are computed as float32 (the terms of a half-precision
+    model's scores are decomposed from its half activations, in float32)."""
+    dt = as_dtype(dtype) or torch.float32
+    return torch.float32 if dt in (torch.float16, torch.bfloat16) else dt
+
+
+def _max_positions(model: Any) -> Optional[int]:
+    """Longest sequence an absolute-position model accepts (None: rotary, no hard limit)."""
+    cfg = _hf(model).config
+    if getattr(cfg, "model_type", None) == "gpt2":
+        return getattr(cfg, "n_positions", None)
+    if getattr(cfg, "model_type", None) == "bert":
+        return getattr(cfg, "max_position_embeddings", None)
+    return None
+
+
 def _prepare(model: Any, tokens: Any, attention_mask: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    check_bridge(model)
     check_supported(_hf(model))
+    if bool(getattr(model, "training", False)) or bool(getattr(_hf(model), "training", False)):
+        raise SVToolsError("the model is in training mode (dropout would perturb the attention it is "
+                           "compared with): call model.eval() first")
     ids, am = _as_ids(model, tokens, attention_mask)
+    n_max = _max_positions(model)
+    if n_max is not None and ids.shape[1] > n_max:
+        raise SVToolsError(f"sequences are {ids.shape[1]} tokens long but this model has only {n_max} "
+                           "positions: truncate or split the input")
     device = next(_hf(model).parameters()).device
     return ids.to(device), am.to(device)
 
@@ -458,13 +531,16 @@ def decompose(
     *,
     attention_mask: Optional[Tensor] = None,
     dtype: Optional[torch.dtype] = None,
-    check_tol: Optional[float] = 1e-3,
+    check_tol: float | str | None = "auto",
 ) -> HeadDecomposition:
     """Split every attention score of ``layer``'s heads into per-singular-vector terms.
 
     Identities (checked): ``terms.sum(-1) == scores`` and
-    ``softmax(scale * scores + mask) == pattern`` (the model's own weights) — the call raises if
-    the second fails by more than ``check_tol`` (None skips the check).
+    ``softmax(scale * scores + mask) == pattern`` (the model's own weights) — the call raises
+    :class:`~svtools.models.UnsupportedModelError` if the second fails by more than
+    ``check_tol``: ``"auto"`` (default) = :func:`svtools.models.pattern_tolerance` of the model's
+    dtype (1e-3 for float32, 0.031 for float16, 0.25 for bfloat16), a number, or None (no check).
+    The tolerance used is stored as :attr:`HeadDecomposition.check_tol`.
 
     Args:
         model: a ``TransformerBridge`` from :func:`svtools.load_model`.
@@ -472,8 +548,11 @@ def decompose(
             the model's tokenizer by :func:`tokenize`, right-padded and masked).
         layer: which layer.
         head: one head, a list of heads, or None for all heads of the layer (one batched pass).
-        attention_mask: ``(batch, pos)`` 1 for real tokens, right-padded; only with token ids.
-        dtype: dtype of the decomposition (default float32; float64 for checks).
+        attention_mask: ``(batch, pos)`` 1 for real tokens, 0 for padding (no other values),
+            right-padded; only with token ids.
+        dtype: dtype of the decomposition (default float32; float64 for checks). A model in
+            float16/bfloat16 is decomposed in float32 from its half-precision activations;
+            asking for ``dtype=torch.float16``/``bfloat16`` also gives float32.
 
     For several layers use :func:`decompose_layers`, which runs the model once.
 
@@ -486,10 +565,12 @@ def decompose(
     """
     layer = _check_layer(model, layer)
     heads = _check_heads(model, head)
+    dtype = _decomposition_dtype(dtype)
+    check_tol = resolve_check_tol(model, check_tol)
     ids, am = _prepare(model, tokens, attention_mask)
     cached = _run_once(model, ids, am, [layer])
     return _layer_decomposition(model, layer, heads, cached, ids, am, _mask(model, am),
-                                dtype or torch.float32, check_tol)
+                                dtype, check_tol)
 
 
 def decompose_layers(
@@ -499,13 +580,14 @@ def decompose_layers(
     *,
     attention_mask: Optional[Tensor] = None,
     dtype: Optional[torch.dtype] = None,
-    check_tol: Optional[float] = 1e-3,
+    check_tol: float | str | None = "auto",
     qk_cache: Optional[dict] = None,
 ) -> Iterator[HeadDecomposition]:
     """:func:`decompose` for several layers from ONE forward pass, yielded layer by layer.
 
-    ``layers``: a list of layers (all heads), a mapping ``layer -> heads``, or None (every head of
-    every layer). Only the layers' projection inputs and patterns are kept from the forward pass
+    ``layers``: a layer, a list of layers (all heads), a mapping ``layer -> heads`` (a layer
+    named twice, e.g. ``{0: [1], -6: [2]}`` on a 6-layer model, gets the union of its heads), or
+    None (every head of every layer). Only the layers' projection inputs and patterns are kept from the forward pass
     (``2 * batch * pos * d_model + heads * batch * pos^2`` numbers per layer); each layer's terms
     are built when the iterator reaches it, so memory holds one layer's terms at a time.
 
@@ -513,18 +595,35 @@ def decompose_layers(
     length), so each layer's :func:`layer_qk` is computed once; the weights must not change between
     the calls.
     """
-    if layers is None:
-        plan = {l: _check_heads(model, None) for l in range(model.cfg.n_layers)}
-    elif isinstance(layers, Mapping):
-        plan = {_check_layer(model, l): _check_heads(model, list(h) if h is not None else None)
-                for l, h in layers.items()}
-    else:
-        plan = {_check_layer(model, l): _check_heads(model, None) for l in layers}
-    if not plan:
-        raise SVToolsError("no layers to decompose")
+    plan = _layer_plan(model, layers)
+    dtype = _decomposition_dtype(dtype)
+    check_tol = resolve_check_tol(model, check_tol)
     ids, am = _prepare(model, tokens, attention_mask)
     cached = _run_once(model, ids, am, list(plan))
     mask = _mask(model, am)
     for layer in sorted(plan):
         yield _layer_decomposition(model, layer, plan[layer], cached, ids, am, mask,
-                                   dtype or torch.float32, check_tol, qk_cache)
+                                   dtype, check_tol, qk_cache)
+
+
+def _layer_plan(model: Any, layers: Any) -> dict[int, list[int]]:
+    """``layers`` as accepted by :func:`decompose_layers` -> ``{layer: heads}`` (layers normalised)."""
+    check_bridge(model)
+    if layers is None:
+        return {l: _check_heads(model, None) for l in range(model.cfg.n_layers)}
+    plan: dict[int, list[int]] = {}
+    if isinstance(layers, Mapping):
+        for l, h in layers.items():
+            merged = plan.setdefault(_check_layer(model, l), [])
+            for head in _check_heads(model, h):
+                if head not in merged:
+                    merged.append(head)
+    else:
+        generic = isinstance(layers, Iterable) and not isinstance(layers, (str, Tensor, np.ndarray)) \
+            and not is_index_sequence(layers)  # a set, dict keys, a generator
+        items = list(layers) if generic else as_indices(layers, "layers", allow_empty=True)
+        for l in items:
+            plan.setdefault(_check_layer(model, l), _check_heads(model, None))
+    if not plan:
+        raise SVToolsError("no layers to decompose (layers is empty)")
+    return plan

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 from typing import Iterable
 
+import numpy as np
 import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from svtools._checks import SVToolsError, as_tensor, check_finite
+from svtools._checks import SVToolsError, as_indices, as_tensor, check_finite
 
 __all__ = ["gram", "feature_dimensionality", "max_interference", "span_dims", "outside_energy"]
 
@@ -26,12 +27,12 @@ def _features(W) -> Tensor:
 
 
 def _indices(idx, n: int, name: str) -> Tensor:
-    t = torch.as_tensor(list(idx) if not isinstance(idx, Tensor) else idx, dtype=torch.long).flatten()
-    if t.numel() == 0:
-        raise SVToolsError(f"{name} is empty")
-    if int(t.min()) < 0 or int(t.max()) >= n:
-        raise SVToolsError(f"{name} must hold feature indices in [0, {n}), got {t.tolist()}")
-    return t
+    """Feature indices (ints, numpy ints, 1-D int arrays/tensors, any iterable of them) in ``[0, n)``."""
+    if not isinstance(idx, (Tensor, np.ndarray, list, tuple, range)) and hasattr(idx, "__iter__"):
+        idx = list(idx)
+    if isinstance(idx, Tensor):
+        idx = idx.detach().cpu()
+    return torch.tensor(as_indices(idx, name, n=n), dtype=torch.long)
 
 
 def gram(features: Float[Tensor, "d_model N"], *, normalize: bool = False) -> Float[Tensor, "N N"]:

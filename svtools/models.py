@@ -9,13 +9,25 @@ can be read from its hooks.
 * a hub name (``"gpt2"``, ``"EleutherAI/pythia-160m"`` with an optional training ``checkpoint``)
   — needs the hub (Colab, a laptop); fails within seconds with :class:`HubUnavailableError`
   when it cannot be reached, or falls back to ``"minilm"`` with ``fallback=True`` (and says so).
+* a local directory holding a saved Hugging Face model (``save_pretrained``) — loaded offline,
+  with its tokenizer when the directory has one.
 * a ``transformers.PreTrainedModel`` instance — e.g. a randomly initialised model built from a
-  local config; works offline with no tokenizer (then feed token ids).
+  local config; works offline with no tokenizer (then feed token ids). The caller's object is
+  never changed: svtools wraps a copy (see :func:`load_model`).
+
+Pitfall when cross-checking against the model's own attention: TransformerLens wraps the
+Hugging Face modules *in place* (``bridge.original_model`` is the wrapped tree), and
+Hugging Face's ``output_attentions=True`` output is then unreliable on it
+(``bridge.original_model(ids, output_attentions=True).attentions`` has 3 tensors per layer for
+BERT, each layer's pattern repeated, and none for GPT-2, with TransformerLens 4.3 and
+transformers 5). This is TransformerLens' doing, not svtools'. Use :func:`attention_patterns`,
+which reads the model's own weights from its ``hook_pattern`` hooks.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import os
 import socket
@@ -25,11 +37,12 @@ from urllib.parse import urlparse
 
 import torch
 
-from svtools._checks import SVToolsError
+from svtools._checks import SVToolsError, as_dtype, as_float, as_int
 from svtools.runtime import default_device
 
-__all__ = ["load_model", "HubUnavailableError", "UnsupportedModelError", "MINILM_ALIASES",
-           "SUPPORTED_MODEL_TYPES", "hub_reachable"]
+__all__ = ["load_model", "HubUnavailableError", "UnsupportedModelError", "ModelNotFoundError", "MINILM_ALIASES",
+           "SUPPORTED_MODEL_TYPES", "hub_reachable", "pattern_tolerance", "model_dtype", "check_bridge",
+           "attention_patterns"]
 
 MINILM_ALIASES = {"minilm", "all-minilm-l6-v2", "sentence-transformers/all-minilm-l6-v2"}
 
@@ -43,6 +56,58 @@ class HubUnavailableError(SVToolsError, ConnectionError):
 
 class UnsupportedModelError(SVToolsError):
     """The model's attention has a mechanism svtools does not decompose exactly."""
+
+
+class ModelNotFoundError(SVToolsError, FileNotFoundError):
+    """A local model path was given and it does not exist (or holds no saved model)."""
+
+
+def pattern_tolerance(dtype: torch.dtype) -> float:
+    """Tolerance of the exactness check ``max |softmax(scale * scores + mask) - pattern|`` for a model in ``dtype``.
+
+    ``max(1e-3, 32 * eps(dtype))``: 1e-3 for float32 and float64, 0.031 for float16 and 0.25 for
+    bfloat16. A half-precision model computes its own scores and pattern in half precision, so
+    its pattern differs from the exact (float32) softmax by a few ``eps``: measured up to
+    ``7 eps`` (float16 6.6e-3, bfloat16 5.2e-2) on the test suite's random GPT-2, GPT-NeoX, Llama
+    and BERT models, whose attention is sharp, against 1e-3 when a model is float32 (measured
+    ~4e-6). Real mismatches stay far above it: a wrong rotary layout gives 1.0 in every dtype.
+    """
+    dt = as_dtype(dtype, "dtype")
+    return max(1e-3, 32 * torch.finfo(dt).eps)
+
+
+def model_dtype(model: Any) -> torch.dtype:
+    """The floating dtype of a bridge's (or Hugging Face model's) parameters."""
+    hf = getattr(model, "original_model", model)
+    for p in hf.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return torch.float32  # pragma: no cover - a model without float parameters
+
+
+def resolve_check_tol(model: Any, check_tol: Any) -> Optional[float]:
+    """The exactness tolerance actually used: ``"auto"`` -> :func:`pattern_tolerance` of the
+    model's dtype; None -> no check; a number -> itself (positive, finite)."""
+    if check_tol is None:
+        return None
+    if isinstance(check_tol, str):
+        if check_tol != "auto":
+            raise SVToolsError(f"check_tol must be 'auto', None or a positive number, got {check_tol!r}")
+        return pattern_tolerance(model_dtype(model))
+    return as_float(check_tol, "check_tol", lo=0.0, lo_open=True)
+
+
+def check_bridge(model: Any) -> None:
+    """Raise unless ``model`` is a TransformerLens bridge as :func:`load_model` returns it."""
+    if hasattr(model, "cfg") and hasattr(model, "original_model") and hasattr(model, "run_with_cache"):
+        return
+    if isinstance(model, type):
+        raise SVToolsError(f"model is the class {model.__name__}, not a model: build or load one, then pass "
+                           "it through svtools.load_model")
+    if isinstance(model, torch.nn.Module) and hasattr(model, "config"):
+        raise SVToolsError(f"model is a raw transformers {type(model).__name__}: pass it through "
+                           "svtools.load_model(model) first (svtools reads the attention from the bridge's hooks)")
+    raise SVToolsError(f"model must be a TransformerBridge from svtools.load_model, got {type(model).__name__}")
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:
@@ -149,28 +214,37 @@ def check_supported(hf_model: Any) -> None:
         warnings.warn("reorder_and_upcast_attn=True: scores are computed in float32 by the model", stacklevel=3)
 
 
-def _wrap_instance(hf_model: Any, tokenizer: Any, device, dtype) -> Any:
+def _wrap_instance(hf_model: Any, tokenizer: Any, device, dtype, *, copy_model: bool = False) -> Any:
     from transformer_lens.model_bridge import TransformerBridge
     from transformer_lens.model_bridge.sources import build_bridge_from_module
 
     check_supported(hf_model)
+    if copy_model:
+        # TransformerLens rewires the module tree in place, and we set eager attention, dtype,
+        # device and eval mode: all of it happens on a copy, never on the caller's object
+        hf_model = copy.deepcopy(hf_model)
     hf_model.config._attn_implementation = "eager"
     try:
         hf_model.set_attn_implementation("eager")
     except Exception:
         pass
     hf_model = hf_model.to(device=device, dtype=dtype).eval()
-    with _quiet(), _hub_offline():
-        if tokenizer is None:
-            arch = (getattr(hf_model.config, "architectures", None) or [type(hf_model).__name__])[0]
-            if arch != type(hf_model).__name__:
-                arch = type(hf_model).__name__
-            bridge = build_bridge_from_module(hf_model, arch, hf_config=hf_model.config,
-                                              device=device, dtype=dtype)
-        else:
-            name = getattr(hf_model.config, "_name_or_path", "") or type(hf_model).__name__
-            bridge = TransformerBridge.boot_transformers(name, hf_model=hf_model, tokenizer=tokenizer,
-                                                         device=device, dtype=dtype)
+    arch = type(hf_model).__name__
+    try:
+        with _quiet(), _hub_offline():
+            if tokenizer is None:
+                bridge = build_bridge_from_module(hf_model, arch, hf_config=hf_model.config,
+                                                  device=device, dtype=dtype)
+            else:
+                name = getattr(hf_model.config, "_name_or_path", "") or arch
+                bridge = TransformerBridge.boot_transformers(name, hf_model=hf_model, tokenizer=tokenizer,
+                                                             device=device, dtype=dtype)
+    except ValueError as exc:
+        if "architecture" not in str(exc).lower():
+            raise
+        raise UnsupportedModelError(
+            f"TransformerLens cannot wrap a {arch} ({exc}); pass the model with its language-model head "
+            "(e.g. BertForMaskedLM, GPT2LMHeadModel, GPTNeoXForCausalLM, LlamaForCausalLM)") from exc
     bridge.eval()
     return bridge
 
@@ -191,6 +265,37 @@ def _load_minilm(tokenizer, device, dtype):
     return bridge
 
 
+def _looks_like_path(name: str) -> bool:
+    """A string that can only be a filesystem path, never a hub id (``name`` or ``org/name``)."""
+    return (os.path.isabs(name) or name.startswith((".", "~")) or name.count("/") >= 2
+            or name.endswith(("/", os.sep)) or "\\" in name)
+
+
+def _load_local(path: str, tokenizer, device, dtype) -> Any:
+    from transformers import AutoConfig, AutoTokenizer
+    import transformers
+
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise ModelNotFoundError(f"{path!r} is a directory but holds no saved Hugging Face model (no config.json); "
+                                 "save one with model.save_pretrained(path)")
+    with _quiet(), _hub_offline():
+        config = AutoConfig.from_pretrained(path)
+        archs = getattr(config, "architectures", None) or []
+        cls = getattr(transformers, archs[0], None) if archs else None
+        if cls is None:
+            raise UnsupportedModelError(f"{path!r}: config.json names no known architecture ({archs}); "
+                                        "load the model yourself and pass the instance")
+        hf = cls.from_pretrained(path, attn_implementation="eager")
+        if tokenizer is None:
+            try:
+                tokenizer = AutoTokenizer.from_pretrained(path)
+            except Exception:
+                tokenizer = None  # no tokenizer saved: feed token ids
+    bridge = _wrap_instance(hf, tokenizer, device, dtype)
+    bridge.cfg.model_name = os.path.basename(os.path.normpath(path))
+    return bridge
+
+
 def load_model(
     model: Any = "minilm",
     *,
@@ -205,7 +310,13 @@ def load_model(
 
     Args:
         model: ``"minilm"`` (the embedded default, offline), a hub name such as ``"gpt2"`` or
-            ``"EleutherAI/pythia-160m"``, or a ``transformers.PreTrainedModel`` instance.
+            ``"EleutherAI/pythia-160m"``, a local directory with a saved Hugging Face model
+            (offline), or a ``transformers.PreTrainedModel`` instance. An instance is never
+            modified: TransformerLens rewires the module tree it wraps and svtools switches it to
+            eager attention, ``dtype``, ``device`` and eval mode, so all of that is done on a
+            deep copy. Cost: one more copy of the weights in memory, and the time to copy them
+            (MiniLM's 22.7M parameters: 0.04-0.33 s measured on a loaded 2-core CPU). Drop your
+            reference if you no longer need the original.
         tokenizer: optional tokenizer (for an instance without one, feed token ids).
         device: default ``cuda`` when available, else ``cpu``.
         dtype: parameter dtype (float32 default).
@@ -217,13 +328,43 @@ def load_model(
     Raises:
         HubUnavailableError: a hub model was asked for, the hub is unreachable, nothing is
             cached, and ``fallback`` is False. Raised within ``timeout`` seconds.
+        ModelNotFoundError: ``model`` is a filesystem path that does not exist (never falls
+            back: a mistyped path is an error, not a reason to load MiniLM).
         UnsupportedModelError: the architecture is not one svtools decomposes exactly.
+
+    The model's own attention weights: use :func:`attention_patterns` (or
+    ``model.run_with_cache`` and ``cache["blocks.{l}.attn.hook_pattern"]``), not
+    ``model.original_model(..., output_attentions=True)``, whose ``attentions`` are wrong after
+    TransformerLens has wrapped the model (3 tensors per layer for BERT, none for GPT-2; see the
+    module docstring).
     """
     device = default_device(device)
+    dtype = as_dtype(dtype)
+    if dtype is None:
+        raise SVToolsError("dtype must be a floating torch dtype, got None")
+    if isinstance(model, type):
+        raise SVToolsError(f"load_model needs a model instance or a name, got the class {model.__name__}; "
+                           f"build one first (e.g. {model.__name__}(config) or {model.__name__}.from_pretrained(...))")
+    if isinstance(model, os.PathLike):
+        model = os.fspath(model)
     if not isinstance(model, str):
         if not (hasattr(model, "config") and isinstance(model, torch.nn.Module)):
             raise SVToolsError(f"model must be 'minilm', a hub name or a transformers model, got {type(model).__name__}")
-        return _wrap_instance(model, tokenizer, device, dtype)
+        if hasattr(model, "original_model") and hasattr(model, "run_with_cache"):
+            raise SVToolsError("model is already a TransformerBridge (from load_model): use it as it is")
+        return _wrap_instance(model, tokenizer, device, dtype, copy_model=True)
+    checkpoint = None if checkpoint is None else as_int(checkpoint, "checkpoint", min_value=0)
+    expanded = os.path.expanduser(model)
+    if os.path.isdir(expanded):
+        if checkpoint is not None:
+            raise SVToolsError("checkpoint= applies to hub models, not to a local directory")
+        return _load_local(expanded, tokenizer, device, dtype)
+    if os.path.exists(expanded):
+        raise ModelNotFoundError(f"{model!r} is a file, not a model directory; pass the directory that "
+                                 "save_pretrained wrote")
+    if _looks_like_path(model):
+        raise ModelNotFoundError(f"no such directory: {model!r} (a local model path must exist; "
+                                 "check the spelling)")
     if model.lower() in MINILM_ALIASES:
         if checkpoint is not None:
             raise SVToolsError("the embedded all-MiniLM-L6-v2 has no training checkpoints")
@@ -236,8 +377,9 @@ def load_model(
     if not online and not _cached(model, revision):
         msg = (f"cannot load {model!r}" + (f" at {revision}" if revision else "") +
                ": the HuggingFace hub is unreachable from this machine (or HF_HUB_OFFLINE is set) "
-               "and the model is not in the local cache. Run where the hub is reachable (Colab, a "
-               "laptop), or use the embedded default load_model('minilm').")
+               "and the model is not in the local cache (nor is there a local directory of that "
+               "name). Run where the hub is reachable (Colab, a laptop), or use the embedded "
+               "default load_model('minilm').")
         if fallback:
             print(f"[svtools] {msg}\n[svtools] Falling back to the embedded all-MiniLM-L6-v2.")
             return _load_minilm(tokenizer, device, dtype)
@@ -259,3 +401,34 @@ def load_model(
     check_supported(bridge.original_model)
     bridge.eval()
     return bridge
+
+
+def attention_patterns(model: Any, tokens: Any, *, layers: Any = None,
+                       attention_mask: Any = None) -> "torch.Tensor":
+    """The model's own attention weights, read from its ``hook_pattern`` hooks: the supported way.
+
+    ``Float[Tensor, "layer batch head query key"]`` for ``layers`` (default all, in the order
+    given), on the model's device. Identity: equal to what Hugging Face's
+    ``output_attentions=True`` returns on an *unwrapped* copy of the model (tested), and to
+    :attr:`svtools.decomposition.HeadDecomposition.pattern`. Use it instead of
+    ``model.original_model(..., output_attentions=True)``, which TransformerLens' in-place
+    wrapping breaks (module docstring).
+
+    Args:
+        model: a bridge from :func:`load_model`.
+        tokens, attention_mask: as for :func:`svtools.decompose` (strings, or ids with a mask).
+        layers: a layer index or a list of them (negative counts from the end).
+    """
+    from svtools._checks import as_indices
+    from svtools.decomposition import _prepare
+
+    check_bridge(model)
+    n = model.cfg.n_layers
+    wanted = list(range(n)) if layers is None else [l % n for l in as_indices(layers, "layers", n=n,
+                                                                               allow_negative=True)]
+    ids, am = _prepare(model, tokens, attention_mask)
+    names = {f"blocks.{l}.attn.hook_pattern" for l in wanted}
+    with torch.no_grad():
+        _, cache = model.run_with_cache(ids, attention_mask=am, names_filter=lambda nm: nm in names,
+                                        stop_at_layer=max(wanted) + 1)
+    return torch.stack([cache[f"blocks.{l}.attn.hook_pattern"].detach() for l in wanted])

@@ -25,11 +25,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Iterable, Literal, Optional
 
+import numpy as np
 import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from svtools._checks import SVToolsError, as_tensor, broadcast_leading, check_finite, check_last_dims
+from svtools._checks import (SVToolsError, as_dtype, as_float, as_int, as_tensor, broadcast_leading, check_finite,
+                             check_last_dims)
 
 __all__ = ["QKSVD", "RotarySpec", "qk_svd", "rotary_matrices", "random_rotation", "RotaryFactors",
            "qk_svd_factored", "one_thread"]
@@ -67,40 +69,62 @@ class RotarySpec:
         layout: Literal["neox", "gptj"] = "neox",
         attention_scaling: float = 1.0,
     ) -> "RotarySpec":
-        """Standard RoPE frequencies ``base ** (-2p / rotary_dim)``."""
+        """Standard RoPE frequencies ``base ** (-2p / rotary_dim)`` (``base`` finite and > 0)."""
+        rotary_dim = as_int(rotary_dim, "rotary_dim")
         if rotary_dim <= 0 or rotary_dim % 2:
             raise SVToolsError(f"rotary_dim must be a positive even number, got {rotary_dim}")
+        base = as_float(base, "base", lo=0.0, lo_open=True)
         p = torch.arange(0, rotary_dim, 2, dtype=torch.float64)
         inv_freq = 1.0 / (base ** (p / rotary_dim))
-        return cls(rotary_dim, inv_freq, torch.as_tensor(list(offsets) if not isinstance(offsets, Tensor) else offsets),
-                   layout, attention_scaling)
+        if not isinstance(offsets, Tensor):
+            offsets = torch.as_tensor(list(offsets)) if not isinstance(offsets, np.ndarray) else torch.from_numpy(offsets)
+        return cls(rotary_dim, inv_freq, offsets, layout, attention_scaling)
 
     def __post_init__(self) -> None:
         if self.layout not in ("neox", "gptj"):
             raise SVToolsError(f"rotary layout must be 'neox' or 'gptj', got {self.layout!r}")
-        if self.rotary_dim <= 0 or self.rotary_dim % 2:
-            raise SVToolsError(f"rotary_dim must be a positive even number, got {self.rotary_dim}")
-        if tuple(self.inv_freq.shape) != (self.rotary_dim // 2,):
+        rotary_dim = as_int(self.rotary_dim, "rotary_dim")
+        if rotary_dim <= 0 or rotary_dim % 2:
+            raise SVToolsError(f"rotary_dim must be a positive even number, got {rotary_dim}")
+        object.__setattr__(self, "rotary_dim", rotary_dim)
+        inv_freq = as_tensor(self.inv_freq, "inv_freq")
+        if tuple(inv_freq.shape) != (rotary_dim // 2,):
             raise SVToolsError(
-                f"inv_freq must have shape ({self.rotary_dim // 2},) for rotary_dim={self.rotary_dim}, "
-                f"got {tuple(self.inv_freq.shape)}")
-        offsets = torch.as_tensor(self.offsets)
-        if offsets.ndim != 1 or offsets.numel() == 0 or offsets.is_floating_point():
+                f"inv_freq must have shape ({rotary_dim // 2},) for rotary_dim={rotary_dim}, "
+                f"got {tuple(inv_freq.shape)}")
+        check_finite(inv_freq, "inv_freq")
+        object.__setattr__(self, "inv_freq", inv_freq)
+        object.__setattr__(self, "attention_scaling", as_float(self.attention_scaling, "attention_scaling"))
+        offsets = self.offsets
+        if isinstance(offsets, np.ndarray):
+            offsets = torch.from_numpy(offsets)
+        try:
+            offsets = torch.as_tensor(offsets)
+        except Exception as exc:
+            raise SVToolsError(f"offsets must be a non-empty 1-D integer tensor, got {type(self.offsets).__name__}") from exc
+        if offsets.ndim != 1 or offsets.numel() == 0 or offsets.is_floating_point() or offsets.is_complex() \
+                or offsets.dtype == torch.bool:
             raise SVToolsError(f"offsets must be a non-empty 1-D integer tensor, got {offsets!r}")
         object.__setattr__(self, "offsets", offsets.long().cpu())
 
     def offset_index(self, delta: Tensor | int) -> Tensor:
-        """Position of each ``delta`` in :attr:`offsets`; raises if one is missing."""
-        delta = torch.as_tensor(delta).long().cpu()
-        table = {int(o): i for i, o in enumerate(self.offsets.tolist())}
-        missing = sorted({int(d) for d in delta.flatten().tolist()} - table.keys())
-        if missing:
+        """Position of each ``delta`` in :attr:`offsets` (same shape as ``delta``); raises if one is missing.
+
+        Binary search over the sorted offsets: memory ``O(len(offsets) + delta.numel())``, whatever
+        the span of the offsets.
+        """
+        delta = torch.as_tensor(delta)
+        if delta.is_floating_point() or delta.is_complex() or delta.dtype == torch.bool:
+            raise SVToolsError(f"offsets to look up must be integers, got dtype {delta.dtype}")
+        delta = delta.long().cpu()
+        sorted_offs, perm = torch.sort(self.offsets)
+        pos = torch.searchsorted(sorted_offs, delta).clamp_max(len(sorted_offs) - 1)
+        found = sorted_offs[pos] == delta
+        if not bool(found.all()):
+            missing = sorted({int(d) for d in delta[~found].flatten()[:1000].tolist()})
             raise SVToolsError(f"offset(s) {missing[:5]} not decomposed; this RotarySpec has "
                                f"offsets {self.offsets.min().item()}..{self.offsets.max().item()}")
-        lo = int(self.offsets.min())
-        lut = torch.full((int(self.offsets.max()) - lo + 1,), -1, dtype=torch.long)
-        lut[self.offsets - lo] = torch.arange(len(self.offsets))
-        return lut[delta - lo]
+        return perm[pos]
 
 
 def rotary_matrices(spec: RotarySpec, d_head: int, *, dtype=torch.float32,
@@ -136,9 +160,10 @@ class QKSVD:
 
     Shapes (``...`` = leading batch dims such as ``layer head``; rotary adds ``offset`` last
     among them):
-        U: ``(..., d_in, r)`` orthonormal columns (left singular vectors, query side)
-        S: ``(..., r)`` singular values, descending, non-negative
-        V: ``(..., d_in, r)`` orthonormal columns (right singular vectors, key side)
+
+    - U: ``(..., d_in, r)`` orthonormal columns (left singular vectors, query side)
+    - S: ``(..., r)`` singular values, descending, non-negative
+    - V: ``(..., d_in, r)`` orthonormal columns (right singular vectors, key side)
 
     ``d_in = d_model + 1`` when ``has_bias`` (the constant coordinate last), else ``d_model``.
     """
@@ -183,7 +208,11 @@ class QKSVD:
         idx = idx if isinstance(idx, tuple) else (idx,)
         if len(idx) > len(self.batch_shape):
             raise SVToolsError(f"too many indices ({len(idx)}) for batch shape {tuple(self.batch_shape)}")
-        return replace(self, U=self.U[idx], S=self.S[idx], V=self.V[idx])
+        try:
+            return replace(self, U=self.U[idx], S=self.S[idx], V=self.V[idx])
+        except IndexError as exc:
+            raise SVToolsError(f"index {idx if len(idx) > 1 else idx[0]!r} is out of range for this "
+                               f"decomposition's batch shape {tuple(self.batch_shape)}") from exc
 
     def at_offset(self, delta: int) -> "QKSVD":
         """The decomposition for one rotary offset ``delta = i - j`` (drops the offset dim)."""
@@ -231,7 +260,12 @@ def qk_svd(
         b_Q, b_K: optional ``(..., d_head)`` biases. If either is given the result is in
             homogeneous coordinates (``d_in = d_model + 1``, constant last; a missing bias is 0).
         rotary: a :class:`RotarySpec`; adds an ``offset`` dim just before ``d_in``/``r``.
-        dtype: computation dtype (default: that of ``W_Q``; use ``torch.float64`` for checks).
+        dtype: dtype of the result (a floating ``torch.dtype`` or its name, e.g. ``"float64"``;
+            default: the inputs' dtype, except that float16/bfloat16 inputs give float32). The
+            work is done in float64 (Gram matrices, core SVD) and at least float32 (the
+            projections), so half-precision weights whose singular values exceed the half range
+            still decompose; an explicit half ``dtype`` whose values do not fit raises
+            :class:`SVToolsError`.
 
     Returns:
         :class:`QKSVD` with ``U, V: (..., [offset,] d_in, r)``, ``S: (..., [offset,] r)``,
@@ -239,7 +273,14 @@ def qk_svd(
     """
     W_Q = as_tensor(W_Q, "W_Q")
     W_K = as_tensor(W_K, "W_K")
-    dtype = dtype or torch.promote_types(W_Q.dtype, W_K.dtype)
+    requested = as_dtype(dtype)
+    out_dtype = requested or torch.promote_types(W_Q.dtype, W_K.dtype)
+    if requested is None and out_dtype in (torch.float16, torch.bfloat16):
+        out_dtype = torch.float32
+    if rotary is not None and not isinstance(rotary, RotarySpec):
+        raise SVToolsError(f"rotary must be a RotarySpec, got {type(rotary).__name__}")
+    # projections in at least float32: half-precision products overflow past 65504
+    dtype = torch.promote_types(out_dtype, torch.float32)
     check_last_dims(W_Q, (None, None), "W_Q", "(..., d_model, d_head)")
     d_model, d_head = W_Q.shape[-2:]
     check_last_dims(W_K, (d_model, d_head), "W_K", f"(..., {d_model}, {d_head}) to match W_Q")
@@ -253,11 +294,13 @@ def qk_svd(
             names.append(n)
     lead = broadcast_leading(shapes, names)
     bias = b_Q is not None or b_K is not None
-    A = _homogeneous(W_Q.to(dtype), None if b_Q is None else as_tensor(b_Q, "b_Q").to(dtype), bias)
-    B = _homogeneous(W_K.to(dtype), None if b_K is None else as_tensor(b_K, "b_K").to(dtype), bias)
+    # every operand expanded to the common leading shape first, so a bias may carry batch dims
+    # that the weights lack (and vice versa)
+    A = _homogeneous(W_Q.to(dtype).expand(lead + W_Q.shape[-2:]),
+                     None if b_Q is None else as_tensor(b_Q, "b_Q").to(dtype).expand(lead + (d_head,)), bias)
+    B = _homogeneous(W_K.to(dtype).expand(lead + W_K.shape[-2:]),
+                     None if b_K is None else as_tensor(b_K, "b_K").to(dtype).expand(lead + (d_head,)), bias)
     d_in = A.shape[-2]
-    A = A.expand(lead + A.shape[-2:])
-    B = B.expand(lead + B.shape[-2:])
 
     # Omega~ = A M B^T with A, B (..., d_in, d_head) and M = I (or the rotary M_delta).
     # With the Gram matrix A^T A = R_A^T R_A (Cholesky, in float64), Q_A = A R_A^-1 has
@@ -290,9 +333,13 @@ def qk_svd(
     sign = torch.sign(U.sum(-2, keepdim=True))
     sign = torch.where(sign == 0, torch.ones_like(sign), sign)
     U, V = U * sign, V * sign
-    S = S.to(dtype)
     r = min(d_head, d_in)
-    return QKSVD(U=U[..., :r], S=S[..., :r], V=V[..., :r], has_bias=bias, rotary=rotary)
+    s_max = float(S.max()) if S.numel() else 0.0
+    U, S, V = U[..., :r].to(out_dtype), S[..., :r].to(out_dtype), V[..., :r].to(out_dtype)
+    if out_dtype != dtype and not bool(torch.isfinite(S).all() & torch.isfinite(U).all() & torch.isfinite(V).all()):
+        raise SVToolsError(f"the decomposition does not fit in dtype={out_dtype} (singular values up to "
+                           f"{s_max:.3g} overflow it); use dtype=torch.float32")
+    return QKSVD(U=U, S=S, V=V, has_bias=bias, rotary=rotary)
 
 
 def random_rotation(batch_shape: torch.Size | tuple[int, ...], r: int, *, seed: int = 0,
@@ -409,7 +456,10 @@ def qk_svd_factored(
         raise SVToolsError("qk_svd_factored needs rotary=RotarySpec(...)")
     W_Q = as_tensor(W_Q, "W_Q")
     W_K = as_tensor(W_K, "W_K")
-    dtype = dtype or torch.promote_types(W_Q.dtype, W_K.dtype)
+    requested = as_dtype(dtype)  # the dtype rule of qk_svd: half-precision weights give float32
+    dtype = requested or torch.promote_types(W_Q.dtype, W_K.dtype)
+    if requested is None and dtype in (torch.float16, torch.bfloat16):
+        dtype = torch.float32
     check_last_dims(W_Q, (None, None), "W_Q", "(..., d_model, d_head)")
     d_model, d_head = W_Q.shape[-2:]
     check_last_dims(W_K, (d_model, d_head), "W_K", f"(..., {d_model}, {d_head}) to match W_Q")

@@ -1,12 +1,20 @@
-"""Run-time settings shared by the chapters: scale, device, seeds."""
+"""Run-time settings shared by the chapters: scale, device, seeds, progress bars.
+
+Progress bars are on for readers running a chapter in Jupyter or Colab. ``TQDM_DISABLE=1`` (tqdm's
+own switch, honoured by every tqdm bar, including those of TransformerLens and the model hub)
+turns them all off; the book's build sets it (``scripts/svtools_book.py``), because each refresh
+of a bar would otherwise be kept in the built pages as stderr output.
+"""
 
 from __future__ import annotations
 
 import os
 import random
+import warnings
 
 import numpy as np
 import torch
+from tqdm import TqdmWarning
 
 __all__ = ["full_scale", "scale_name", "default_device", "seed_everything", "tqdm"]
 
@@ -36,20 +44,41 @@ def seed_everything(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
+# TransformerLens imports ``tqdm.auto``, which warns "IProgress not found" (with the path of the
+# installed tqdm) in every Jupyter kernel that lacks ipywidgets. The text bar below shows the same
+# progress, so the warning only adds noise: silence that one message, nothing else.
+warnings.filterwarnings("ignore", message="IProgress not found", category=TqdmWarning)
+
+
+def _bars_off() -> bool:
+    return os.environ.get("TQDM_DISABLE", "").strip().lower() in {"1", "true", "yes", "on"}
+
+
 def _pick_tqdm():
-    """``tqdm.auto`` when notebook widgets can be drawn, else the plain text bar.
+    """``tqdm.auto`` when notebook widgets can be drawn, else the plain text bar; off when
+    ``TQDM_DISABLE=1`` even where the caller passes ``disable=False`` (``progress=True``).
 
     ``tqdm.auto`` without ipywidgets warns ("IProgress not found") in every notebook; the text
     bar shows the same progress without the warning.
     """
     try:
         import ipywidgets  # noqa: F401
-        from tqdm.auto import tqdm as bar
+        from tqdm.auto import tqdm as base
     except ImportError:
-        from tqdm.std import tqdm as bar
-    return bar
+        from tqdm.std import tqdm as base
+
+    class tqdm(base):  # noqa: N801 - the name readers know
+        """tqdm's progress bar (``tqdm.auto`` or ``tqdm.std``, same arguments), off under ``TQDM_DISABLE=1``."""
+
+        def __init__(self, *args, **kwargs):
+            if _bars_off():  # tqdm's own TQDM_DISABLE only sets the default of ``disable``
+                kwargs["disable"] = True
+            super().__init__(*args, **kwargs)
+
+    tqdm.__module__ = __name__
+    tqdm.__qualname__ = "tqdm"
+    return tqdm
 
 
-#: The progress bar every long loop of svtools uses.
+#: The progress bar every long loop of svtools uses (off when ``TQDM_DISABLE=1``, as in the build).
 tqdm = _pick_tqdm()
-

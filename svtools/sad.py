@@ -48,7 +48,7 @@ __all__ = ["select_pairs", "pair_measures", "head_sparsity", "toy_sparsity", "to
            "singular_vector_usage", "usage_difference", "reuse", "bootstrap", "ioi_tokens", "label_ioi_roles",
            "IOI_HEADS", "ioi_heads", "model_note", "sparsity_over_checkpoints",
            "toy_sparsity_over_training", "format_summary", "COLUMNS", "KINDS",
-           "baseline_pairs", "pair_uniform", "CHUNK_BYTES", "ROTARY_CACHE_BYTES"]
+           "baseline_pairs", "pair_uniform", "compare_kinds", "CHUNK_BYTES", "ROTARY_CACHE_BYTES"]
 
 #: Columns every :func:`head_sparsity` frame has (acceptance checks read these names).
 COLUMNS = ("layer", "head", "prompt", "query", "key", "attention", "score", "n_recon", "rolls_tovee",
@@ -155,11 +155,21 @@ def _used_tuples(order: np.ndarray, n: np.ndarray) -> list[tuple[int, ...]]:
 
 
 def _heads_by_layer(model: Any, layers, heads) -> dict[int, list[int]]:
-    from svtools.decomposition import _check_heads, _check_layer
+    """``layers``/``heads`` of :func:`head_sparsity` -> ``{layer: heads}``.
 
+    ``heads`` is either head indices (an int, a list or 1-D array of ints: the same heads in every
+    layer of ``layers``) or a list of ``(layer, head)`` pairs. A bare *tuple* of two ints with no
+    ``layers`` (``heads=(9, 6)``) could mean either, so it is an error that names both spellings.
+    """
+    from svtools._checks import as_indices, is_index_sequence
+    from svtools.decomposition import _check_heads, _check_layer
+    from svtools.models import check_bridge
+
+    check_bridge(model)
     n_layers = model.cfg.n_layers
-    if heads is not None and not isinstance(heads, int) and len(heads) and all(
-            isinstance(h, (tuple, list)) for h in heads):
+    if heads is not None and is_index_sequence(heads) and not isinstance(heads, (Tensor, np.ndarray)) \
+            and len(heads) and all(isinstance(h, (tuple, list)) or (isinstance(h, (Tensor, np.ndarray)) and h.ndim == 1)
+                                   for h in heads):
         if layers is not None:
             raise SVToolsError("give either (layer, head) pairs in heads= or layers= with head indices, not both")
         out: dict[int, list[int]] = {}
@@ -172,18 +182,34 @@ def _heads_by_layer(model: Any, layers, heads) -> dict[int, list[int]]:
                 if h not in out[layer]:
                     out[layer].append(h)
         return {k: sorted(v) for k, v in sorted(out.items())}
+    if isinstance(heads, tuple) and len(heads) == 2 and layers is None:
+        a, b = heads
+        raise SVToolsError(f"heads={heads!r} is ambiguous: for the single head (layer {a}, head {b}) write "
+                           f"heads=[({a}, {b})]; for heads {a} and {b} of every layer write heads=[{a}, {b}]")
     if layers is None:
         layer_list = list(range(n_layers))
     else:
-        layer_list = [layers] if isinstance(layers, int) else list(layers)
+        layer_list = as_indices(layers, "layers", allow_empty=True)
         if not layer_list:
             raise SVToolsError("layers is empty")
     head_list = _check_heads(model, heads)
     return {_check_layer(model, layer): head_list for layer in sorted(set(layer_list))}
 
 
-def _empty_frame() -> pd.DataFrame:
-    return pd.DataFrame({c: pd.Series(dtype=object if c in ("used", "kind") else float) for c in COLUMNS})
+#: dtype of each :data:`COLUMNS` entry in a :func:`head_sparsity` frame (also when it is empty)
+_COLUMN_DTYPES = {"layer": np.int64, "head": np.int64, "prompt": np.int64, "query": np.int64, "key": np.int64,
+                  "attention": np.float32, "score": np.float64, "n_recon": np.int64, "rolls_tovee": np.float64,
+                  "n_recon_rotated": np.int64, "rolls_tovee_rotated": np.float64, "dominant_k": np.int64,
+                  "dominant_k_rotated": np.int64, "dominant_sigma": np.float64, "r": np.int64, "used": object,
+                  "query_token": np.int64, "key_token": np.int64, "kind": str}
+
+
+def _empty_frame(control: Optional[str] = "rotated") -> pd.DataFrame:
+    """A frame with no rows and the same columns and dtypes as a non-empty one."""
+    dt = dict(_COLUMN_DTYPES)
+    if control is None:  # no control: the rotated columns are NaN, hence float
+        dt.update(n_recon_rotated=np.float64, dominant_k_rotated=np.float64)
+    return pd.DataFrame({c: pd.Series(dtype=dt[c]) for c in COLUMNS})
 
 
 # ----------------------------------------------------------------------------- baseline samples
@@ -399,13 +425,15 @@ def _check_softmax(pattern: Tensor, mask: Tensor, qvalid: Tensor, idx_all: dict[
     """
     from svtools.models import UnsupportedModelError
 
-    top, arg = pattern.topk(2, dim=-1)  # (batch, head, query, 2)
+    top, arg = pattern.topk(min(2, pattern.shape[-1]), dim=-1)  # (batch, head, query, 2)
     B, H, n, _ = pattern.shape
-    bb, hh, qq = torch.meshgrid(torch.arange(B, device=pattern.device), torch.arange(H, device=pattern.device),
-                                torch.arange(n, device=pattern.device), indexing="ij")
-    second = qvalid[:, 0][bb, qq] & mask[bb, 0, qq, arg[..., 1]] & (top[..., 1] > 0)
-    idx2 = torch.stack([bb[second], hh[second], qq[second], arg[..., 1][second]], -1)
-    groups = list(idx_all.items()) + [("top-2", idx2)]
+    groups = list(idx_all.items())
+    if top.shape[-1] == 2:  # a single key (one-token prompts) has no second weight to check
+        bb, hh, qq = torch.meshgrid(torch.arange(B, device=pattern.device), torch.arange(H, device=pattern.device),
+                                    torch.arange(n, device=pattern.device), indexing="ij")
+        second = qvalid[:, 0][bb, qq] & mask[bb, 0, qq, arg[..., 1]] & (top[..., 1] > 0)
+        idx2 = torch.stack([bb[second], hh[second], qq[second], arg[..., 1][second]], -1)
+        groups.append(("top-2", idx2))
     err = 0.0
     for kind, idx in groups:
         if not len(idx):
@@ -420,8 +448,8 @@ def _check_softmax(pattern: Tensor, mask: Tensor, qvalid: Tensor, idx_all: dict[
     if not err <= tol:
         raise UnsupportedModelError(
             f"decomposition does not reproduce the model's attention at layer {layer} "
-            f"(max |softmax - pattern| = {err:.2e} > {tol}); this model's attention "
-            "has a mechanism svtools does not model")
+            f"(max |softmax - pattern| = {err:.2e} > tolerance {tol:.2e}, see svtools.models.pattern_tolerance); "
+            "this model's attention has a mechanism svtools does not model")
 
 
 def _check_sums(t: Tensor, want: Tensor, what: str, layer: int, tol: float) -> None:
@@ -441,13 +469,16 @@ class _PairEngine:
     def __init__(self, model: Any, plan: dict[int, list[int]], *, select: str, threshold: float,
                  exclude_first: bool, attention: str, control: Optional[str], seed: int, frac: float,
                  dtype: torch.dtype, kinds: tuple[str, ...], baseline_fraction: float,
-                 baseline_bound: Optional[float], baseline_seed: int, check_tol: float = 1e-3) -> None:
+                 baseline_bound: Optional[float], baseline_seed: int, check_tol: float = 1e-3,
+                 pattern_tol: Optional[float] = None) -> None:
         from svtools.decomposition import attention_scale, is_causal
 
         self.model, self.plan = model, plan
         self.select, self.threshold, self.exclude_first = select, threshold, exclude_first
         self.relative, self.control, self.seed, self.frac = attention == "relative", control, seed, frac
         self.dtype, self.kinds, self.check_tol = dtype, kinds, check_tol
+        # tolerance of the pattern check: svtools.models.pattern_tolerance of the model's dtype
+        self.pattern_tol = check_tol if pattern_tol is None else pattern_tol
         self.bfrac, self.bbound, self.bseed = baseline_fraction, baseline_bound, baseline_seed
         self.scale = {l: attention_scale(model, l) for l in plan}
         self.causal = is_causal(model)
@@ -507,7 +538,7 @@ class _PairEngine:
         # the exactness check: softmax(scale * scores) must give the model's pattern, tested on every
         # measured pair and on the two largest weights of every real query of every head
         _check_softmax(pattern, mask, qvalid, idx_all, pair_scores, score_of, self.scale[layer], layer,
-                       self.check_tol)
+                       self.pattern_tol)
         if self.relative:
             maskf = mask[:, 0].to(self.dtype)  # (batch, query, key)
             count = maskf.sum(-1)  # (batch, query)
@@ -698,6 +729,7 @@ def head_sparsity(
           spectrum and the token statistics and answers "is an attended pair sparser than a
           typical pair of this head?"; it cannot say why (a head sparse for every pair is sparse
           for random pairs too, and attended pairs differ from random ones in score as well).
+
         ``baseline`` may list both. Baseline rows carry the rotated control too.
 
     Identities: terms sum to the score in both bases, so the score column is basis-free (and the
@@ -712,7 +744,10 @@ def head_sparsity(
         tokens: list of strings (tokenised once by :func:`svtools.decomposition.tokenize`), or
             ``(batch, pos)`` ids with ``attention_mask``.
         layers, heads: which heads. ``heads`` may be head indices (used in every layer of
-            ``layers``, default all) or ``(layer, head)`` pairs such as the IOI heads.
+            ``layers``, default all) or a list of ``(layer, head)`` pairs such as the IOI heads
+            (``heads=[(9, 6)]``). A bare tuple of two ints without ``layers`` (``heads=(9, 6)``)
+            is ambiguous and raises :class:`SVToolsError` naming both spellings. Python and numpy
+            integers are accepted alike (a frame row's ``row.layer`` round-trips).
         select, threshold, exclude_first: pair selection, see :func:`select_pairs`.
         attention: ``"absolute"`` decomposes scores; ``"relative"`` decomposes relative scores
             (each term minus its mean over the query's other visible keys,
@@ -745,33 +780,34 @@ def head_sparsity(
     Returns:
         ``pandas.DataFrame`` with the columns above (integers as int64).
     """
-    from svtools.decomposition import _as_ids, _hf
-    from svtools.models import check_supported
+    from svtools._checks import as_dtype, as_float, as_int
+    from svtools.decomposition import _decomposition_dtype, _prepare
+    from svtools.models import check_bridge, resolve_check_tol
 
+    check_bridge(model)
     if attention not in ("absolute", "relative"):
         raise SVToolsError(f"unknown attention {attention!r}: use 'absolute' or 'relative'")
     if control not in ("rotated", None):
         raise SVToolsError(f"unknown control {control!r}: use 'rotated' or None")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise SVToolsError(f"batch_size must be a positive int, got {batch_size!r}")
+    batch_size = as_int(batch_size, "batch_size", min_value=1)
     if select not in ("threshold", "acc"):
         raise SVToolsError(f"unknown pair selection {select!r}: use 'threshold' or 'acc'")
-    if select == "threshold" and not (0.0 < float(threshold) <= 1.0):
-        raise SVToolsError(f"threshold must be in (0, 1], got {threshold}")
-    if not (0.0 < float(frac) <= 1.0):
-        raise SVToolsError(f"frac must be in (0, 1], got {frac}")
+    if select == "threshold":
+        threshold = as_float(threshold, "threshold", lo=0.0, hi=1.0, lo_open=True)
+    frac = as_float(frac, "frac", lo=0.0, hi=1.0, lo_open=True)
+    seed = as_int(seed, "seed")
+    as_dtype(dtype)
     kinds = ("attended",) + _check_baseline(baseline, baseline_fraction, baseline_bound)
     plan = _heads_by_layer(model, layers, heads)
-    check_supported(_hf(model))
-    ids, am = _as_ids(model, tokens, attention_mask)
-
-    dtype = dtype or torch.float32
-    device = next(_hf(model).parameters()).device
-    ids, am = ids.to(device), am.to(device)
+    # the same input checks as decompose (supported model, eval mode, 0/1 mask, max positions),
+    # the same dtype rule (half precision decomposed in float32) and the same exactness tolerance
+    ids, am = _prepare(model, tokens, attention_mask)
+    dtype = _decomposition_dtype(dtype)
+    pattern_tol = resolve_check_tol(model, "auto")
     engine = _PairEngine(model, plan, select=select, threshold=threshold, exclude_first=exclude_first,
                          attention=attention, control=control, seed=seed, frac=frac, dtype=dtype, kinds=kinds,
                          baseline_fraction=baseline_fraction, baseline_bound=baseline_bound,
-                         baseline_seed=baseline_seed)
+                         baseline_seed=baseline_seed, pattern_tol=pattern_tol)
     # prompts per forward pass: at most batch_size, and few enough that one layer's
     # (batch, head, query, key) tensor stays under CHUNK_BYTES
     per_prompt = model.cfg.n_heads * ids.shape[1] ** 2 * max(torch.finfo(dtype).bits // 8, 4)
@@ -830,7 +866,7 @@ def _pair_rows(layer: int, heads: Sequence[int], idx: Int[Tensor, "pair 4"], t: 
 def _assemble(frames: list[dict[str, Any]], control: Optional[str]) -> pd.DataFrame:
     """One frame from the per-chunk columns, typed and ordered (kind, layer, head, prompt, query, key)."""
     if not frames:
-        return _empty_frame()
+        return _empty_frame(control)
     df = pd.concat([pd.DataFrame(c) for c in frames], ignore_index=True)
     if control == "rotated":
         df["n_recon_rotated"] = df["n_recon_rotated"].astype(np.int64)
@@ -1368,3 +1404,25 @@ def format_summary(summary: pd.DataFrame, *, digits: int = 2) -> pd.DataFrame:
         summary[["pairs", "prompts"]].max().to_frame().T
     order = list(dict.fromkeys(summary["column"]))
     return wide[order].join(counts) if by else pd.concat([wide[order], counts], axis=1)
+
+
+def compare_kinds(summary: pd.DataFrame, a: str = "attended", b: str = "non-attended", *,
+                  column: str = "rolls_tovee", column_b: Optional[str] = None) -> pd.DataFrame:
+    """Compare two kinds of pairs group by group in a :func:`bootstrap` summary grouped by ``kind``.
+
+    For each group (the summary's other ``by`` columns): the estimates of ``column`` for kind
+    ``a`` and of ``column_b`` (default ``column``; e.g. ``"rolls_tovee_rotated"`` to compare with
+    the control) for kind ``b``, and ``verdict``: ``"lower"`` when ``a``'s interval lies entirely
+    below ``b``'s, ``"higher"`` when entirely above, else ``"overlap"``. For Rolls-Tovee and
+    N_recon, "lower" means sparser.
+    """
+    _check_columns(summary, ["kind", "column", "estimate", "lo", "hi"], "compare_kinds")
+    column_b = column_b or column
+    by = [c for c in summary.columns if c not in ("kind", "column", "stat", "estimate", "lo", "hi", "pairs", "prompts")]
+    A = summary[(summary["kind"] == a) & (summary["column"] == column)]
+    B = summary[(summary["kind"] == b) & (summary["column"] == column_b)]
+    keep = by + ["estimate", "lo", "hi"]
+    m = A[keep].merge(B[keep], on=by, suffixes=("_a", "_b")) if by else \
+        pd.concat([A[keep].add_suffix("_a").reset_index(drop=True), B[keep].add_suffix("_b").reset_index(drop=True)], axis=1)
+    m["verdict"] = np.where(m["hi_a"] < m["lo_b"], "lower", np.where(m["lo_a"] > m["hi_b"], "higher", "overlap"))
+    return m.rename(columns={"estimate_a": a, "estimate_b": f"{b} ({column_b})" if column_b != column else b})

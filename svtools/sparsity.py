@@ -6,7 +6,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from svtools._checks import SVToolsError, as_tensor
+from svtools._checks import SVToolsError, as_float, as_tensor
 
 __all__ = ["n_recon", "rolls_tovee"]
 
@@ -23,6 +23,17 @@ def _check_terms(terms, name: str = "terms") -> Tensor:
     return t
 
 
+def _scaled(t: Tensor) -> Tensor:
+    """``t`` divided by its largest magnitude per row (rows of zeros stay zero), in at least float32.
+
+    Both measures are scale-invariant; scaling first keeps squares and sums inside the dtype's
+    range (float16 ``300**2`` overflows, float32 ``1e20**2`` overflows, ``1e-30**2`` underflows).
+    """
+    t = t.to(torch.promote_types(t.dtype, torch.float32))
+    m = t.abs().amax(-1, keepdim=True)
+    return t / torch.where(m > 0, m, torch.ones_like(m))
+
+
 def n_recon(terms: Float[Tensor, "... r"], frac: float = 1.0) -> Int[Tensor, "..."]:
     """Smallest number of terms, largest first in the direction of the total, reaching ``frac``.
 
@@ -35,6 +46,9 @@ def n_recon(terms: Float[Tensor, "... r"], frac: float = 1.0) -> Int[Tensor, "..
     Zero total: when ``|T|`` is within that tolerance of 0, the empty sum already reaches it and
     ``N_recon = 0``.
 
+    Scale-invariant; computed on ``t / max_k |t_k|`` in at least float32, so large, tiny or
+    half-precision terms give the same answer as their float64 versions.
+
     Args:
         terms: ``(..., r)``; reduced over the last axis, batched over the rest.
         frac: fraction of the total to reach, in ``(0, 1]`` (the paper uses 1.0).
@@ -42,9 +56,8 @@ def n_recon(terms: Float[Tensor, "... r"], frac: float = 1.0) -> Int[Tensor, "..
     Returns:
         int64 tensor of shape ``(...)``, values in ``[0, r]``.
     """
-    if not (0.0 < float(frac) <= 1.0):
-        raise SVToolsError(f"frac must be in (0, 1], got {frac}")
-    t = _check_terms(terms)
+    frac = as_float(frac, "frac", lo=0.0, hi=1.0, lo_open=True)
+    t = _scaled(_check_terms(terms))
     total = t.sum(-1, keepdim=True)
     s = torch.where(total < 0, -torch.ones_like(total), torch.ones_like(total))
     sorted_t, _ = torch.sort(s * t, dim=-1, descending=True)
@@ -63,11 +76,16 @@ def rolls_tovee(terms: Float[Tensor, "... r"]) -> Float[Tensor, "..."]:
 
     1 means every term has the same magnitude (dense); ``1/r`` means one term carries everything
     (one-hot). It depends only on magnitudes, so the sign of the total does not matter. An
-    all-zero vector has no sparseness: the result is NaN there.
+    all-zero vector has no sparseness: the result is NaN there (the only NaN it returns).
+    Computed on ``t / max_k |t_k|`` in at least float32, so any finite input of any float dtype
+    gives the right value (float16 ``[300, 1, 0.5]`` -> 0.337; float32 ``[1e20, 1e20, 0]`` -> 2/3).
+    Returns the input's dtype.
     """
-    t = _check_terms(terms)
+    raw = _check_terms(terms)
+    t = _scaled(raw)  # scale-invariant: computed on t / max|t| so squares neither overflow nor underflow
     a = t.abs()
     num = a.mean(-1) ** 2
     den = (t * t).mean(-1)
-    return torch.where(den > 0, num / torch.where(den > 0, den, torch.ones_like(den)),
-                       torch.full_like(den, float("nan")))
+    out = torch.where(den > 0, num / torch.where(den > 0, den, torch.ones_like(den)),
+                      torch.full_like(den, float("nan")))
+    return out.to(raw.dtype)

@@ -14,7 +14,7 @@ import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
-from svtools._checks import SVToolsError, as_tensor, broadcast_leading, check_finite
+from svtools._checks import SVToolsError, as_int, as_tensor, broadcast_leading, check_finite
 from svtools.qk import QKSVD, rotated_factors
 
 __all__ = ["sad_terms", "rotated_terms", "relative_terms", "relative_pair_terms", "homogeneous"]
@@ -37,10 +37,12 @@ def homogeneous(x: Float[Tensor, "... d"], qk: QKSVD, name: str = "x") -> Float[
 
 
 def _select_offset(qk: QKSVD, offset: Optional[int]) -> QKSVD:
+    if not isinstance(qk, QKSVD):
+        raise SVToolsError(f"qk must be a QKSVD (from svtools.qk_svd), got {type(qk).__name__}")
     if qk.rotary is not None:
         if offset is None:
             raise SVToolsError("this decomposition is rotary: pass offset= (query position - key position)")
-        return qk.at_offset(int(offset))
+        return qk.at_offset(as_int(offset, "offset"))
     if offset is not None:
         raise SVToolsError("offset= only applies to rotary decompositions")
     return qk
@@ -87,7 +89,7 @@ def rotated_terms(qk: QKSVD, x_query: Float[Tensor, "... d_model"], x_key: Float
     qk = _select_offset(qk, offset)
     x = homogeneous(x_query, qk, "x_query")
     y = homogeneous(x_key, qk, "x_key")
-    left, right = rotated_factors(qk, seed=seed)
+    left, right = rotated_factors(qk, seed=as_int(seed, "seed"))
     return _terms_from_factors(left, right, x, y)
 
 

@@ -19,7 +19,7 @@ independent zero-mean activations of equal variance (``F ∝ I``) that is ``Sigm
 ``Sigma_X = X X^T``: the *whitened* feature direction (Theorem 1). Everything here is computed
 in float64 internally and returned in the input's dtype.
 
-Interference (deviation of a frame from isotropy). We use the trace-normalised definition
+Interference (deviation of a frame from isotropy). We use the trace-normalised definition::
 
     E_X = Sigma_X / (tr Sigma_X / D) - I,       ||E_X||_2 = max_k |lambda_k / mean(lambda) - 1|,
 
@@ -40,7 +40,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from svtools.runtime import tqdm
 
-from svtools._checks import SVToolsError, as_tensor, check_finite
+from svtools._checks import SVToolsError, as_float, as_indices, as_int, as_tensor, check_finite
 from svtools.qk import QKSVD, qk_svd
 from svtools.runtime import default_device
 
@@ -52,7 +52,7 @@ __all__ = [
     "sample_pairs", "least_squares_omega", "toy_optimal_omega", "BilinearRun", "train_bilinear",
     "interference_matrix", "interference", "frame_spectrum", "frame", "whitening_alignment",
     "alignment_floor", "mean_alignment_bound", "unwhiten", "FrameRun", "train_frame",
-    "alignment_sweep", "mean_drift", "head_report",
+    "alignment_sweep", "mean_drift", "head_report", "measure_frame",
 ]
 
 _F64 = torch.float64
@@ -195,13 +195,20 @@ def _unit(v: Tensor, dim: int = 0) -> Tensor:
 
 
 def _index(i, n: int, name: str) -> tuple[Tensor, bool]:
-    scalar = isinstance(i, int) or (isinstance(i, Tensor) and i.ndim == 0)
-    t = torch.as_tensor(i if not isinstance(i, Tensor) else i.detach().cpu(), dtype=torch.long).reshape(-1)
-    if t.numel() == 0:
-        raise SVToolsError(f"{name} is empty")
-    if int(t.min()) < 0 or int(t.max()) >= n:
-        raise SVToolsError(f"{name} must index features in [0, {n}), got {t.tolist()[:8]}")
-    return t, scalar
+    """Feature index/indices (ints, numpy ints, 1-D int arrays; floats rejected) -> (long tensor, is_scalar)."""
+    from svtools._checks import is_index_sequence
+    scalar = not is_index_sequence(i)
+    idx = as_indices(i.detach().cpu() if isinstance(i, Tensor) else i, name, n=n)
+    return torch.tensor(idx, dtype=torch.long), scalar
+
+
+def _unit_or_raise(v: Tensor, labels: list[int], side: str) -> Tensor:
+    """Unit columns of ``v``; a zero column has no direction, so it is an error naming its feature."""
+    norm = v.norm(dim=0)
+    zero = [labels[k] for k in (norm <= torch.finfo(v.dtype).tiny).nonzero().flatten().tolist()]
+    if zero:
+        raise SVToolsError(f"{side} feature(s) {zero[:8]} have no whitened direction: the feature column is zero")
+    return v / norm
 
 
 # ----------------------------------------------------------------------------- Theorem 1
@@ -216,14 +223,16 @@ def whitened_directions(X: Float[Tensor, "D N"], Y: Float[Tensor, "D M"], i, j
 
     Args:
         X, Y: query-side ``(D, N)`` and key-side ``(D', M)`` frames, features as columns.
-        i, j: feature indices (ints give ``(D,)`` vectors; 1-D index lists give ``(D, P)``).
+        i, j: feature indices (ints give ``(D,)`` vectors; 1-D index lists give ``(D, P)``);
+            floats are rejected, not truncated. A zero feature column has no direction and
+            raises :class:`SVToolsError`.
     """
     X, Y = _frame(X, "X"), _frame(Y, "Y")
     ii, si = _index(i, X.shape[1], "i")
     jj, sj = _index(j, Y.shape[1], "j")
     X64, Y64 = X.to(_F64), Y.to(_F64)
-    u = _unit(_psd_pinv(X64 @ X64.T) @ X64[:, ii.to(X.device)])
-    v = _unit(_psd_pinv(Y64 @ Y64.T) @ Y64[:, jj.to(Y.device)])
+    u = _unit_or_raise(_psd_pinv(X64 @ X64.T) @ X64[:, ii.to(X.device)], ii.tolist(), "X")
+    v = _unit_or_raise(_psd_pinv(Y64 @ Y64.T) @ Y64[:, jj.to(Y.device)], jj.tolist(), "Y")
     u = u[:, 0] if si else u
     v = v[:, 0] if sj else v
     return u.to(X.dtype), v.to(Y.dtype)
@@ -634,7 +643,8 @@ def frame(N: int, D: int, interference: float, seed: int = 0, *,
     by ``N / D``). Deterministic given ``seed``. Identity:
     ``interference(frame(N, D, e, ...)) == e`` (to about ``1e-6`` in float32).
     """
-    N, D = int(N), int(D)
+    N, D = as_int(N, "N"), as_int(D, "D")
+    interference = as_float(interference, "interference", lo=0.0)
     if D < 2 or N < D:
         raise SVToolsError(f"frame needs N >= D >= 2 (features spanning R^D), got N={N}, D={D}")
     _check_normalise(normalise)
@@ -662,11 +672,32 @@ def whitening_alignment(X: Float[Tensor, "D N"]) -> Float[Tensor, "N"]:
     return ((_unit(X64) * _unit(Z)).sum(0)).abs().to(X.dtype)
 
 
+def measure_frame(X: Float[Tensor, "D N"]) -> dict:
+    """Where a given frame (e.g. a sparse autoencoder's dictionary ``W_dec``) sits on the
+    alignment-vs-interference sweep: ``D``, ``N``, ``interference`` (trace-normalised
+    ``||E_X||_2``), ``interference_abs`` (unnormalised), ``cos_raw`` (mean over features of
+    ``|cos(x_i, Sigma_X^+ x_i)|``, the alignment Theorem 1 predicts for a head reading feature
+    ``i``), ``cos_raw_min``, ``bound_mean`` (:func:`mean_alignment_bound`; meaningful for
+    unit-norm columns) and ``lambda_min``, ``lambda_max`` (the extreme eigenvalues of
+    ``Sigma_X`` over their mean: ``||E_X||_2`` sees only the larger deviation, whitening sees
+    both). Columns are used as given (normalise them first if needed)."""
+    X = _frame(X, "X")
+    cos = whitening_alignment(X)
+    X64 = X.to(_F64)
+    lam = torch.linalg.eigvalsh(X64 @ X64.T)
+    return {"D": int(X.shape[0]), "N": int(X.shape[1]), "interference": interference(X),
+            "interference_abs": interference(X, normalise="none"), "cos_raw": float(cos.mean()),
+            "cos_raw_min": float(cos.min()), "bound_mean": float(mean_alignment_bound(X)),
+            "lambda_min": float(lam.min() / lam.mean()), "lambda_max": float(lam.max() / lam.mean())}
+
+
 def alignment_floor(interference: float | Tensor) -> Tensor:
     """Theorem 2, worst case: ``cos(x, Sigma_X^{-1} x) >= sqrt(1 - e^2)`` for every ``x`` when
     ``||E_X||_2 = e < 1`` (for *any* normalisation ``E_X = Sigma_X / c - I``); 0 (no guarantee)
     for ``e >= 1``."""
-    e = torch.as_tensor(interference, dtype=_F64)
+    e = as_tensor(interference if isinstance(interference, Tensor) else
+                  torch.as_tensor(interference, dtype=_F64), "interference").to(_F64)
+    check_finite(e, "interference")
     if bool((e < 0).any()):
         raise SVToolsError("interference must be >= 0")
     return torch.where(e < 1, (1 - e.clamp(max=1) ** 2).sqrt(), torch.zeros_like(e))
@@ -709,7 +740,10 @@ def unwhiten(qk: QKSVD, Sigma_X: Float[Tensor, "D D"], Sigma_Y: Optional[Float[T
         Sigma_X, Sigma_Y: symmetric ``(D, D)``, ``(D', D')``; ``Sigma_Y`` defaults to ``Sigma_X``.
 
     Returns:
-        ``(U_est, V_est)`` with unit columns, shapes as ``qk.U`` and ``qk.V``.
+        ``(U_est, V_est)`` with unit columns, shapes as ``qk.U`` and ``qk.V``. A column whose
+        ``Sigma u_k`` is zero (``u_k`` in the null space of a singular ``Sigma``) has no feature
+        estimate and is NaN. Raises :class:`SVToolsError` for a ``Sigma`` that is not symmetric
+        positive semi-definite.
     """
     if not isinstance(qk, QKSVD):
         raise SVToolsError(f"qk must be a QKSVD, got {type(qk).__name__}")
@@ -725,7 +759,16 @@ def unwhiten(qk: QKSVD, Sigma_X: Float[Tensor, "D D"], Sigma_Y: Optional[Float[T
         check_finite(S, nm)
         if not torch.allclose(S, S.T, rtol=1e-5, atol=1e-6 * float(S.abs().max().clamp_min(1e-30))):
             raise SVToolsError(f"{nm} must be symmetric (a covariance or second-moment matrix)")
-        out.append(_unit(S.to(B.device, B.dtype) @ B, dim=-2))
+        S64 = S.to(_F64)
+        lam = torch.linalg.eigvalsh((S64 + S64.T) / 2)
+        if float(lam.min()) < -1e-6 * float(lam.abs().max().clamp_min(1e-300)):
+            raise SVToolsError(f"{nm} must be positive semi-definite (a covariance or second-moment matrix); "
+                               f"its smallest eigenvalue is {float(lam.min()):.3g}")
+        est = S.to(B.device, B.dtype) @ B
+        norm = est.norm(dim=-2, keepdim=True)
+        # a singular vector in Sigma's null space has no feature estimate: NaN, not a zero "unit" vector
+        out.append(torch.where(norm > torch.finfo(est.dtype).tiny, est / norm.clamp_min(torch.finfo(est.dtype).tiny),
+                               torch.full_like(est, float("nan"))))
     return out[0], out[1]
 
 
@@ -735,13 +778,14 @@ class FrameRun:
     """A frame trained with the head ``Omega`` held fixed (Theorem 3's experiment).
 
     Attributes (``L`` logged steps):
-        features: ``(D, N)`` final frame; bias: ``(N,)``; omega: the fixed ``(D, D)`` head.
-        step: ``(L,)``; loss_recon, loss_attn: ``(L,)`` mean reconstruction loss and relative
-            attention loss (:func:`attention_loss` with ``relative=True``) since the last entry.
-        overlap_u, overlap_v: ``(L,)`` largest ``|cos(w_k, u)|``, ``|cos(w_k, v)|`` over the
-            non-target features ``k``, with ``(u, v)`` the top singular pair of ``omega``.
-        cos_target: ``(L, 2)`` ``|cos(w_i, u)|`` and ``|cos(w_j, v)|`` for the target pair.
-        interference_target: ``(L, 2)`` largest ``|cos(w_i, w_k)|`` over ``k != i`` (and for ``j``).
+
+    - features: ``(D, N)`` final frame; bias: ``(N,)``; omega: the fixed ``(D, D)`` head.
+    - step: ``(L,)``; loss_recon, loss_attn: ``(L,)`` mean reconstruction loss and relative
+      attention loss (:func:`attention_loss` with ``relative=True``) since the last entry.
+    - overlap_u, overlap_v: ``(L,)`` largest ``|cos(w_k, u)|``, ``|cos(w_k, v)|`` over the
+      non-target features ``k``, with ``(u, v)`` the top singular pair of ``omega``.
+    - cos_target: ``(L, 2)`` ``|cos(w_i, u)|`` and ``|cos(w_j, v)|`` for the target pair.
+    - interference_target: ``(L, 2)`` largest ``|cos(w_i, w_k)|`` over ``k != i`` (and for ``j``).
     """
 
     features: Float[Tensor, "D N"]
@@ -765,9 +809,11 @@ def train_frame(init: Float[Tensor, "D N"], omega: Float[Tensor, "D D"], pair: t
     Loss: ``L_recon + lam * L_attn`` where ``L_attn`` is the exact relative squared-error
     attention loss of the fixed head for the single pair ``T = e_i e_j^T`` (from moments, no
     sampling noise), and ``L_recon`` is sampled:
-        ``"relu"``: the toy's tied autoencoder ``|f - ReLU(W^T W f + b)|^2`` (bias learned);
-        ``"linear"``: ``|f - W^T W f|^2`` (the surrogate Theorem 3 (c) is proved for);
-        ``"none"``: attention only (isolates Theorem 3 (b)).
+
+    - ``"relu"``: the toy's tied autoencoder ``|f - ReLU(W^T W f + b)|^2`` (bias learned);
+    - ``"linear"``: ``|f - W^T W f|^2`` (the surrogate Theorem 3 (c) is proved for);
+    - ``"none"``: attention only (isolates Theorem 3 (b)).
+
     Adam, constant ``lr``; deterministic given ``seed``; ``init`` is copied, not modified.
     """
     W0 = _frame(init, "init")
@@ -834,7 +880,7 @@ def train_frame(init: Float[Tensor, "D N"], omega: Float[Tensor, "D D"], pair: t
 # ----------------------------------------------------------------------------- sweeps
 def alignment_sweep(levels: Iterable[float], *, N: int, D: int, spectrum: Literal["spike", "power"] = "spike",
                     seeds: Iterable[int] = (0,), n_check: int = 8, n_cov: int = 20_000,
-                    progress: bool = True) -> "pd.DataFrame":
+                    tol: float = 1e-9, progress: bool = True) -> "pd.DataFrame":
     """Alignment of raw and un-whitened singular vectors against the frame's interference.
 
     For each level ``e`` and seed: build :func:`frame` ``(N, D, e)``, then
@@ -849,20 +895,32 @@ def alignment_sweep(levels: Iterable[float], *, N: int, D: int, spectrum: Litera
         the ``n_check`` computed singular vectors. With the exact ``Sigma_X`` un-whitening
         is exact (Theorem 1), so only the estimate is interesting.
 
+    ``n_check=0`` skips the SVD check and the un-whitening (frame quantities only: much faster,
+    for the spread over many frames). ``tol`` is passed to :func:`frame`.
+
     Returns a pandas DataFrame with one row per (level, seed), columns ``level, seed, D, N,
-    spectrum, interference`` (measured) and the quantities above.
+    spectrum, interference`` (measured, trace-normalised), ``interference_abs`` (the same frame's
+    ``||E_X||_2`` without normalisation, :func:`interference` with ``normalise="none"``) and the
+    quantities above.
     """
     import pandas as pd
 
     levels, seeds = [float(e) for e in levels], [int(s) for s in seeds]
-    if n_check < 1:
-        raise SVToolsError(f"n_check must be >= 1, got {n_check}")
+    if n_check < 0:
+        raise SVToolsError(f"n_check must be >= 0, got {n_check}")
     act = Activation(centered=True)
     rows = []
     grid = [(e, s) for e in levels for s in seeds]
     for e, seed in tqdm(grid, desc=f"sweep D={D} {spectrum}", disable=not progress):
-        X = frame(N, D, e, seed, spectrum=spectrum, dtype=_F64)
+        X = frame(N, D, e, seed, spectrum=spectrum, dtype=_F64, tol=tol)
         cos = whitening_alignment(X)
+        base = dict(level=e, seed=seed, D=D, N=N, spectrum=spectrum, interference=interference(X),
+                    interference_abs=interference(X, normalise="none"),
+                    cos_raw=float(cos.mean()), cos_raw_min=float(cos.min()),
+                    bound_mean=float(mean_alignment_bound(X)), bound_worst=float(alignment_floor(interference(X))))
+        if n_check == 0:
+            rows.append(base)
+            continue
         g = torch.Generator().manual_seed(seed + 12345)
         idx = torch.randperm(N, generator=g)[:n_check]
         T = torch.zeros(len(idx), N, N, dtype=_F64)
@@ -878,10 +936,6 @@ def alignment_sweep(levels: Iterable[float], *, N: int, D: int, spectrum: Litera
             M2 += xs.T @ xs
         U_est, _ = unwhiten(qk, M2 / n_cov)
         cos_est = (U_est[:, :, 0] * _unit(X[:, idx]).T).sum(-1).abs()
-        rows.append(dict(level=e, seed=seed, D=D, N=N, spectrum=spectrum, interference=interference(X),
-                         cos_raw=float(cos.mean()), cos_raw_min=float(cos.min()),
-                         cos_raw_checked=float((Uc[:, :, 0] * _unit(X[:, idx]).T).sum(-1).abs().mean()),
-                         svd_check=float(check.max()), bound_mean=float(mean_alignment_bound(X)),
-                         bound_worst=float(alignment_floor(interference(X))),
-                         cos_unwhitened_est=float(cos_est.mean())))
+        rows.append(dict(base, cos_raw_checked=float((Uc[:, :, 0] * _unit(X[:, idx]).T).sum(-1).abs().mean()),
+                         svd_check=float(check.max()), cos_unwhitened_est=float(cos_est.mean())))
     return pd.DataFrame(rows)

@@ -39,7 +39,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from svtools._checks import SVToolsError
+from svtools._checks import SVToolsError, as_float, as_int
 from svtools.alignment import PairAlignment, match_pairs
 from svtools.geometry import max_interference
 from svtools.qk import QKSVD, RotarySpec, qk_svd, rotary_matrices
@@ -47,7 +47,7 @@ from svtools.runtime import default_device, tqdm
 
 __all__ = ["ToyConfig", "ToyRun", "ToyHistory", "ToyBatch", "train", "train_seeds", "sample_batch",
            "settle_step", "settle_steps", "summarize", "sweep",
-           "template_matrix", "linear_template"]
+           "template_matrix", "linear_template", "failing_pairs"]
 
 Pair = tuple[int, int, float]
 
@@ -167,8 +167,20 @@ class ToyConfig:
         """Raise :class:`SVToolsError` naming the first bad setting."""
         for name in ("n_features", "d_model", "d_head", "n_keys", "steps", "batch"):
             v = getattr(self, name)
-            if not isinstance(v, int) or v < 1:
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise SVToolsError(f"ToyConfig.{name} must be a positive integer, got {v!r}")
+        as_int(self.seed, "ToyConfig.seed", min_value=0, max_value=2**62)
+        as_int(self.warmup, "ToyConfig.warmup", min_value=0)
+        as_int(self.log_every, "ToyConfig.log_every", min_value=0)
+        as_float(self.target_scale, "ToyConfig.target_scale")
+        as_float(self.init_scale, "ToyConfig.init_scale", lo=0.0, lo_open=True)
+        as_float(self.weight_decay, "ToyConfig.weight_decay", lo=0.0)
+        if self.rotary:
+            as_float(self.rotary_base, "ToyConfig.rotary_base", lo=0.0, lo_open=True)
+        if len(tuple(self.betas)) != 2:
+            raise SVToolsError(f"ToyConfig.betas must be two numbers in [0, 1), got {self.betas!r}")
+        for k, b in enumerate(self.betas):
+            as_float(b, f"ToyConfig.betas[{k}]", lo=0.0, hi=1.0, hi_open=True)
         if self.n_keys < 2 and self.attn_loss == "ce":
             raise SVToolsError("ToyConfig.n_keys must be >= 2 for attn_loss='ce' (softmax over one key is constant)")
         for name in ("p_active", "p_plant"):
@@ -183,10 +195,8 @@ class ToyConfig:
             raise SVToolsError(f"ToyConfig.lr_schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}")
         if self.dtype not in ("float32", "float64"):
             raise SVToolsError(f"ToyConfig.dtype must be 'float32' or 'float64', got {self.dtype!r}")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise SVToolsError(f"ToyConfig.lr must be positive, got {self.lr!r}")
-        if self.lam < 0 or not math.isfinite(self.lam):
-            raise SVToolsError(f"ToyConfig.lam must be >= 0, got {self.lam!r}")
+        as_float(self.lr, "ToyConfig.lr", lo=0.0, lo_open=True)
+        as_float(self.lam, "ToyConfig.lam", lo=0.0)
         if self.rotary and self.d_head % 2:
             raise SVToolsError(f"ToyConfig.rotary needs an even d_head, got {self.d_head}")
         if self.head and not self.template:
@@ -195,10 +205,10 @@ class ToyConfig:
             if len(t) != 3:
                 raise SVToolsError(f"template entries must be (query feature, key feature, strength), got {t!r}")
             i, j, s = t
-            if not (0 <= int(i) < self.n_features and 0 <= int(j) < self.n_features):
+            i, j = as_int(i, f"template query feature in {t!r}"), as_int(j, f"template key feature in {t!r}")
+            if not (0 <= i < self.n_features and 0 <= j < self.n_features):
                 raise SVToolsError(f"template pair {(i, j)} out of range for n_features={self.n_features}")
-            if not math.isfinite(float(s)):
-                raise SVToolsError(f"template strength for {(i, j)} is not finite: {s!r}")
+            as_float(s, f"template strength for {(i, j)}")
 
 
 def template_matrix(cfg: ToyConfig, *, dtype=torch.float32, device=None) -> Float[Tensor, "N N"]:
@@ -393,6 +403,9 @@ def train(cfg: ToyConfig, *, progress: bool = True) -> ToyRun:
 
     Identity kept by the result: ``run.qk.U diag(run.qk.S) run.qk.V^T == run.omega == W_Q^T W_K``.
     """
+    if not isinstance(cfg, ToyConfig):
+        raise SVToolsError(f"cfg must be a ToyConfig (e.g. ToyConfig(steps=3) or ToyConfig.single_pair()), "
+                           f"got {type(cfg).__name__}")
     return train_seeds(cfg, [cfg.seed], progress=progress)[0]
 
 
@@ -426,7 +439,7 @@ def train_seeds(cfg: ToyConfig, seeds: Sequence[int], *, progress: bool = True) 
 
 
 def _train_seeds(cfg: ToyConfig, seeds: Sequence[int], progress: bool) -> list[ToyRun]:
-    seeds = [int(x) for x in seeds]
+    seeds = [as_int(x, "seed", min_value=0, max_value=2**62) for x in seeds]
     if not seeds:
         raise SVToolsError("seeds is empty")
     if len(set(seeds)) != len(seeds):
@@ -627,4 +640,44 @@ def sweep(cfg: ToyConfig, grid: dict[str, Sequence], seeds: Sequence[int], *,
             c = adapt(c, name, value)
         for run in train_seeds(c, seeds, progress=False):
             rows.append({"param": name, "value": value, "seed": run.cfg.seed, **summarize(run)})
+    return pd.DataFrame(rows)
+
+
+def failing_pairs(run: ToyRun, threshold: float = 0.9):
+    """Why the unaligned template pairs of a run fail, read off the run itself.
+
+    For every pair ``p = (i, j)`` whose smaller cosine at its assigned index is below
+    ``threshold``: its strength, that cosine, the singular index ``best`` it would take on its own
+    (sharing allowed), the other template pair ``q = (i', j')`` the assignment gave that index to
+    (if any), and the cosines ``cos(w_i, w_i')``, ``cos(w_j, w_j')`` between the two pairs'
+    features (near ``-1``: the antipodal sharing the chapter describes), plus ``w_i``'s
+    largest ``|cos|`` with any other feature and which feature that is.
+
+    Returns:
+        pandas DataFrame, one row per failing pair (empty if every pair is aligned).
+    """
+    import pandas as pd
+
+    al = run.alignment()
+    W = run.features.double()
+    Wn = W / W.norm(dim=0, keepdim=True).clamp_min(1e-12)
+    C = Wn.T @ Wn
+    C.fill_diagonal_(0.0)
+    owner = {int(k): p for p, k in enumerate(al.index.tolist()) if k >= 0}
+    worst = al.worst.nan_to_num(0.0)
+    rows = []
+    for p, (i, j) in enumerate(run.cfg.pairs):
+        if float(worst[p]) >= threshold:
+            continue
+        k = int(al.best[p])
+        q = owner.get(k)
+        q = None if q == p else q
+        i2, j2 = run.cfg.pairs[q] if q is not None else (None, None)
+        partner = int(C[i].abs().argmax())
+        rows.append({"pair": p, "features (i, j)": (i, j), "strength": run.cfg.strengths[p],
+                     "min |cos|": float(worst[p]), "assigned k": int(al.index[p]), "best k": k,
+                     "k owned by pair": q,
+                     "cos(w_i, w_i')": float(C[i, i2]) if q is not None else float("nan"),
+                     "cos(w_j, w_j')": float(C[j, j2]) if q is not None else float("nan"),
+                     "w_i's closest feature": partner, "cos with it": float(C[i, partner])})
     return pd.DataFrame(rows)

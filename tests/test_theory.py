@@ -342,3 +342,26 @@ def test_head_report_reads_top_pair(aniso):
     assert rep.sigma2_over_sigma1[0] < 1e-10
     with pytest.raises(SVToolsError):
         th.head_report({"bad": torch.zeros(3, 3)}, aniso, aniso, 0, 1)
+
+
+def test_measure_frame_levels_and_normalisations():
+    from svtools.theory import frame, measure_frame
+
+    X = frame(24, 8, 3.0, seed=2)
+    m = measure_frame(X)
+    assert m["D"] == 8 and m["N"] == 24
+    assert m["interference"] == pytest.approx(3.0, abs=1e-4)
+    assert m["interference_abs"] == pytest.approx(3.0 * 24 / 8, abs=1e-3)    # unit-norm: N/D times larger
+    assert m["bound_mean"] <= m["cos_raw"] <= 1.0 and m["cos_raw_min"] <= m["cos_raw"]
+    tight = measure_frame(torch.cat([torch.eye(8), -torch.eye(8)], 1))      # tight frame: exact alignment
+    assert tight["interference"] == pytest.approx(0.0, abs=1e-6) and tight["cos_raw"] == pytest.approx(1.0)
+
+
+def test_alignment_sweep_light_rows_match_checked_rows():
+    from svtools.theory import alignment_sweep
+
+    full = alignment_sweep([0.0, 4.0], N=24, D=12, seeds=(0,), n_check=2, n_cov=2000, progress=False)
+    light = alignment_sweep([0.0, 4.0], N=24, D=12, seeds=(0,), n_check=0, progress=False)
+    assert "svd_check" not in light.columns
+    for col in ["interference", "interference_abs", "cos_raw", "bound_mean"]:
+        assert light[col].tolist() == pytest.approx(full[col].tolist())

@@ -144,3 +144,27 @@ def test_settle_step():
     assert settle_step(steps, torch.ones(10)) == 10
     with pytest.raises(SVToolsError):
         settle_step(steps, vals[:3])
+
+
+def test_failing_pairs_reads_antipodal_sharing():
+    """Two pairs whose features are antipodal share one singular pair: the weaker is reported as
+    failing, wanting the index the stronger owns, with cosines -1 on both sides."""
+    from svtools.qk import qk_svd
+    from svtools.toy import ToyRun, failing_pairs
+
+    D, N = 6, 8
+    cfg = ToyConfig(n_features=N, d_model=D, d_head=D, template=[(0, 1, 1.0), (2, 3, 0.5), (4, 5, 0.3)])
+    W = torch.zeros(D, N)
+    W[0, 0], W[1, 1], W[0, 2], W[1, 3] = 1.0, 1.0, -1.0, -1.0      # pair 1 = -pair 0
+    W[2, 4], W[3, 5], W[4, 6], W[5, 7] = 1.0, 1.0, 1.0, 1.0        # pair 2 on its own plane
+    W_Q = torch.zeros(D, D)
+    W_K = torch.zeros(D, D)
+    W_Q[0, 0], W_K[0, 1] = 2.0, 1.0                                 # Omega = 2 e0 e1^T + 1 e2 e3^T
+    W_Q[1, 2], W_K[1, 3] = 1.0, 1.0
+    run = ToyRun(cfg, W, torch.zeros(N), W_Q, W_K, W_Q.T @ W_K, qk_svd(W_Q.T, W_K.T), None)
+    df = failing_pairs(run)
+    assert df["pair"].tolist() == [1]
+    row = df.iloc[0]
+    assert row["best k"] == 0 and row["k owned by pair"] == 0
+    assert row["cos(w_i, w_i')"] == pytest.approx(-1.0) and row["cos(w_j, w_j')"] == pytest.approx(-1.0)
+    assert row["w_i's closest feature"] == 0

@@ -43,7 +43,7 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
-from svtools._checks import SVToolsError
+from svtools._checks import SVToolsError, as_int
 from svtools.runtime import default_device
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
@@ -158,10 +158,18 @@ class IOITokens:
 
 def _parse_template(template: str, idx: int) -> list[tuple[str, Optional[str]]]:
     """Split a template into ``(literal, field)`` pieces, validating its fields."""
+    if not isinstance(template, str):
+        raise SVToolsError(f"template {idx} must be a string, got {type(template).__name__}")
     try:
-        pieces = [(lit, fld) for lit, fld, _, _ in string.Formatter().parse(template)]
+        parsed = list(string.Formatter().parse(template))
     except ValueError as exc:
         raise SVToolsError(f"template {idx} is not a valid format string: {template!r} ({exc})") from exc
+    for _, fld, spec, conv in parsed:
+        if fld is not None and (spec or conv):
+            raise SVToolsError(f"template {idx}: field {{{fld}}} has a format spec or conversion "
+                               f"({'!' + conv if conv else ''}{':' + spec if spec else ''}); write plain "
+                               f"{{{fld}}} (padding would shift the name's characters): {template!r}")
+    pieces = [(lit, fld) for lit, fld, _, _ in parsed]
     fields = [f for _, f in pieces if f is not None]
     unknown = sorted(set(fields) - _FIELDS)
     if unknown:
@@ -350,8 +358,11 @@ def ioi_prompts(n: int, *, seed: int = 0, templates: Optional[Sequence[str]] = N
     text order, then the repeated subject), ``{PLACE}``, ``{OBJECT}``; every name must follow a
     space and the template must end with a word (END).
     """
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise SVToolsError(f"n must be a positive int, got {n!r}")
+    try:
+        n = as_int(n, "n", min_value=1)
+    except SVToolsError as exc:
+        raise SVToolsError(f"n must be a positive int (numpy ints are fine), got {n!r}: {exc}") from None
+    seed = as_int(seed, "seed")
     if order not in ("mixed", *ORDERS):
         raise SVToolsError(f"order must be 'mixed', 'ABBA' or 'BABA', got {order!r}")
     templates = tuple(TEMPLATES if templates is None else templates)

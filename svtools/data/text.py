@@ -10,7 +10,7 @@ from __future__ import annotations
 import random
 from typing import Optional
 
-from svtools._checks import SVToolsError
+from svtools._checks import SVToolsError, as_int
 
 __all__ = ["PLAIN_SENTENCES", "plain_sentences"]
 
@@ -78,8 +78,11 @@ def plain_sentences(n: Optional[int] = None, *, seed: int = 0) -> list[str]:
     total = len(PLAIN_SENTENCES)
     if n is None:
         n = total
-    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= total:
-        raise SVToolsError(f"n must be an int in [1, {total}] (there are {total} plain sentences), got {n!r}")
+    try:
+        n = as_int(n, "n", min_value=1, max_value=total)
+    except SVToolsError as exc:
+        raise SVToolsError(f"n must be an int in [1, {total}] (there are {total} plain sentences): {exc}") from None
+    seed = as_int(seed, "seed")
     order = list(range(total))
     random.Random(seed).shuffle(order)
     return [PLAIN_SENTENCES[i] for i in order[:n]]

@@ -14,13 +14,17 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from svtools.plots import subplots
+from svtools.plots import book_figure, subplots
 from svtools._checks import SVToolsError
 
 __all__ = ["plot_n_recon_distribution", "plot_pair_terms", "plot_n_recon_per_head", "plot_sparseness_map",
-           "plot_dominant_index", "plot_usage", "plot_summary", "plot_emergence"]
+           "plot_dominant_index", "plot_usage", "plot_summary", "plot_emergence", "plot_lm_emergence",
+           "plot_sad_vs_alignment", "plot_kind_summary",
+           "KIND_COLORS"]
 
 REAL, ROT = "tab:blue", "tab:gray"
+#: Colours of the pair kinds of :func:`svtools.sad.head_sparsity` and of the rotated control.
+KIND_COLORS = {"attended": REAL, "non-attended": "tab:red", "random": "tab:green", "rotated": ROT}
 
 
 def _values(x: Any, name: str) -> np.ndarray:
@@ -37,6 +41,7 @@ def _need(df: pd.DataFrame, cols: Sequence[str], what: str) -> None:
     _check_columns(df, cols, what)
 
 
+@book_figure
 def plot_n_recon_distribution(
     data: Any,
     rotated: Any = None,
@@ -91,6 +96,7 @@ def plot_n_recon_distribution(
     return fig
 
 
+@book_figure
 def plot_pair_terms(
     terms: Any,
     rotated_terms: Any = None,
@@ -118,7 +124,8 @@ def plot_pair_terms(
     r = len(panels[0][0])
     if any(len(p[0]) != r for p in panels):
         raise SVToolsError("terms and rotated_terms must have the same length r")
-    fig, axes = subplots(1, len(panels), figsize=(5.2 * len(panels), 3.4), sharey=True, squeeze=False)
+    fig, axes = subplots(len(panels), 1, height=2.7 * len(panels), sharey=True, squeeze=False)
+    axes = axes.T  # one row of panels, stacked top to bottom
     for ax, (v, lab, c) in zip(axes[0], panels):
         t = torch.as_tensor(v)
         nr, rt = int(n_recon(t, frac)), float(rolls_tovee(t))
@@ -130,9 +137,10 @@ def plot_pair_terms(
         ax.bar(np.arange(r)[~used], v[~used], color=c, alpha=0.3, label="other terms")
         ax.axhline(0, color="k", lw=0.6)
         ax.set_xlabel("singular index k (sigma descending)" if lab == "singular basis" else "rotated direction k")
-        ax.set_title(f"{lab}: score {v.sum():.3g}, N_recon {nr}, RT {rt:.2f}", fontsize=10)
-        ax.legend(frameon=False, fontsize=8, loc="upper right")
-    axes[0, 0].set_ylabel("term (contribution to the unscaled score)")
+        ax.set_title(f"{lab}: score {v.sum():.3g}, N_recon {nr}, RT {rt:.2f}")
+        ax.legend(frameon=True, loc="upper right")
+    for ax in axes[0]:
+        ax.set_ylabel("term of the score")
     if sigma is not None:
         sg = _values(sigma, "sigma")
         if len(sg) != r:
@@ -146,45 +154,59 @@ def plot_pair_terms(
     return fig
 
 
+@book_figure
 def plot_n_recon_per_head(df: pd.DataFrame, heads: Optional[Sequence[tuple[int, int]]] = None, *,
                           measure: str = "n_recon", title: Optional[str] = None) -> Figure:
-    """Box plots of N_recon per head, singular basis next to the rotated control (paper Fig. 9).
+    """Box plots of a measure per head (paper Fig. 9): attended pairs in the singular basis, next to
+    the baselines that keep the spectrum (non-attended, random pairs; when the frame has a ``kind``
+    column with them) and the attended pairs in the rotated control.
 
-    ``heads``: ``(layer, head)`` pairs to show (default: every head with selected pairs). The
-    number of pairs of each head is written under its label.
+    ``heads``: ``(layer, head)`` pairs to show (default: every head with attended pairs). The
+    number of attended pairs of each head is written under its label.
     """
+    from matplotlib.patches import Patch
+
     _need(df, ["layer", "head", measure], "plot_n_recon_per_head")
+    kind = df["kind"] if "kind" in df else pd.Series("attended", index=df.index)
+    att = df[kind == "attended"]
     if heads is None:
-        heads = sorted({(int(a), int(b)) for a, b in zip(df["layer"], df["head"])})
+        heads = sorted({(int(a), int(b)) for a, b in zip(att["layer"], att["head"])})
     heads = [tuple(h) for h in heads]
     rot_col = measure + "_rotated"
-    has_rot = rot_col in df and df[rot_col].notna().any()
-    fig, ax = subplots(figsize=(max(5, 0.75 * len(heads) + 2), 3.8))
+    groups = [("attended", measure, "attended pairs", KIND_COLORS["attended"])]
+    for k, lab in (("non-attended", "non-attended pairs"), ("random", "random pairs")):
+        if (kind == k).any():
+            groups.append((k, measure, lab, KIND_COLORS[k]))
+    if rot_col in df and att[rot_col].notna().any():
+        groups.append(("attended", rot_col, "attended, rotated basis", KIND_COLORS["rotated"]))
+    w = 0.8 / len(groups)
+    fig, ax = subplots(height=3.6)
     labels, pos = [], np.arange(len(heads), dtype=float)
     for i, (l, h) in enumerate(heads):
-        sub = df[(df["layer"] == l) & (df["head"] == h)]
-        labels.append(f"{l}.{h}\n(n={len(sub)})")
-        if len(sub) == 0:
-            continue
-        b = ax.boxplot([sub[measure].to_numpy()], positions=[pos[i] - (0.2 if has_rot else 0)], widths=0.35,
-                       patch_artist=True, showfliers=False)
-        b["boxes"][0].set_facecolor(REAL)
-        if has_rot:
-            b = ax.boxplot([sub[rot_col].to_numpy()], positions=[pos[i] + 0.2], widths=0.35, patch_artist=True,
+        here = (df["layer"] == l) & (df["head"] == h)
+        labels.append(f"{l}.{h}\n(n={int((here & (kind == 'attended')).sum())})")
+        for j, (k, col, _, c) in enumerate(groups):
+            v = df.loc[here & (kind == k), col].dropna().to_numpy()
+            if len(v) == 0:
+                continue
+            b = ax.boxplot([v], positions=[pos[i] - 0.4 + w * (j + 0.5)], widths=0.9 * w, patch_artist=True,
                            showfliers=False)
-            b["boxes"][0].set_facecolor(ROT)
+            b["boxes"][0].set_facecolor(c)
+            b["medians"][0].set_color("k")
     ax.set_xticks(pos)
-    ax.set_xticklabels(labels, fontsize=8)
+    ax.set_xticklabels(labels)
     ax.set_xlabel("head (layer.head)")
     ax.set_ylabel(measure.replace("_", " ") + (" (terms)" if measure == "n_recon" else ""))
-    from matplotlib.patches import Patch
-    ax.legend(handles=[Patch(color=REAL, label="singular basis")] + ([Patch(color=ROT, label="rotated control")]
-                                                                   if has_rot else []), frameon=False)
+    ax.legend(handles=[Patch(color=c, label=lab) for _, _, lab, c in groups], loc="upper left",
+              ncol=2, frameon=True)
+    ymax = ax.get_ylim()[1]
+    ax.set_ylim(top=ymax * 1.3)  # room for the legend above the boxes
     ax.set_title(title or f"{measure.replace('_', ' ')} per head (boxes: quartiles, whiskers 1.5 IQR)")
     fig.tight_layout()
     return fig
 
 
+@book_figure
 def plot_sparseness_map(df: pd.DataFrame, *, measure: str = "rolls_tovee", n_layers: Optional[int] = None,
                         n_heads: Optional[int] = None, min_pairs: int = 5, title: Optional[str] = None) -> Figure:
     """Layer x head maps: mean sparseness in the singular basis, in the rotated control, and their
@@ -204,7 +226,7 @@ def plot_sparseness_map(df: pd.DataFrame, *, measure: str = "rolls_tovee", n_lay
             mats[0][l, h] = row[measure]
             mats[1][l, h] = row[measure + "_rotated"]
             mats[2][l, h] = row[measure] - row[measure + "_rotated"]
-    fig, axes = subplots(1, 3, figsize=(15, 0.45 * n_layers + 2.2))
+    fig, axes = subplots(3, 1, height=3 * (0.3 * n_layers + 1.1))
     finite = np.concatenate([m[np.isfinite(m)] for m in mats[:2]]) if np.isfinite(mats[0]).any() else np.array([0, 1])
     vmin, vmax = float(finite.min()), float(finite.max())
     d = np.nanmax(np.abs(mats[2])) if np.isfinite(mats[2]).any() else 1.0
@@ -227,6 +249,7 @@ def plot_sparseness_map(df: pd.DataFrame, *, measure: str = "rolls_tovee", n_lay
     return fig
 
 
+@book_figure
 def plot_dominant_index(df: pd.DataFrame, *, title: Optional[str] = None) -> Figure:
     """Where the largest term sits in the spectrum (paper Fig. 8).
 
@@ -239,19 +262,18 @@ def plot_dominant_index(df: pd.DataFrame, *, title: Optional[str] = None) -> Fig
         raise SVToolsError("plot_dominant_index: the frame has no pairs")
     r = int(df["r"].max())
     k = df["dominant_k"].to_numpy().astype(int)
-    fig, axes = subplots(1, 2, figsize=(11, 3.6))
+    fig, axes = subplots(1, 2, height=3.3)
     frac = np.bincount(k, minlength=r) / len(k)
     axes[0].bar(np.arange(r), frac, color=REAL)
     axes[0].axhline(1 / r, color="k", ls=":", lw=1, label=f"uniform (1/{r})")
-    axes[0].set_xlabel("singular index k of the largest term (0 = largest sigma)")
+    axes[0].set_xlabel("singular index k of the largest term\n(0 = largest sigma)")
     axes[0].set_ylabel("fraction of selected pairs")
     top = np.mean(k < max(1, r // 8))
-    axes[0].set_title(f"{100 * (1 - top):.0f}% of pairs: dominant term outside the top {max(1, r // 8)} of {r}",
-                      fontsize=10)
+    axes[0].set_title(f"{100 * (1 - top):.0f}% of pairs: largest term\noutside the top {max(1, r // 8)} of {r}")
     axes[0].legend(frameon=False)
     s = df["dominant_sigma"].to_numpy()
     axes[1].hist(s, bins=np.linspace(0, 1, 26), weights=np.full(len(s), 1 / len(s)), color=REAL)
-    axes[1].set_xlabel("sigma_k / sigma_0 of the largest term")
+    axes[1].set_xlabel("sigma_k / sigma_0\nof the largest term")
     axes[1].set_ylabel("fraction of selected pairs")
     axes[1].set_title(f"median sigma_k / sigma_0 = {np.median(s):.2f}", fontsize=10)
     if title:
@@ -260,6 +282,7 @@ def plot_dominant_index(df: pd.DataFrame, *, title: Optional[str] = None) -> Fig
     return fig
 
 
+@book_figure
 def plot_usage(df: pd.DataFrame, layer: int, head: int, *, max_prompts: int = 40,
                title: Optional[str] = None) -> Figure:
     """Which singular vectors one head's pairs use, prompt by prompt (reuse across prompts).
@@ -292,6 +315,7 @@ def plot_usage(df: pd.DataFrame, layer: int, head: int, *, max_prompts: int = 40
     return fig
 
 
+@book_figure
 def plot_summary(summary: pd.DataFrame, *, x: str = "layer", measure: str = "rolls_tovee",
                  xlabel: Optional[str] = None, title: Optional[str] = None, ax: Optional[plt.Axes] = None,
                  paper: Optional[tuple[float, float]] = None) -> Figure:
@@ -318,6 +342,7 @@ def plot_summary(summary: pd.DataFrame, *, x: str = "layer", measure: str = "rol
     return fig
 
 
+@book_figure
 def plot_emergence(summary: pd.DataFrame, *, x: str = "step", measures: Sequence[str] = ("rolls_tovee", "n_recon"),
                    logx: bool = True, title: Optional[str] = None, extra: Optional[pd.DataFrame] = None,
                    extra_label: str = "") -> Figure:
@@ -349,5 +374,113 @@ def plot_emergence(summary: pd.DataFrame, *, x: str = "step", measures: Sequence
         tw.set_ylabel(extra_label, color="tab:orange")
     if title:
         fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+
+@book_figure
+def plot_lm_emergence(accuracy: pd.DataFrame, attention: pd.DataFrame, sparseness: pd.DataFrame, *,
+                      measure_label: str = "mean Rolls-Tovee sparseness (1 = dense)",
+                      title: Optional[str] = None) -> Figure:
+    """The IOI language model over training, three panels stacked (one column wide).
+
+    Each frame comes from :func:`svtools.ioi_lm.over_seeds` (columns ``step``, ``mean``, ``lo``,
+    ``hi``, ``seed_min``, ``seed_max``; the band is the interval over seeds, the thin lines the
+    seed range):
+    ``accuracy`` (plus ``metric``): held-out accuracy; ``attention``: the END -> IO attention of
+    each seed's IO-mover head; ``sparseness`` (plus ``kind``: attended / non-attended / random /
+    rotated): the sparseness measure of the heads' pairs of each kind.
+    """
+    for f, what in ((accuracy, "accuracy"), (attention, "attention"), (sparseness, "sparseness")):
+        _need(f, ["step", "mean", "lo", "hi"], f"plot_lm_emergence({what})")
+    _need(accuracy, ["metric"], "plot_lm_emergence(accuracy)")
+    _need(sparseness, ["kind"], "plot_lm_emergence(sparseness)")
+    fig, axes = subplots(3, 1, height=8.2, sharex=True)
+
+    def band(ax, s, color, label, ls="-"):
+        s = s.sort_values("step")
+        ax.plot(s["step"], s["mean"], color=color, ls=ls, marker="o", ms=3, label=label)
+        ax.fill_between(s["step"], s["lo"], s["hi"], color=color, alpha=0.2, lw=0)
+
+    for (metric, g), c in zip(accuracy.groupby("metric", sort=False), ("tab:purple", "tab:olive")):
+        band(axes[0], g, c, {"top1": "IO is the top token", "io_vs_s": "logit IO > logit S"}.get(metric, metric))
+    axes[0].set_ylabel("held-out accuracy")
+    axes[0].set_ylim(-0.03, 1.03)
+    axes[0].legend(loc="upper left", frameon=True)
+    band(axes[1], attention, "tab:brown", "END -> IO, IO-mover head")
+    axes[1].set_ylabel("attention weight")
+    axes[1].set_ylim(-0.03, 1.03)
+    axes[1].legend(loc="upper left", frameon=True)
+    names = {"attended": "attended pairs", "non-attended": "non-attended pairs (same heads)",
+             "random": "random pairs (same heads)", "rotated": "attended pairs, rotated basis"}
+    for kind in ("attended", "non-attended", "random", "rotated"):
+        g = sparseness[sparseness["kind"] == kind]
+        if not g.empty:
+            band(axes[2], g, KIND_COLORS[kind], names[kind], ls="--" if kind == "rotated" else "-")
+    axes[2].set_ylabel(measure_label)
+    axes[2].set_xscale("symlog", linthresh=10)
+    axes[2].set_xlabel("training step (log scale past 10)")
+    # below the axes: the curves can sit anywhere in the panel
+    axes[2].legend(loc="upper center", bbox_to_anchor=(0.5, -0.32), frameon=False, ncol=2)
+    if title:
+        axes[0].set_title(title)
+    fig.tight_layout()
+    return fig
+
+
+@book_figure
+def plot_sad_vs_alignment(pairs: pd.DataFrame, *, x: str = "cos", measures: Sequence[str] = ("n_recon", "rolls_tovee"),
+                          hue: str = "n_features", title: Optional[str] = None) -> Figure:
+    """Per template pair of toy runs: alignment (``x``, e.g. the pair's worst ``|cos|``) against the
+    SAD of the pair's own features (one panel per measure, stacked), coloured by ``hue``.
+
+    ``pairs``: one row per (run, template pair) with columns ``x``, ``hue`` and the measures.
+    """
+    _need(pairs, [x, hue, *measures], "plot_sad_vs_alignment")
+    fig, axes = subplots(len(measures), 1, height=2.9 * len(measures), sharex=True, squeeze=False)
+    levels = sorted(pairs[hue].unique())
+    cmap = plt.get_cmap("viridis")
+    for ax, m in zip(axes[:, 0], measures):
+        for i, lv in enumerate(levels):
+            g = pairs[pairs[hue] == lv]
+            ax.scatter(g[x], g[m], s=22, color=cmap(i / max(1, len(levels) - 1)), label=f"{hue.replace('_', ' ')} = {lv}",
+                       alpha=0.85, edgecolor="none")
+        unit = " (terms)" if m.startswith("n_recon") else " (1 = dense)" if "rolls" in m else ""
+        ax.set_ylabel(m.replace("_", " ") + unit)
+        ax.grid(alpha=0.3)
+    axes[0, 0].legend(loc="upper left", frameon=True)
+    axes[-1, 0].set_xlabel("alignment of the pair: min(|cos q|, |cos k|)")
+    if title:
+        axes[0, 0].set_title(title)
+    fig.tight_layout()
+    return fig
+
+
+@book_figure
+def plot_kind_summary(summary: pd.DataFrame, *, x: str = "layer", measure: str = "rolls_tovee",
+                      xlabel: Optional[str] = None, title: Optional[str] = None,
+                      ax: Optional[plt.Axes] = None) -> Figure:
+    """A :func:`svtools.sad.bootstrap` summary grouped by ``(x, "kind")``: each kind of pair
+    (attended, non-attended, random) in the singular basis with its interval over prompts, and the
+    attended pairs in the rotated control (dashed). Kinds are offset slightly along ``x``."""
+    _need(summary, [x, "kind", "column", "estimate", "lo", "hi"], "plot_kind_summary")
+    fig, ax = (ax.figure, ax) if ax is not None else subplots(width=0.72, height=3.2)
+    lines = [(k, measure, k.replace("-", " ") + " pairs", "-") for k in ("attended", "non-attended", "random")]
+    lines.append(("attended", measure + "_rotated", "attended, rotated basis", "--"))
+    lines = [ln for ln in lines if ((summary["kind"] == ln[0]) & (summary["column"] == ln[1])).any()]
+    for i, (k, col, lab, ls) in enumerate(lines):
+        s = summary[(summary["kind"] == k) & (summary["column"] == col)].sort_values(x)
+        c = KIND_COLORS["rotated" if col.endswith("_rotated") else k]
+        xs = s[x].to_numpy(dtype=float) + 0.08 * (i - (len(lines) - 1) / 2)
+        ax.errorbar(xs, s["estimate"], yerr=[s["estimate"] - s["lo"], s["hi"] - s["estimate"]], marker="o", ms=4,
+                    capsize=2, color=c, ls=ls, label=lab)
+    stat = summary["stat"].iloc[0] if "stat" in summary and len(summary) else "mean"
+    unit = " (1 = dense)" if "rolls" in measure else " (terms)" if "n_recon" in measure else ""
+    ax.set_xlabel(xlabel or x)
+    ax.set_ylabel(f"{stat} {measure.replace('_', ' ')}{unit}")
+    if title:
+        ax.set_title(title)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False, fontsize=9)
     fig.tight_layout()
     return fig

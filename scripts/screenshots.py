@@ -1,0 +1,248 @@
+"""Browser check of the built book: screenshots of every page, MathJax offline, external requests.
+
+Opens every page of ``_build/html`` in headless Chromium (Debian's package:
+``apt-get install -y chromium``), at a desktop width (1400 px) and a phone width (400 px), with
+every request that leaves the site blocked and recorded. For each page it waits for MathJax to
+finish typesetting, then saves a full-page screenshot and checks:
+
+- no request to another site (the book must read offline; MathJax is served from ``_static``);
+- MathJax typeset without errors (no ``mjx-merror``, no raw ``\\(`` or ``$$`` left in the text
+  outside code, where the page has math);
+- no JavaScript exception;
+- nothing wider than the page: the document does not scroll sideways (display equations and
+  wide tables scroll inside their own box instead);
+- figures: the largest image's natural width against the width it is shown at (reported).
+
+Usage (from the repository root, after ``make book``)::
+
+    python scripts/screenshots.py                 # every page, both widths, into _build/screenshots
+    python scripts/screenshots.py --pages intro book/part2/01_theorem1 --widths 1400
+
+Exits 1 when a check fails; prints one line per page and width. Needs only the standard library
+and tornado (installed with Jupyter); not part of ``.ci/run`` (it needs a browser).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from urllib.request import urlopen
+
+from tornado.websocket import websocket_connect
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# Runs in the page once it has loaded: waits for MathJax, then measures what the checks need.
+PROBE = r"""
+(async () => {
+  const out = {};
+  if (window.MathJax && MathJax.startup && MathJax.startup.promise) {
+    try { await MathJax.startup.promise; out.mathjax = "ok"; }
+    catch (e) { out.mathjax = "error: " + e; }
+  } else { out.mathjax = window.MathJax ? "not started" : "absent"; }
+  out.mathjax_version = (window.MathJax && MathJax.version) || null;
+  out.typeset = document.querySelectorAll("mjx-container").length;
+  out.merror = document.querySelectorAll("mjx-merror").length;
+  // Raw TeX left in the text (outside code and outside typeset math).
+  const walker = document.createTreeWalker(document.querySelector("main") || document.body,
+                                           NodeFilter.SHOW_TEXT);
+  let raw = 0; const samples = [];
+  while (walker.nextNode()) {
+    const n = walker.currentNode, p = n.parentElement;
+    if (!p || p.closest("pre, code, script, style, mjx-container, .highlight, textarea")) continue;
+    if (/\\\(|\\\[|\$\$/.test(n.textContent)) { raw += 1; if (samples.length < 3) samples.push(n.textContent.slice(0, 80)); }
+  }
+  out.raw_tex = raw; out.raw_samples = samples;
+  const de = document.documentElement;
+  out.page_width = de.clientWidth; out.scroll_width = de.scrollWidth;
+  out.height = Math.max(de.scrollHeight, document.body.scrollHeight);
+  const art = document.querySelector("article.bd-article") || document.querySelector("main");
+  out.column = art ? Math.round(art.getBoundingClientRect().width
+      - parseFloat(getComputedStyle(art).paddingLeft) - parseFloat(getComputedStyle(art).paddingRight)) : null;
+  out.images = [...document.querySelectorAll("article img")].filter(i => i.naturalWidth > 0).map(i => ({
+    src: i.getAttribute("src"), natural: i.naturalWidth, shown: Math.round(i.getBoundingClientRect().width)}));
+  out.broken_images = [...document.querySelectorAll("main img")].filter(i => i.complete && i.naturalWidth === 0)
+      .map(i => i.getAttribute("src"));
+  out.stderr_boxes = document.querySelectorAll(".output.stderr, div.stderr").length;
+  return JSON.stringify(out);
+})()
+"""
+
+
+class Browser:
+    """A headless Chromium driven over the DevTools protocol (one tab)."""
+
+    def __init__(self, binary: str):
+        self.profile = tempfile.mkdtemp(prefix="svtools-chromium-")
+        self.proc = subprocess.Popen(
+            [binary, "--headless=new", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+             "--no-first-run", "--disable-extensions", "--remote-debugging-port=0",
+             f"--user-data-dir={self.profile}", "about:blank"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        port_file = Path(self.profile) / "DevToolsActivePort"
+        for _ in range(300):
+            if port_file.exists() and port_file.read_text().strip():
+                break
+            time.sleep(0.1)
+        else:
+            raise RuntimeError("Chromium did not start (no DevToolsActivePort)")
+        port = port_file.read_text().split()[0]
+        with urlopen(f"http://127.0.0.1:{port}/json/list") as r:
+            pages = [t for t in json.load(r) if t["type"] == "page"]
+        self.ws_url = pages[0]["webSocketDebuggerUrl"]
+        self.ws = None
+        self.next_id = 0
+        self.events: list[dict] = []
+
+    async def connect(self):
+        self.ws = await websocket_connect(self.ws_url, max_message_size=512 * 2**20)
+
+    async def send(self, method: str, **params) -> dict:
+        self.next_id += 1
+        my_id = self.next_id
+        await self.ws.write_message(json.dumps({"id": my_id, "method": method, "params": params}))
+        while True:
+            msg = json.loads(await self.ws.read_message())
+            if msg.get("id") == my_id:
+                if "error" in msg:
+                    raise RuntimeError(f"{method}: {msg['error']}")
+                return msg.get("result", {})
+            self.events.append(msg)
+
+    async def wait_event(self, method: str, timeout: float = 60) -> dict:
+        deadline = time.monotonic() + timeout
+        for i, ev in enumerate(self.events):
+            if ev.get("method") == method:
+                return self.events.pop(i)
+        while time.monotonic() < deadline:
+            msg = json.loads(await asyncio.wait_for(self.ws.read_message(), deadline - time.monotonic()))
+            if msg.get("method") == method:
+                return msg
+            self.events.append(msg)
+        raise TimeoutError(method)
+
+    def close(self):
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        shutil.rmtree(self.profile, ignore_errors=True)
+
+
+async def check_page(b: Browser, url: str, width: int, shot: Path) -> dict:
+    b.events.clear()
+    await b.send("Emulation.setDeviceMetricsOverride", width=width, height=900, deviceScaleFactor=1,
+                 mobile=width < 700)
+    await b.send("Page.navigate", url=url)
+    await b.wait_event("Page.loadEventFired")
+    res = await b.send("Runtime.evaluate", expression=PROBE, awaitPromise=True, returnByValue=True,
+                       timeout=60000)
+    probe = json.loads(res["result"]["value"])
+    height = min(int(probe["height"]), 30000)
+    await b.send("Emulation.setDeviceMetricsOverride", width=width, height=height, deviceScaleFactor=1,
+                 mobile=width < 700)
+    await asyncio.sleep(0.3)
+    # The viewport is now as tall as the page (up to 30,000 px): capture it as it is laid out.
+    img = await b.send("Page.captureScreenshot", format="png", captureBeyondViewport=False)
+    shot.parent.mkdir(parents=True, exist_ok=True)
+    shot.write_bytes(base64.b64decode(img["data"]))
+    external, exceptions = [], []
+    for ev in b.events:
+        m, p = ev.get("method"), ev.get("params", {})
+        if m == "Fetch.requestPaused":
+            external.append(p["request"]["url"])
+            await b.send("Fetch.failRequest", requestId=p["requestId"], errorReason="BlockedByClient")
+        elif m == "Runtime.exceptionThrown":
+            exceptions.append(p["exceptionDetails"].get("exception", {}).get("description", "")
+                              or p["exceptionDetails"].get("text", ""))
+    probe.update(external=external, exceptions=exceptions)
+    return probe
+
+
+def problems(p: dict) -> list[str]:
+    out = []
+    if p["external"]:
+        out.append(f"{len(p['external'])} external request(s): {p['external'][:3]}")
+    if p["exceptions"]:
+        out.append(f"JavaScript exception(s): {[e[:120] for e in p['exceptions'][:2]]}")
+    if p["mathjax"] not in ("ok", "absent"):
+        out.append(f"MathJax {p['mathjax']}")
+    if p["merror"]:
+        out.append(f"{p['merror']} MathJax error(s)")
+    if p["raw_tex"]:
+        out.append(f"{p['raw_tex']} text node(s) with raw TeX, e.g. {p['raw_samples'][:1]}")
+    if p["scroll_width"] > p["page_width"] + 1:
+        out.append(f"page scrolls sideways ({p['scroll_width']} px > {p['page_width']} px)")
+    if p["broken_images"]:
+        out.append(f"broken image(s): {p['broken_images'][:3]}")
+    if p["stderr_boxes"]:
+        out.append(f"{p['stderr_boxes']} stderr box(es)")
+    return out
+
+
+async def run(pages: list[Path], html: Path, widths: list[int], outdir: Path, binary: str) -> int:
+    b = Browser(binary)
+    failed = 0
+    try:
+        await b.connect()
+        await b.send("Page.enable")
+        await b.send("Runtime.enable")
+        # Pause every request that is not a local file or inline data, to record and block it.
+        await b.send("Fetch.enable", patterns=[{"urlPattern": "http*"}])
+        for page in pages:
+            rel = page.relative_to(html).with_suffix("")
+            for w in widths:
+                shot = outdir / f"{str(rel).replace(os.sep, '__')}@{w}.png"
+                try:
+                    p = await asyncio.wait_for(check_page(b, page.as_uri(), w, shot), 120)
+                except Exception as e:  # noqa: BLE001 - report and go on to the next page
+                    print(f"FAIL {rel} @{w}px: {type(e).__name__}: {e}")
+                    failed += 1
+                    continue
+                bad = problems(p)
+                widest = max(p["images"], key=lambda i: i["natural"], default=None)
+                fig = (f", widest figure {widest['natural']} px shown at {widest['shown']} px"
+                       if widest else "")
+                print(f"{'FAIL' if bad else 'ok  '} {rel} @{w}px: column {p['column']} px, "
+                      f"{p['typeset']} math typeset, height {p['height']} px{fig}"
+                      + ("".join(f"\n       - {x}" for x in bad)))
+                failed += bool(bad)
+    finally:
+        b.close()
+    print(f"{failed} failure(s); screenshots in {outdir}")
+    return 1 if failed else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--html", type=Path, default=ROOT / "_build" / "html")
+    ap.add_argument("--out", type=Path, default=ROOT / "_build" / "screenshots")
+    ap.add_argument("--widths", type=int, nargs="+", default=[1400, 400])
+    ap.add_argument("--pages", nargs="*", help="page paths without .html (default: every page)")
+    ap.add_argument("--chromium", default=shutil.which("chromium") or shutil.which("chromium-browser"))
+    a = ap.parse_args(argv)
+    if not a.chromium:
+        print("Chromium not found: apt-get update && apt-get install -y chromium", file=sys.stderr)
+        return 2
+    html = a.html.resolve()
+    if a.pages:
+        pages = [html / f"{p}.html" for p in a.pages]
+    else:
+        pages = sorted(p for p in html.rglob("*.html")
+                       if not p.relative_to(html).parts[0].startswith("_") and p.name != "search.html"
+                       and 'http-equiv="Refresh"' not in p.read_text(encoding="utf-8")[:300])  # redirects
+    return asyncio.run(run(pages, html, a.widths, a.out.resolve(), a.chromium))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

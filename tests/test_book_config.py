@@ -1,0 +1,184 @@
+"""The book's configuration agrees with itself: one repository URL, Colab cells that install with
+visible errors, no torch cap that would make Colab reinstall torch, MathJax served locally."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _script(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+colab = _script("colab_cells")
+URL = colab.repository_url()
+NOTEBOOKS = colab.notebooks()
+
+
+def _first_code_cell(path: Path) -> str:
+    return "".join(colab.first_code_cell(json.loads(path.read_text(encoding="utf-8")))["source"])
+
+
+def test_repository_url_is_a_github_repository():
+    assert re.fullmatch(r"https://github\.com/[\w.-]+/[\w.-]+", URL), URL
+
+
+def test_every_chapter_is_found():
+    assert len(NOTEBOOKS) >= 10
+    assert ROOT / "book" / "quickstart.ipynb" in NOTEBOOKS
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.relative_to(ROOT).as_posix())
+def test_first_cell_is_the_generated_colab_cell(path: Path):
+    """Rewrite with ``python scripts/colab_cells.py`` after changing ``_config.yml``."""
+    src = _first_code_cell(path)
+    assert src == colab.cell_source(path.relative_to(ROOT).as_posix(), URL)
+    cell = colab.first_code_cell(json.loads(path.read_text(encoding="utf-8")))
+    assert cell["metadata"].get("tags") == colab.TAGS
+    assert all(len(line) <= 88 for line in src.splitlines()), "keep lines short: the column shows ~88"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.relative_to(ROOT).as_posix())
+def test_first_cell_installs_from_the_configured_repository_with_visible_errors(path: Path):
+    src = _first_code_cell(path)
+    installs = [line for line in src.splitlines() if "pip install" in line and not line.lstrip().startswith("#")]
+    assert installs, "the first cell must install svtools"
+    for line in installs:
+        assert not re.search(r"(^|\s)(-q|--quiet)\b", line), f"pip's errors must stay visible: {line!r}"
+    assert f'REPO = "{URL}"' in src
+    assert "import svtools" in src and "except ImportError" in src, "the cell must check the import"
+    assert "Model:" in src, "the cell must say which model the chapter uses"
+    # Every URL in the cell points at the configured repository.
+    for url in re.findall(r"https://github\.com/[\w./-]+", src):
+        assert url.startswith(URL), url
+
+
+@pytest.mark.parametrize("path", [p for p in NOTEBOOKS if colab.MODELS.get(p.relative_to(ROOT).as_posix()) == colab.REAL_MODEL],
+                         ids=lambda p: p.relative_to(ROOT).as_posix())
+def test_real_model_chapters_say_how_to_switch_model(path: Path):
+    src = _first_code_cell(path)
+    assert 'os.environ["SVTOOLS_MODEL"] = "gpt2"' in src
+    assert 'os.environ["SVTOOLS_MODEL"] = "EleutherAI/pythia-160m"' in src
+
+
+def test_readme_points_at_the_configured_repository():
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    owner_repo = URL.removeprefix("https://github.com/")
+    found = re.findall(r"github(?:\.com)?/([\w.-]+/[\w.-]+)", readme)
+    assert found, "README should say where the repository is"
+    for f in found:
+        if f.startswith("svtools") or owner_repo.split("/")[0] in f:
+            assert f == owner_repo, f"README names {f}, _config.yml says {owner_repo}"
+
+
+def test_no_other_file_hard_codes_another_repository_url():
+    pattern = re.compile(r"github\.com/([\w.-]+/svtools)\b")
+    owner_repo = URL.removeprefix("https://github.com/")
+    for path in [ROOT / "_config.yml", ROOT / "README.md", *NOTEBOOKS, *(ROOT / "book").glob("**/*.md")]:
+        for f in pattern.findall(path.read_text(encoding="utf-8")):
+            assert f == owner_repo, f"{path.relative_to(ROOT)} names {f}"
+
+
+def test_torch_has_no_upper_cap():
+    deps = (ROOT / "pyproject.toml").read_text(encoding="utf-8")
+    torch_req = re.findall(r'"torch\s*([^"]*)"', deps)
+    assert torch_req == [">=2.4"], torch_req
+
+
+def test_cpu_torch_2_13_is_installed_before_the_project():
+    make = (ROOT / "Makefile").read_text(encoding="utf-8")
+    assert re.search(r"^TORCH\s*\?=\s*torch==2\.13\.0$", make, re.M)
+    assert make.index("--quiet $(TORCH)") < make.index('-e ".[book,test]"')
+    assert "torch==2.13.0" in (ROOT / "README.md").read_text(encoding="utf-8")
+    for name in [".ci/run", ".github/workflows/book.yml"]:  # both install through the Makefile
+        assert re.search(r"^\s*(run:\s*)?make \w", (ROOT / name).read_text(encoding="utf-8"), re.M), name
+
+
+def test_mathjax_is_served_by_the_site():
+    config = (ROOT / "_config.yml").read_text(encoding="utf-8")
+    assert "sphinx-mathjax-offline" in config
+    assert not re.search(r"mathjax_path:\s*['\"]?(https?:)?//", config)
+
+
+# --- The API pages render the docstrings: each must be valid reStructuredText after napoleon. ----
+
+def _api_modules() -> list[str]:
+    pages = [ROOT / "book" / "api.md", *sorted((ROOT / "book" / "api").glob("*.md"))]
+    return [m for p in pages for m in re.findall(r"^\.\. automodule:: (\S+)", p.read_text(encoding="utf-8"), re.M)]
+
+
+def _documented(module) -> list[tuple[str, object]]:
+    """What ``automodule :members:`` shows: the module, its public members, their methods."""
+    import inspect
+
+    names = getattr(module, "__all__", None) or [
+        n for n, v in vars(module).items()
+        if not n.startswith("_") and getattr(v, "__module__", None) == module.__name__]
+    out = [(module.__name__, module)]
+    for n in names:
+        obj = getattr(module, n)
+        if getattr(obj, "__module__", module.__name__).split(".")[0] != "svtools":
+            continue  # a third-party object re-exported (runtime.tqdm): the page describes it itself
+        out.append((f"{module.__name__}.{n}", obj))
+        if inspect.isclass(obj) and obj.__module__ == module.__name__:
+            out += [(f"{module.__name__}.{n}.{m}", v) for m, v in vars(obj).items()
+                    if not m.startswith("_") and (inspect.isfunction(v) or isinstance(v, (property, classmethod, staticmethod)))]
+    return out
+
+
+def test_api_pages_document_every_module():
+    """A new module of svtools needs its section on one of the pages book/api/*.md."""
+    mods = _api_modules()
+    assert len(mods) == len(set(mods)), "a module is documented twice"
+    package = ROOT / "svtools"
+    public = sorted(
+        ".".join(("svtools", *p.relative_to(package).with_suffix("").parts)).removesuffix(".__init__")
+        for p in package.rglob("*.py") if not any(part.startswith("_") for part in p.relative_to(package).parts[:-1])
+        and (not p.name.startswith("_") or p.name == "__init__.py"))
+    public = [m for m in public if m not in {"svtools", "svtools.data"}]  # re-exports only
+    missing = [m for m in public if m not in mods]
+    assert not missing, f"modules without an API section: {missing}"
+
+
+@pytest.mark.parametrize("modname", _api_modules())
+def test_docstrings_are_valid_restructuredtext(modname: str):
+    """A docstring that docutils warns about fails the book's build (warnings are errors)."""
+    import importlib
+    import inspect
+    import io
+
+    docutils_core = pytest.importorskip("docutils.core")
+    napoleon = pytest.importorskip("sphinx.ext.napoleon")
+    from docutils import nodes
+    from docutils.parsers.rst import roles
+
+    def literal_role(name, rawtext, text, lineno, inliner, options=None, content=None):
+        return [nodes.literal(rawtext, text)], []
+
+    for role in ["func", "class", "mod", "meth", "attr", "data", "exc", "obj", "math", "ref", "doc", "cite"]:
+        roles.register_local_role(role, literal_role)
+        roles.register_local_role(f"py:{role}", literal_role)
+    config = napoleon.Config(napoleon_use_ivar=True, napoleon_use_rtype=False)
+    bad = []
+    for name, obj in _documented(importlib.import_module(modname)):
+        doc = inspect.getdoc(obj.fget if isinstance(obj, property) else obj)
+        if not doc or (not inspect.ismodule(obj) and not inspect.isclass(obj) and not callable(obj)
+                       and not isinstance(obj, property)):
+            continue  # constants: autodoc shows their value, not their type's docstring
+        rst = str(napoleon.GoogleDocstring(doc, config))
+        stream = io.StringIO()
+        docutils_core.publish_doctree(rst, settings_overrides={"warning_stream": stream, "report_level": 2,
+                                                               "halt_level": 5})
+        if stream.getvalue():
+            bad.append(f"{name}: {stream.getvalue().strip().splitlines()[0]}")
+    assert not bad, "docstrings that the API pages cannot render:\n" + "\n".join(bad)

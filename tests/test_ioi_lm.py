@@ -1,0 +1,258 @@
+"""The IOI language model (svtools.ioi_lm): tokenizer and positions, the accuracy metric, the
+train/test split, determinism, the on-disk cache, and exact decomposition of its checkpoints.
+
+Everything runs on a tiny config (a few seconds); the default config's targets (held-out
+accuracy, END -> IO attention) are measured in the emergence chapter, not here.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from svtools import SVToolsError, ioi_lm
+from svtools.data import TEMPLATES, ioi_prompts
+
+TINY = ioi_lm.IOILMConfig(n_layers=2, n_heads=2, d_model=16, steps=12, n_checkpoints=5, batch=8, warmup=2)
+HAND = "When Mary and John went to the store, John gave a drink to"
+
+
+@pytest.fixture(scope="module")
+def cache_env(tmp_path_factory):
+    old = os.environ.get("SVTOOLS_CACHE")
+    os.environ["SVTOOLS_CACHE"] = str(tmp_path_factory.mktemp("svtools_cache"))
+    yield os.environ["SVTOOLS_CACHE"]
+    if old is None:
+        os.environ.pop("SVTOOLS_CACHE")
+    else:
+        os.environ["SVTOOLS_CACHE"] = old
+
+
+@pytest.fixture(scope="module")
+def run(cache_env):
+    return ioi_lm.train(TINY, seed=0, progress=False)
+
+
+def hand_prompt():
+    """The prompt HAND with IO = Mary (ABBA), built through ioi_prompts."""
+    for seed in range(20):
+        ds = ioi_prompts(1, seed=seed, templates=[TEMPLATES[0]], names=["Mary", "John"], places=["store"],
+                         objects=["drink"], order="ABBA")
+        if ds[0].io == "Mary":
+            assert ds.texts == [HAND]
+            return ds
+    raise AssertionError("no seed gave IO = Mary")
+
+
+# ------------------------------------------------------------------ tokenizer, positions, metric
+
+def test_hand_checked_positions():
+    tok = ioi_lm.build_tokenizer()
+    ds = hand_prompt()
+    words = ["<bos>", "When", "Mary", "and", "John", "went", "to", "the", "store", ",", "John", "gave", "a",
+             "drink", "to"]
+    assert tok.convert_ids_to_tokens(tok(HAND)["input_ids"]) == words
+    pos = ds.positions(tok)
+    assert (int(pos.io[0]), int(pos.s1[0]), int(pos.s2[0]), int(pos.end[0])) == (2, 4, 10, 14)
+    assert int(pos.io_id[0]) == tok.convert_tokens_to_ids("Mary")
+    assert int(pos.s_id[0]) == tok.convert_tokens_to_ids("John")
+
+
+def test_ioi_tokens_on_the_loaded_model(run):
+    from svtools import sad
+
+    model = run.load(run.checkpoints[-1], device="cpu")
+    ids, am, pos = sad.ioi_tokens(model, hand_prompt())
+    assert ids[0, 0] == run.tokenizer.bos_token_id  # the tokenizer adds <bos>; tokenize() adds no second one
+    assert (int(pos.io[0]), int(pos.s1[0]), int(pos.s2[0]), int(pos.end[0])) == (2, 4, 10, 14)
+
+
+def test_accuracy_metric_on_hand_made_logits():
+    tok = ioi_lm.build_tokenizer()
+    pos = hand_prompt().positions(tok)
+    mary, john, the = (tok.convert_tokens_to_ids(w) for w in ("Mary", "John", "the"))
+    logits = torch.zeros(1, len(tok))
+    logits[0, mary], logits[0, john] = 2.0, 1.0
+    assert ioi_lm.ioi_accuracy(logits, pos, "top1") == 1.0
+    assert ioi_lm.ioi_accuracy(logits, pos, "io_vs_s") == 1.0
+    logits[0, the] = 3.0  # IO beats S but is not the top token
+    assert ioi_lm.ioi_accuracy(logits, pos, "top1") == 0.0
+    assert ioi_lm.ioi_accuracy(logits, pos, "io_vs_s") == 1.0
+    logits[0, john] = 5.0  # S wins
+    assert ioi_lm.ioi_accuracy(logits, pos, "top1") == 0.0
+    assert ioi_lm.ioi_accuracy(logits, pos, "io_vs_s") == 0.0
+    with pytest.raises(SVToolsError, match="metric"):
+        ioi_lm.ioi_accuracy(logits, pos, "top5")
+
+
+def test_run_accuracy_reads_the_logits_at_end(run):
+    step = run.checkpoints[-1]
+    ds = run.prompts(16, seed=3)
+    logits = run.logits(step, ds)
+    pos = ds.positions(run.tokenizer)
+    assert run.accuracy(step, n=16, seed=3) == ioi_lm.ioi_accuracy(logits, pos, "top1")
+    # the same logits from the model's own forward pass on the hand-tokenised prompts
+    hf = run.hf_model(step, device="cpu")
+    tokens = ds.tokens(run.tokenizer, device="cpu")
+    with torch.no_grad():
+        full = hf(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask).logits
+    torch.testing.assert_close(logits, full[torch.arange(16), tokens.positions.end])
+
+
+# ------------------------------------------------------------------ data split
+
+def test_split_names_and_templates_are_disjoint():
+    assert not set(ioi_lm.TEST_NAMES) & set(ioi_lm.TRAIN_NAMES)
+    assert not set(ioi_lm.TEST_TEMPLATES) & set(ioi_lm.TRAIN_TEMPLATES)
+    texts, flags = ioi_lm._training_batch(3000, 0, 0.6)
+    ioi = [t for t, f in zip(texts, flags) if f]
+    assert 1650 < len(ioi) < 1950
+    test_names = set(ioi_lm.TEST_NAMES)
+    for t in ioi:
+        assert not set(ioi_lm._words([t])) & test_names, t
+        assert t.endswith(" .")
+    # every held-out name still occurs in filler text, so it is a known word
+    filler = set(ioi_lm._words([t for t, f in zip(texts, flags) if not f]))
+    assert test_names <= filler
+    # held-out templates: never the template of a training IOI sentence, but made of seen parts
+    opening_of = {t: next(o for o in ioi_lm.OPENINGS if t.startswith(o)) for t in ioi_lm.TEST_TEMPLATES}
+    assert all(any(t.startswith(o) for t in ioi_lm.TRAIN_TEMPLATES) for o in opening_of.values())
+
+
+def test_test_prompts_are_in_vocabulary(run):
+    tok = run.tokenizer
+    pools = {"test": (ioi_lm.TEST_TEMPLATES, ioi_lm.TEST_NAMES), "train": (ioi_lm.TRAIN_TEMPLATES, ioi_lm.TRAIN_NAMES),
+             "test_templates": (ioi_lm.TEST_TEMPLATES, ioi_lm.TRAIN_NAMES),
+             "test_names": (ioi_lm.TRAIN_TEMPLATES, ioi_lm.TEST_NAMES)}
+    for split, (templates, names) in pools.items():
+        ds = run.prompts(64, seed=1, split=split)
+        ids = ds.tokens(tok, device="cpu").input_ids
+        assert not (ids == tok.unk_token_id).any(), split
+        assert set(ds.template_ids) <= set(range(len(templates)))
+        assert set(ds.io_names) | set(ds.s_names) <= set(names)
+        for p in ds:  # the text is the split's template, filled in
+            a, b = (p.io, p.s) if p.order == "ABBA" else (p.s, p.io)
+            assert p.text == templates[p.template_id].format(A=a, B=b, S=p.s, PLACE=p.place, OBJECT=p.obj)
+    with pytest.raises(SVToolsError, match="split"):
+        run.prompts(4, split="validation")
+
+
+# ------------------------------------------------------------------ checkpoints, determinism, cache
+
+def test_default_checkpoints_are_log_spaced():
+    steps = ioi_lm.IOILMConfig().checkpoint_steps()
+    assert len(steps) >= 25 and steps[0] == 0 and steps[-1] == ioi_lm.IOILMConfig().steps
+    assert steps == sorted(set(steps))
+    gaps = [b - a for a, b in zip(steps[1:], steps[2:])]
+    assert gaps[-1] > 10 * gaps[0]  # log-spaced: dense early, sparse late
+
+
+def test_training_is_deterministic(cache_env):
+    from safetensors.torch import load_file
+
+    a = ioi_lm.train(TINY, seed=1, progress=False, cache=False)
+    b = ioi_lm.train(TINY, seed=1, progress=False, cache=False)
+    c = ioi_lm.train(TINY, seed=2, progress=False, cache=False)
+    last = f"step_{TINY.steps:06d}.safetensors"
+    wa, wb, wc = (load_file(str(r.path / last)) for r in (a, b, c))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert not all(torch.equal(wa[k], wc[k]) for k in wa)
+    assert a.history["loss"].tolist() == b.history["loss"].tolist()
+    assert a.history["loss"].iloc[-1] < a.history["loss"].iloc[0]  # it learns
+    for r in (a, b, c):  # cache=False runs live in fresh temporary directories
+        assert Path(cache_env) not in r.path.parents
+        shutil.rmtree(r.path)
+
+
+def test_cache_round_trip(run, cache_env, monkeypatch):
+    assert Path(cache_env) in run.path.parents
+    assert (run.path / "meta.json").is_file()
+    for s in run.checkpoints:
+        assert (run.path / f"step_{s:06d}.safetensors").is_file()
+
+    def no_training(*a, **k):
+        raise AssertionError("the cached run was retrained")
+
+    monkeypatch.setattr(ioi_lm, "_train_loop", no_training)
+    again = ioi_lm.train(TINY, seed=0, progress=False)
+    assert again.path == run.path and again.checkpoints == run.checkpoints
+    assert again.history.equals(run.history)
+    w0, w1 = run.hf_model(run.checkpoints[-1], "cpu"), again.hf_model(run.checkpoints[-1], "cpu")
+    assert all(torch.equal(p, q) for p, q in zip(w0.parameters(), w1.parameters()))
+    # another config or seed is another cache entry: it would train (and hits the patched loop)
+    with pytest.raises(AssertionError, match="retrained"):
+        ioi_lm.train(TINY.replace(lr=1e-3), seed=0, progress=False)
+    with pytest.raises(AssertionError, match="retrained"):
+        ioi_lm.train(TINY, seed=5, progress=False)
+
+
+def test_checkpoints_differ_and_step0_is_the_initialisation(run):
+    m0, m1 = run.hf_model(0, "cpu"), run.hf_model(run.checkpoints[-1], "cpu")
+    init = ioi_lm._new_model(TINY, len(run.tokenizer), 0)
+    assert all(torch.equal(p, q) for p, q in zip(m0.parameters(), init.parameters()))
+    assert not all(torch.equal(p, q) for p, q in zip(m0.parameters(), m1.parameters()))
+
+
+def test_bad_input():
+    with pytest.raises(SVToolsError, match="divisible"):
+        ioi_lm.IOILMConfig(d_model=30, n_heads=4)
+    with pytest.raises(SVToolsError, match="steps"):
+        ioi_lm.IOILMConfig(steps=0)
+    with pytest.raises(SVToolsError, match="cfg"):
+        ioi_lm.train({"steps": 3})
+
+
+def test_bad_step(run):
+    with pytest.raises(SVToolsError, match="not a checkpoint"):
+        run.load(3 if 3 not in run.checkpoints else 10_000)
+
+
+# ------------------------------------------------------------------ analysis on the checkpoints
+
+@pytest.mark.parametrize("which", ["first", "last"])
+def test_decomposition_is_exact_on_checkpoints(run, which):
+    from svtools import decompose, sad
+
+    step = run.checkpoints[0] if which == "first" else run.checkpoints[-1]
+    model = run.load(step, device="cpu")
+    ids, am, pos = sad.ioi_tokens(model, run.prompts(8, seed=0))
+    for layer in range(TINY.n_layers):
+        dec = decompose(model, ids, layer, attention_mask=am, dtype=torch.float64)
+        assert dec.max_pattern_error() < 1e-6
+        torch.testing.assert_close(dec.terms.sum(-1), dec.scores)
+    # the HF model's own attention weights agree with the bridge's pattern
+    hf = run.hf_model(step, device="cpu")
+    with torch.no_grad():
+        att = hf(input_ids=ids, attention_mask=am, output_attentions=True).attentions
+    dec = decompose(model, ids, TINY.n_layers - 1, attention_mask=am)
+    real = am.bool()
+    for b in range(len(ids)):
+        n = int(real[b].sum())
+        torch.testing.assert_close(dec.pattern[b, :, :n, :n], att[-1][b, :, :n, :n], atol=1e-5, rtol=1e-4)
+    # head_sparsity with the non-attended baseline runs on it and is consistent with decompose
+    df = sad.head_sparsity(model, ids, attention_mask=am, threshold=0.3, baseline="non-attended",
+                           baseline_fraction=0.2, progress=False)
+    assert set(df["kind"]) <= {"attended", "non-attended"}
+    att_rows = df[df["kind"] == "attended"]
+    assert (att_rows["attention"] >= 0.3).all()
+    assert (df[df["kind"] == "non-attended"]["attention"] < 0.3).all()
+
+
+def test_role_attention_matches_patterns(run):
+    from svtools import decompose, sad
+
+    step = run.checkpoints[-1]
+    model = run.load(step, device="cpu")
+    ds = run.prompts(6, seed=2)
+    ra = ioi_lm.role_attention(model, ds, batch_size=4)
+    ids, am, pos = sad.ioi_tokens(model, ds)
+    dec = decompose(model, ids, 1, attention_mask=am)
+    r = torch.arange(len(ds))
+    want = dec.pattern[r, :, pos.end, pos.io].mean(0)  # (head,)
+    got = ra.query("layer == 1 and query_role == 'END' and key_role == 'IO'").sort_values("head")["mean"]
+    torch.testing.assert_close(torch.tensor(got.to_numpy(), dtype=torch.float32), want.float(), atol=1e-5, rtol=1e-4)
+    assert ((ra["lo"] <= ra["mean"]) & (ra["mean"] <= ra["hi"])).all()
