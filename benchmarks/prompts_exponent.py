@@ -9,6 +9,9 @@ for both (1 = linear).
 
 Measured on the project's shared, heavily loaded 2-core CPU (``OMP_WAIT_POLICY=PASSIVE``); compare
 ratios and slopes. CUDA: untested (no GPU was available).
+
+Measured 2026-11-28 (loaded 2-core CPU, 20 tokens, 32 -> 512 prompts, one run each): exponent 0.90 for
+head_sparsity, 0.97 for the forward pass; head_sparsity / forward 1.09, 1.00, 1.01, 0.88, 0.93.
 """
 
 from __future__ import annotations
