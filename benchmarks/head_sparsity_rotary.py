@@ -19,6 +19,10 @@ head_sparsity_vs_forward.py); compare ratios. CUDA: untested (no GPU was availab
 Measured 2026-11-28 (loaded 2-core CPU, load average ~7, one run): 16 x 1024, init 0.02, every head:
 forward with attentions 259.6 s (peak 0.95 GB), head_sparsity 270.3 s (peak 0.69 GB above the
 model), 1.04x; 1160 pairs at 2 distinct offsets (the random model attends almost uniformly).
+With peaked attention (``--init 0.2``, 4 x 256): forward 8.5 s, head_sparsity 81.9 s (9.6x, peak
+1.53 GB), 141,993 pairs at 254 offsets: the per-offset ``d_head x d_head`` SVDs (144 heads x 254
+offsets, about 1-2 ms each on this machine) dominate. Target "<= 3x the forward" is met only when
+few offsets are used; many offsets remain the open cost of rotary heads.
 """
 
 from __future__ import annotations
