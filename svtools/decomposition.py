@@ -25,7 +25,7 @@ from torch import Tensor
 
 from svtools._checks import SVToolsError, as_dtype, as_indices, as_int, is_index_sequence
 from svtools.models import UnsupportedModelError, check_bridge, check_supported, resolve_check_tol
-from svtools.qk import QKSVD, RotarySpec, qk_svd, random_rotation, rotated_factors
+from svtools.qk import QKSVD, RotarySpec, one_thread, qk_svd, random_rotation, rotated_factors
 from svtools.terms import homogeneous, relative_terms
 
 __all__ = ["decompose", "decompose_layers", "HeadDecomposition", "head_weights", "layer_qk", "tokenize",
@@ -342,14 +342,15 @@ def head_rotations(seed: int, layer: int, heads: Sequence[int], inner_shape: tup
     def head_seed(h: int) -> int:
         return (int(seed) * 1_000_003 + int(layer) * 10_007 + int(h)) % 2**63
 
-    if offsets is not None:
-        offs = [int(o) for o in torch.as_tensor(offsets).reshape(-1).tolist()]
-        return torch.stack([torch.stack([
-            random_rotation((), r, seed=(head_seed(h) * 1_000_033 + 7 * o + 1) % 2**63, dtype=torch.float64)
-            for o in offs]) for h in heads]).to(dtype=dtype, device=device)
-    return torch.stack([
-        random_rotation(tuple(inner_shape), r, seed=head_seed(h), dtype=dtype, device=device)
-        for h in heads])
+    with one_thread():  # many small QRs: threads only add contention
+        if offsets is not None:
+            offs = [int(o) for o in torch.as_tensor(offsets).reshape(-1).tolist()]
+            return torch.stack([torch.stack([
+                random_rotation((), r, seed=(head_seed(h) * 1_000_033 + 7 * o + 1) % 2**63, dtype=torch.float64)
+                for o in offs]) for h in heads]).to(dtype=dtype, device=device)
+        return torch.stack([
+            random_rotation(tuple(inner_shape), r, seed=head_seed(h), dtype=dtype, device=device)
+            for h in heads])
 
 
 def _softmax_masked(scores: Tensor, scale: float, mask: Tensor) -> Tensor:
@@ -554,6 +555,13 @@ def decompose(
             asking for ``dtype=torch.float16``/``bfloat16`` also gives float32.
 
     For several layers use :func:`decompose_layers`, which runs the model once.
+
+    Memory: this is the full view, every pair of every chosen head:
+    ``terms`` holds ``batch * heads * pos^2 * r`` numbers (float32: 4 bytes each; e.g. 32 prompts
+    x 256 tokens x 12 heads x r 32 = 3.2 GB), and :meth:`HeadDecomposition.rotated_terms` and
+    :meth:`~HeadDecomposition.relative_terms` as much again each; rotary heads also hold
+    ``heads * pos * d_in * r`` numbers per side for the per-offset ``U, V``. To measure selected
+    pairs only, use :func:`svtools.sad.head_sparsity`, which never builds this tensor.
     """
     layer = _check_layer(model, layer)
     heads = _check_heads(model, head)

@@ -13,8 +13,14 @@ This module:
   (the earlier SAD work: 0.5) or the ACC rule (attention >= 1 / number of keys the query sees,
   i.e. ``1 / (query position + 1)`` in a causal model), first key excluded by default.
 * :func:`head_sparsity` — for all chosen heads at once, one row per selected pair with N_recon,
-  Rolls-Tovee sparseness, the dominant term's singular index, and the same in the rotated control.
-  Streams layer by layer and chunk by chunk of prompts, so memory stays bounded.
+  Rolls-Tovee sparseness, the dominant term's singular index, and the same in the rotated control;
+  optionally the same for baseline pairs (non-attended, random) of the same heads. It selects
+  first and decomposes only the measured pairs (no ``(batch, head, query, key, r)`` tensor),
+  streaming layer by layer inside one forward pass that stops after the last layer needed.
+* :func:`usage_difference` — whether attended and baseline pairs use different singular vectors.
+
+Devices: everything runs where the model lives. The CUDA path is untested (no GPU was available
+while this was written); the benchmarks in ``benchmarks/`` take ``--device cuda``.
 * :func:`toy_sparsity` — the same measurement on the toy model of Part 1 (features observable).
 * :func:`singular_vector_usage`, :func:`reuse` — which singular vectors a head uses across prompts.
 * :func:`bootstrap` — summaries with confidence intervals from resampling whole prompts.
@@ -42,7 +48,7 @@ __all__ = ["select_pairs", "pair_measures", "head_sparsity", "toy_sparsity", "to
            "singular_vector_usage", "usage_difference", "reuse", "bootstrap", "ioi_tokens", "label_ioi_roles",
            "IOI_HEADS", "ioi_heads", "model_note", "sparsity_over_checkpoints",
            "toy_sparsity_over_training", "format_summary", "COLUMNS", "KINDS",
-           "baseline_pairs", "pair_uniform", "compare_kinds"]
+           "baseline_pairs", "pair_uniform", "compare_kinds", "CHUNK_BYTES", "ROTARY_CACHE_BYTES"]
 
 #: Columns every :func:`head_sparsity` frame has (acceptance checks read these names).
 COLUMNS = ("layer", "head", "prompt", "query", "key", "attention", "score", "n_recon", "rolls_tovee",
@@ -105,16 +111,23 @@ def select_pairs(
         except RuntimeError as exc:
             raise SVToolsError(f"query_mask of shape {tuple(qm.shape)} does not broadcast to pattern's "
                                f"(..., query) = {tuple(pattern.shape[:-1])}") from exc
+    if select == "threshold" and not (0.0 < float(threshold) <= 1.0):
+        raise SVToolsError(f"threshold must be in (0, 1], got {threshold}")
+    return _select(pattern, mask, select=select, threshold=threshold, exclude_first=exclude_first)
+
+
+def _select(pattern: Tensor, mask: Tensor, *, select: str, threshold: float, exclude_first: bool,
+            query_mask: Optional[Tensor] = None) -> Tensor:
+    """:func:`select_pairs` without the input checks (``mask`` broadcastable, boolean)."""
     if select == "threshold":
-        if not (0.0 < float(threshold) <= 1.0):
-            raise SVToolsError(f"threshold must be in (0, 1], got {threshold}")
         sel = pattern >= float(threshold)
     else:
         n_vis = mask.sum(-1, keepdim=True).clamp_min(1).to(pattern.dtype)
         sel = pattern >= 1.0 / n_vis
-    sel = sel & mask
+    sel &= mask
+    if query_mask is not None:
+        sel &= query_mask[..., None]
     if exclude_first:
-        sel = sel.clone()
         sel[..., 0] = False
     return sel
 
@@ -399,15 +412,39 @@ def _hom(x: Tensor, has_bias: bool, dtype: torch.dtype) -> Tensor:
     return torch.cat([x, torch.ones_like(x[..., :1])], dim=-1) if has_bias else x
 
 
-def _check_pattern(scores: Tensor, pattern: Tensor, mask: Tensor, scale: float, layer: int, tol: float) -> None:
-    """The exactness check: ``softmax(scale * scores + mask)`` must be the model's pattern."""
-    from svtools.decomposition import _softmax_masked
+def _check_softmax(pattern: Tensor, mask: Tensor, qvalid: Tensor, idx_all: dict[str, Tensor],
+                   pair_scores: dict[str, Tensor], score_of: Any, scale: float, layer: int, tol: float) -> None:
+    """The exactness check, on the pairs that matter, at ``O(batch * head * query)`` cost.
+
+    Softmax is shift-invariant per query, so the reconstructed scores reproduce the model's
+    weights iff, for a reference key ``k*`` of the query (its largest weight),
+    ``p[k] == p[k*] * exp(scale * (s[k] - s[k*]))``. Checked for every measured pair and, so
+    that no query escapes, for the second-largest weight of every real query of every head.
+    Raises :class:`~svtools.models.UnsupportedModelError` when any ``|predicted - p| > tol``
+    (the same tolerance, on the same probability scale, as ``decompose``'s full check).
+    """
     from svtools.models import UnsupportedModelError
 
+    top, arg = pattern.topk(min(2, pattern.shape[-1]), dim=-1)  # (batch, head, query, 2)
+    B, H, n, _ = pattern.shape
+    groups = list(idx_all.items())
+    if top.shape[-1] == 2:  # a single key (one-token prompts) has no second weight to check
+        bb, hh, qq = torch.meshgrid(torch.arange(B, device=pattern.device), torch.arange(H, device=pattern.device),
+                                    torch.arange(n, device=pattern.device), indexing="ij")
+        second = qvalid[:, 0][bb, qq] & mask[bb, 0, qq, arg[..., 1]] & (top[..., 1] > 0)
+        idx2 = torch.stack([bb[second], hh[second], qq[second], arg[..., 1][second]], -1)
+        groups.append(("top-2", idx2))
     err = 0.0
-    for h in range(scores.shape[1]):  # one head at a time: temporaries stay one head's size
-        sm = _softmax_masked(scores[:, h:h + 1], scale, mask)
-        err = max(err, float((sm - pattern[:, h:h + 1].to(sm.dtype)).abs().max()))
+    for kind, idx in groups:
+        if not len(idx):
+            continue
+        b, h, q, k = idx.unbind(-1)
+        s = pair_scores[kind] if kind in pair_scores else score_of(b, h, q, k)
+        kref = arg[b, h, q, 0]
+        s_ref = score_of(b, h, q, kref)
+        p_ref = top[b, h, q, 0].to(s.dtype)
+        pred = p_ref * torch.exp((scale * (s - s_ref)).clamp(max=60.0))
+        err = max(err, float((pred - pattern[b, h, q, k].to(s.dtype)).abs().max()))
     if not err <= tol:
         raise UnsupportedModelError(
             f"decomposition does not reproduce the model's attention at layer {layer} "
@@ -472,21 +509,22 @@ class _PairEngine:
         heads = self.plan[layer]
         basis = self.basis(layer)
         dev = pattern_all.device
-        pattern = pattern_all.index_select(1, torch.tensor(heads, device=dev))
+        pattern = pattern_all if heads == list(range(pattern_all.shape[1])) else \
+            pattern_all.index_select(1, torch.tensor(heads, device=dev))
         xq, xk = _hom(xq, basis.has_bias, self.dtype), _hom(xk, basis.has_bias, self.dtype)
         if basis.rotary:
-            qa = torch.einsum("bnd,hde->bhne", xq, basis.A)
+            qa = torch.einsum("bnd,hde->bhne", xq, basis.A)  # pre-rotary queries and keys
             kb = torch.einsum("bnd,hde->bhne", xk, basis.B)
             spec = _spec_of(self.model)
-            scores = _rotate_positions(qa, spec) @ _rotate_positions(kb, spec).transpose(-1, -2)
+            qr, kr = _rotate_positions(qa, spec), _rotate_positions(kb, spec)
+            score_of = lambda b, h, q, k: (qr[b, h, q] * kr[b, h, k]).sum(-1)  # noqa: E731
         else:
             pu = torch.einsum("bnd,hdr->bhnr", xq, basis.U)
             pv = torch.einsum("bnd,hdr->bhnr", xk, basis.V)
             a = pu * basis.S[None, :, None, :]
-            scores = a @ pv.transpose(-1, -2)
-        _check_pattern(scores, pattern, mask, self.scale[layer], layer, self.pattern_tol)
-        sel = select_pairs(pattern, mask, select=self.select, threshold=self.threshold,
-                           exclude_first=self.exclude_first, query_mask=qvalid)
+            score_of = lambda b, h, q, k: (a[b, h, q] * pv[b, h, k]).sum(-1)  # noqa: E731
+        sel = _select(pattern, mask, select=self.select, threshold=self.threshold,
+                      exclude_first=self.exclude_first, query_mask=qvalid)
         picks = {"attended": sel}
         for kind in self.kinds[1:]:
             picks[kind] = baseline_pairs(kind, pattern, mask, sel, query_mask=qvalid, layer=layer, heads=heads,
@@ -494,18 +532,20 @@ class _PairEngine:
                                          exclude_first=self.exclude_first, seed=self.bseed)
         del sel
         idx_all = {k: p.nonzero() for k, p in picks.items()}
-        pair_scores = {k: pattern.new_zeros(0) if not len(i) else scores[tuple(i.unbind(-1))]
-                       for k, i in idx_all.items()}
-        attn = {k: pattern[tuple(i.unbind(-1))] for k, i in idx_all.items()}
         del picks
+        attn = {k: pattern[tuple(i.unbind(-1))] for k, i in idx_all.items()}
+        pair_scores = {k: score_of(*i.unbind(-1)) for k, i in idx_all.items()}
+        # the exactness check: softmax(scale * scores) must give the model's pattern, tested on every
+        # measured pair and on the two largest weights of every real query of every head
+        _check_softmax(pattern, mask, qvalid, idx_all, pair_scores, score_of, self.scale[layer], layer,
+                       self.pattern_tol)
         if self.relative:
             maskf = mask[:, 0].to(self.dtype)  # (batch, query, key)
             count = maskf.sum(-1)  # (batch, query)
         if basis.rotary:
-            needed = torch.cat([(i[:, 2] - i[:, 3]) for i in idx_all.values()]) if idx_all else torch.zeros(0)
-            if self.relative:  # every query's total needs every offset up to the query's position
-                qmax = int(max((int(i[:, 2].max()) for i in idx_all.values() if len(i)), default=0))
-                needed = torch.arange(qmax + 1)
+            needed = torch.cat([(i[:, 2] - i[:, 3]) for i in idx_all.values()])
+            if self.relative and len(needed):  # a query's total needs every offset up to its position
+                needed = torch.arange(int(max(int(i[:, 2].max()) for i in idx_all.values() if len(i))) + 1)
             if not len(needed):
                 return
             F, Qo, lut = basis.at_offsets(needed)
@@ -513,17 +553,15 @@ class _PairEngine:
             kf = kb if F.B is basis.B else torch.einsum("bnd,hde->bhne", xk, F.B)
             if self.relative:
                 totals = self._rotary_totals(idx_all, qf, kf, F, Qo, lut, mask)
-        elif self.relative:
-            csum = torch.einsum("bqk,bhkr->bhqr", maskf, pv)
-            if basis.Q is not None:
+        else:
+            if basis.Q is not None:  # the control's projections: r x r rotations of the singular ones
                 root = basis.S.clamp_min(0).sqrt()[None, :, None, :]
                 arot = (pu * root) @ basis.Q[None]
                 crot = (pv * root) @ basis.Q[None]
-                crotsum = torch.einsum("bqk,bhkr->bhqr", maskf, crot)
-        elif basis.Q is not None:
-            root = basis.S.clamp_min(0).sqrt()[None, :, None, :]
-            arot = (pu * root) @ basis.Q[None]
-            crot = (pv * root) @ basis.Q[None]
+            if self.relative:
+                csum = torch.einsum("bqk,bhkr->bhqr", maskf, pv)  # each query's sum of key projections
+                if basis.Q is not None:
+                    crotsum = (csum * root) @ basis.Q[None]
         for kind, idx in idx_all.items():
             if not len(idx):
                 continue
@@ -636,10 +674,22 @@ def head_sparsity(
 ) -> pd.DataFrame:
     """Per-pair sparseness of the chosen heads' decompositions, with the controls and the nulls.
 
-    For each layer (streamed; tqdm over layers) and each chunk of ``batch_size`` prompts, runs
-    :func:`svtools.decompose` for all chosen heads of the layer at once, selects the attended
-    pairs (:func:`select_pairs`, padding queries excluded), and keeps one row per pair; the
-    ``(batch, head, query, key, r)`` term tensors are freed before the next chunk.
+    Select first, decompose only what is measured. For each chunk of prompts, one forward pass
+    (:func:`svtools.decomposition.stream_attention`) hands each needed layer's projection
+    inputs and attention pattern over as soon as they exist and stops after the last layer
+    needed. In each layer the pattern chooses the pairs (:func:`select_pairs`, padding queries
+    excluded, plus the baseline samples); only those pairs' terms are formed, from per-head
+    projections ``x~ U S`` and ``y~ V`` (rotated control: the same projections times
+    ``S^-1/2 Q``, an ``r x r`` product); relative terms use each query's sum of key
+    projections (:func:`svtools.terms.relative_pair_terms`). Rotary heads are decomposed only
+    at the offsets the measured pairs use, in factored form (:func:`svtools.qk.qk_svd_factored`:
+    shared projections, one ``d_head x d_head`` factor pair per offset). No
+    ``(batch, head, query, key, r)`` tensor is ever built (:func:`svtools.decompose` still gives
+    that full view, for every pair). Exactness is checked on every chunk and layer: the
+    reconstructed scores must reproduce the model's weights (``softmax``, tolerance 1e-3) on
+    every measured pair and on the two largest weights of every query of every head, and each
+    pair's terms (real and rotated) must sum to its score; a failure raises
+    :class:`~svtools.models.UnsupportedModelError`.
 
     Rows (one per measured pair), columns (:data:`COLUMNS`):
         ``layer, head, prompt`` (row of ``tokens``), ``query, key`` (positions), ``attention``
@@ -706,7 +756,9 @@ def head_sparsity(
         seed: seed of the rotated control (one Haar rotation per head (and offset) of a layer;
             the draw depends on which heads are decomposed together).
         frac: N_recon fraction (paper: 1.0).
-        batch_size: prompts per chunk; memory grows linearly with it.
+        batch_size: at most this many prompts per forward pass; fewer when prompts are long, so
+            that one layer's ``(batch, head, query, key)`` tensor stays under :data:`CHUNK_BYTES`
+            (32 MB). The rows do not depend on it.
         dtype: decomposition dtype (float32 default).
         baseline: None (attended pairs only), ``"non-attended"``, ``"random"`` or a list of them.
         baseline_fraction: probability with which each eligible baseline pair is sampled
@@ -716,11 +768,14 @@ def head_sparsity(
         baseline_seed: seed of the baseline samples (:func:`baseline_pairs`): the same pairs
             whatever ``batch_size`` or the other heads measured.
 
-    Memory: the peak is about ``(3 + 2 * relative) * batch_size * heads * pos^2 * r`` numbers per
-    chunk plus the model. Measured on GPT-2-small shapes (``GPT2Config()``, random weights: 12
-    layers x 12 heads x d_head 64; 128 prompts of 17-24 tokens; float32, CPU), peak resident
-    memory above the loaded model: 0.33 GB with ``batch_size=32`` (absolute), 0.47 GB
-    (relative, threshold 0.3), 1.2 GB with ``batch_size=128`` (absolute).
+    Memory and time: the model's own attention for one chunk (bounded by ``CHUNK_BYTES``), the
+    per-head projections ``(batch, head, pos, r)``, and the measured pairs' terms; rotary layers
+    add their per-offset factors (``2 * heads * offsets * d_head * r`` numbers, cached across
+    chunks up to :data:`ROTARY_CACHE_BYTES`). Measured on the loaded shared 2-core CPU
+    (``benchmarks/``, ``OMP_WAIT_POLICY=PASSIVE``): MiniLM, 32 prompts x 256 tokens, peak
+    memory above the model about 0.1 GB (the HF forward with ``output_attentions=True`` alone:
+    1.6 GB) and time about that forward pass's; see benchmarks/ for the figures. CUDA: the code
+    is device-agnostic but untested on a GPU.
 
     Returns:
         ``pandas.DataFrame`` with the columns above (integers as int64).

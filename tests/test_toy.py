@@ -168,3 +168,18 @@ def test_failing_pairs_reads_antipodal_sharing():
     assert row["best k"] == 0 and row["k owned by pair"] == 0
     assert row["cos(w_i, w_i')"] == pytest.approx(-1.0) and row["cos(w_j, w_j')"] == pytest.approx(-1.0)
     assert row["w_i's closest feature"] == 0
+
+
+def test_sweep_plot_marks_the_worst_seed():
+    """The red marker is the minimum for a higher-is-better metric and the maximum otherwise
+    (it used to take the minimum always, marking the best seed of sigma2/sigma1)."""
+    import pandas as pd
+
+    from svtools.plots import toy as toyplots
+
+    df = pd.DataFrame([{"param": "lam", "value": v, "seed": s, "m": v + s} for v in (1.0, 10.0) for s in range(3)])
+    for better, expected in ((True, [1.0, 10.0]), (False, [3.0, 12.0])):
+        fig = toyplots.sweep(df, ["lam"], "m", ylabel="m", higher_is_better=better)
+        marker = [ln for ln in fig.axes[0].get_lines() if ln.get_label() == "worst seed"][0]
+        assert list(marker.get_ydata()) == expected
+        assert fig.get_size_inches()[0] <= toyplots.WIDTH + 1e-9

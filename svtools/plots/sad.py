@@ -432,7 +432,7 @@ def plot_lm_emergence(accuracy: pd.DataFrame, attention: pd.DataFrame, sparsenes
 @book_figure
 def plot_sad_vs_alignment(pairs: pd.DataFrame, *, x: str = "cos", measures: Sequence[str] = ("n_recon", "rolls_tovee"),
                           hue: str = "n_features", title: Optional[str] = None) -> Figure:
-    """Per template pair of toy runs: alignment (``x``, e.g. the pair's worst |cos|) against the
+    """Per template pair of toy runs: alignment (``x``, e.g. the pair's worst ``|cos|``) against the
     SAD of the pair's own features (one panel per measure, stacked), coloured by ``hue``.
 
     ``pairs``: one row per (run, template pair) with columns ``x``, ``hue`` and the measures.

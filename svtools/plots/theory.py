@@ -10,7 +10,7 @@ import torch
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from svtools.plots import subplots
+from svtools.plots import book_figure, subplots
 from svtools._checks import SVToolsError
 
 __all__ = ["plot_theorem1", "plot_mean_effect", "plot_alignment_vs_interference", "plot_frame_training",
@@ -23,6 +23,7 @@ def _np(x) -> np.ndarray:
     return x.detach().cpu().double().numpy() if isinstance(x, torch.Tensor) else np.asarray(x, dtype=float)
 
 
+@book_figure
 def plot_theorem1(spectra: Mapping[str, torch.Tensor], table) -> Figure:
     """Panel (a): normalised singular values ``sigma_k / sigma_1`` of each head (log scale);
     panel (b): ``|cos|`` of each head's top singular vectors with Theorem 1's whitened prediction and with
@@ -66,6 +67,7 @@ def plot_theorem1(spectra: Mapping[str, torch.Tensor], table) -> Figure:
     return fig
 
 
+@book_figure
 def plot_mean_effect(ratio: Sequence[float], cos: Mapping[str, Sequence[float]]) -> Figure:
     """``|cos|`` between the whitened prediction and the exact singular vector for non-zero-mean
     activations, against ``N / D`` (one line per label, e.g. per activation law)."""
@@ -82,6 +84,7 @@ def plot_mean_effect(ratio: Sequence[float], cos: Mapping[str, Sequence[float]])
     return fig
 
 
+@book_figure
 def plot_alignment_vs_interference(df, *, measured: Optional[Mapping[str, Mapping[str, float]]] = None,
                                    paper_floor: Optional[float] = 0.75) -> Figure:
     """Paper Fig. 4 counterpart, in both normalisations of ``||E_X||_2``.
@@ -148,6 +151,7 @@ def plt_line(ls: str):
     return Line2D([], [], color="0.4", ls=ls)
 
 
+@book_figure
 def plot_frame_training(runs: Mapping[str, object], *, predicted_cos: Optional[float] = None,
                         predicted_interference: Optional[float] = None) -> Figure:
     """Theorem 3's experiment: (a) largest overlap of non-target features with the fixed head's
@@ -184,6 +188,7 @@ def plot_frame_training(runs: Mapping[str, object], *, predicted_cos: Optional[f
     return fig
 
 
+@book_figure
 def plot_unwhitening(df) -> Figure:
     """Corollary: mean ``|cos|`` with the true features of raw singular vectors and of
     un-whitened ones (second moment estimated from samples), against ``||E_X||_2``."""

@@ -11,7 +11,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from torch import Tensor
 
-from svtools.plots import subplots
+from svtools.plots import book_figure, subplots
 from svtools.alignment import PairAlignment
 from svtools.geometry import feature_dimensionality, gram
 
@@ -49,6 +49,7 @@ def _int_ticks(*axes, x: bool = True, y: bool = False, nbins="auto") -> None:
             a.yaxis.set_major_locator(MaxNLocator(integer=True, nbins=nbins))
 
 
+@book_figure
 def feature_geometry(features: Mapping[str, Tensor], attended: Sequence[int] = (),
                      *, title: Optional[str] = None) -> Figure:
     """Cosine Gram matrices (top) and Elhage et al. dimensionality per feature (bottom), one
@@ -80,6 +81,7 @@ def feature_geometry(features: Mapping[str, Tensor], attended: Sequence[int] = (
     return fig
 
 
+@book_figure
 def singular_spectrum(S: Tensor, al: Optional[PairAlignment] = None, *, n_show: int = 10,
                       title: Optional[str] = None) -> Figure:
     """Singular values of ``Omega`` (left, log scale) and, if ``al`` is given, the ``|cos|`` of
@@ -111,6 +113,7 @@ def singular_spectrum(S: Tensor, al: Optional[PairAlignment] = None, *, n_show: 
     return fig
 
 
+@book_figure
 def pair_alignment(al: PairAlignment, strengths: Optional[Sequence[float]] = None, *,
                    n_show: Optional[int] = None, threshold: float = 0.9,
                    title: Optional[str] = None) -> Figure:
@@ -124,7 +127,7 @@ def pair_alignment(al: PairAlignment, strengths: Optional[Sequence[float]] = Non
     score = _np(al.cos_U[al.pairs[:, 0], :n_show] * al.cos_V[al.pairs[:, 1], :n_show])
     fig = _figure((WIDTH, 6.6))
     layout = [["a", "c"], ["b", "b"]] if strengths is not None else [["a", "a"], ["b", "b"]]
-    axd = fig.subplot_mosaic(layout, gridspec_kw={"height_ratios": [1.1, 1]})
+    axd = fig.subplot_mosaic(layout, gridspec_kw={"height_ratios": [1.1, 1], "wspace": 0.45})
     ax = axd["a"]
     im = ax.imshow(score, aspect="auto", cmap="viridis", vmin=0, vmax=1, interpolation="nearest")
     idx = _np(al.index)
@@ -134,7 +137,7 @@ def pair_alignment(al: PairAlignment, strengths: Optional[Sequence[float]] = Non
     ax.set_ylabel("template pair p")
     ax.set_title("(a) |cos(w_i,u_k)| |cos(w_j,v_k)|", fontsize=10)
     _int_ticks(ax, x=True, y=True)
-    fig.colorbar(im, ax=ax, fraction=0.06, pad=0.03, label="product (unitless)")
+    fig.colorbar(im, ax=ax, fraction=0.06, pad=0.03, label="product")
     ax = axd["b"]
     x = np.arange(P)
     ax.bar(x - 0.2, _np(al.cos_q), width=0.4, label="query |cos(w_i, u_k)|")
@@ -160,7 +163,7 @@ def pair_alignment(al: PairAlignment, strengths: Optional[Sequence[float]] = Non
         sc = ax.scatter(st[good], sg[good], c=_np(al.worst)[good], cmap="viridis", vmin=0, vmax=1, s=18)
         rho = spearmanr(st[good], sg[good]).statistic if good.sum() > 2 else float("nan")
         ax.set_xlabel("template strength T_ij")
-        ax.set_ylabel("assigned sigma_k")
+        ax.set_ylabel("sigma_k")
         ax.set_title(f"(b) Spearman rho = {rho:.3f}", fontsize=10)
         fig.colorbar(sc, ax=ax, fraction=0.06, pad=0.03, label="pair's min |cos|")
     _suptitle(fig, title)
@@ -168,6 +171,7 @@ def pair_alignment(al: PairAlignment, strengths: Optional[Sequence[float]] = Non
     return fig
 
 
+@book_figure
 def pairs_over_seeds(worst: Tensor, seeds: Sequence[int], strengths: Optional[Sequence[float]] = None, *,
                      threshold: float = 0.9, title: Optional[str] = None) -> Figure:
     """Many pairs over several seeds: (a) number of pairs aligned (both ``|cos| >= threshold``) per
@@ -212,6 +216,7 @@ def pairs_over_seeds(worst: Tensor, seeds: Sequence[int], strengths: Optional[Se
     return fig
 
 
+@book_figure
 def training_dynamics(history, settle: Optional[Mapping[str, float]] = None, *,
                       title: Optional[str] = None) -> Figure:
     """Losses (top, log scale) and alignment / interference (bottom) against the training step.
@@ -251,6 +256,7 @@ def training_dynamics(history, settle: Optional[Mapping[str, float]] = None, *,
     return fig
 
 
+@book_figure
 def sweep(df, params: Sequence[str], metric: str, *, ylabel: str, ref: Optional[float] = None,
           ref_label: str = "paper", log_x: Sequence[str] = (), higher_is_better: bool = True,
           ylim: Optional[tuple] = None, title: Optional[str] = None) -> Figure:
@@ -294,6 +300,7 @@ def sweep(df, params: Sequence[str], metric: str, *, ylabel: str, ref: Optional[
     return fig
 
 
+@book_figure
 def offset_alignment(offsets: Sequence[int], cos_q: Tensor, cos_k: Tensor, sigma_ratio: Tensor, *,
                      title: Optional[str] = None) -> Figure:
     """Rotary head: alignment of the template pair(s) with the decomposition at each offset
