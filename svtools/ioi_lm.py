@@ -44,7 +44,7 @@ import random
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -56,7 +56,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from svtools._checks import SVToolsError
-from svtools.data.ioi import NAMES, OBJECTS, PLACES, TEMPLATES, IOIDataset, ioi_prompts
+from svtools.data.ioi import NAMES, OBJECTS, PLACES, IOIDataset, ioi_prompts
 from svtools.runtime import default_device, tqdm
 
 __all__ = ["IOILMConfig", "IOILMRun", "train", "CODE_VERSION", "cache_dir", "TRAIN_TEMPLATES",
@@ -351,7 +351,6 @@ class IOILMRun:
     checkpoints: list[int]
     history: pd.DataFrame
     seconds: float = float("nan")
-    _models: dict = field(default_factory=dict, repr=False)
 
     @cached_property
     def tokenizer(self) -> Any:
