@@ -18,14 +18,14 @@ This module:
   first and decomposes only the measured pairs (no ``(batch, head, query, key, r)`` tensor),
   streaming layer by layer inside one forward pass that stops after the last layer needed.
 * :func:`usage_difference` — whether attended and baseline pairs use different singular vectors.
-
-Devices: everything runs where the model lives. The CUDA path is untested (no GPU was available
-while this was written); the benchmarks in ``benchmarks/`` take ``--device cuda``.
 * :func:`toy_sparsity` — the same measurement on the toy model of Part 1 (features observable).
 * :func:`singular_vector_usage`, :func:`reuse` — which singular vectors a head uses across prompts.
 * :func:`bootstrap` — summaries with confidence intervals from resampling whole prompts.
 * :func:`ioi_tokens`, :func:`label_ioi_roles` — IOI prompts tokenised exactly as
   :func:`svtools.decomposition.tokenize` does, with the name positions, and role labels for pairs.
+
+Devices: everything runs where the model lives. The CUDA path is untested (no GPU was available
+while this was written); the benchmarks in ``benchmarks/`` take ``--device cuda``.
 """
 
 from __future__ import annotations
