@@ -44,8 +44,14 @@ screenshots:
 test: $(STAMP)
 	$(BIN)/python -m pytest tests book --nbmake --nbmake-timeout=900 -p no:cacheprovider
 
+# Benchmarks print ratios measured side by side; OMP_WAIT_POLICY=PASSIVE keeps idle OpenMP threads
+# from spinning on a shared machine (they made every small op 10-30 ms slower under load).
 benchmark: $(STAMP)
-	$(BIN)/python benchmarks/qk_svd.py
+	cd benchmarks && OMP_WAIT_POLICY=PASSIVE ../$(BIN)/python qk_svd.py
+	cd benchmarks && OMP_WAIT_POLICY=PASSIVE ../$(BIN)/python rotary_qk_svd.py
+	cd benchmarks && OMP_WAIT_POLICY=PASSIVE ../$(BIN)/python head_sparsity_vs_forward.py
+	cd benchmarks && OMP_WAIT_POLICY=PASSIVE ../$(BIN)/python prompts_exponent.py
+	cd benchmarks && OMP_WAIT_POLICY=PASSIVE ../$(BIN)/python head_sparsity_rotary.py
 
 clean:
 	rm -rf _build

@@ -31,13 +31,14 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# What each chapter loads. Chapters not listed train their own small models.
+# What each chapter loads (chapter owners: keep in step with the chapter). Chapters not listed
+# train their own small models.
 REAL_MODEL = "real"        # reads SVTOOLS_MODEL (default: the embedded MiniLM)
-PYTHIA = "pythia"          # Pythia-160M checkpoints where the hub is reachable, else the toy
+IOI_LM = "ioi_lm"          # the IOI language model trained here; Pythia-160M on request
 MODELS = {
     "book/quickstart.ipynb": REAL_MODEL,
     "book/part3/02_sad_real_models.ipynb": REAL_MODEL,
-    "book/part3/03_emergence.ipynb": PYTHIA,
+    "book/part3/03_emergence.ipynb": IOI_LM,
 }
 
 HEAD = '''\
@@ -53,6 +54,12 @@ SWITCH = '''\
 # The model: SVTOOLS_MODEL, by default the embedded all-MiniLM-L6-v2 (works offline).
 # For the paper's models (downloaded from the model hub), uncomment one line:
 # os.environ["SVTOOLS_MODEL"] = "gpt2"
+# os.environ["SVTOOLS_MODEL"] = "EleutherAI/pythia-160m"
+'''
+
+SWITCH_PYTHIA = '''\
+# The model: an IOI language model trained here. For the paper's Pythia-160M checkpoints
+# as well (downloaded from the model hub), uncomment:
 # os.environ["SVTOOLS_MODEL"] = "EleutherAI/pythia-160m"
 '''
 
@@ -77,10 +84,10 @@ print("Model:", os.environ.get("SVTOOLS_MODEL", "minilm"), "(from SVTOOLS_MODEL;
 print("the paper's: 'gpt2', 'EleutherAI/pythia-160m', which need the model hub).")
 print("Scale: fast default; SVTOOLS_FULL=1 runs the paper's scale.")
 ''',
-    PYTHIA: '''\
-print("Model: Pythia-160M's training checkpoints (EleutherAI/pythia-160m) where")
-print("the model hub is reachable, as in Colab; otherwise the toy model of Part 1.")
-print("Scale: fast default; SVTOOLS_FULL=1 measures every checkpoint.")
+    IOI_LM: '''\
+print("Model: a small IOI language model trained here, over its checkpoints; with")
+print("SVTOOLS_MODEL='EleutherAI/pythia-160m' and the model hub (as in Colab), also")
+print("Pythia-160M's checkpoints. Scale: SVTOOLS_FULL=1 runs the paper's scale.")
 ''',
     None: '''\
 print("Model: none to download; this chapter trains its own small models")
@@ -107,7 +114,8 @@ def repository_url(config: Path = ROOT / "_config.yml") -> str:
 
 def cell_source(notebook: str, url: str) -> str:
     kind = MODELS.get(notebook)
-    src = HEAD.format(url=url) + (SWITCH if kind == REAL_MODEL else "") + INSTALL + MESSAGE[kind]
+    switch = {REAL_MODEL: SWITCH, IOI_LM: SWITCH_PYTHIA}.get(kind, "")
+    src = HEAD.format(url=url) + switch + INSTALL + MESSAGE[kind]
     return src.rstrip("\n")
 
 

@@ -555,6 +555,13 @@ def decompose(
             asking for ``dtype=torch.float16``/``bfloat16`` also gives float32.
 
     For several layers use :func:`decompose_layers`, which runs the model once.
+
+    Memory: this is the full view, every pair of every chosen head:
+    ``terms`` holds ``batch * heads * pos^2 * r`` numbers (float32: 4 bytes each; e.g. 32 prompts
+    x 256 tokens x 12 heads x r 32 = 3.2 GB), and :meth:`HeadDecomposition.rotated_terms` and
+    :meth:`~HeadDecomposition.relative_terms` as much again each; rotary heads also hold
+    ``heads * pos * d_in * r`` numbers per side for the per-offset ``U, V``. To measure selected
+    pairs only, use :func:`svtools.sad.head_sparsity`, which never builds this tensor.
     """
     layer = _check_layer(model, layer)
     heads = _check_heads(model, head)

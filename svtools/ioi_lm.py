@@ -1,11 +1,12 @@
 """A small causal language model trained here on IOI text: a real IOI circuit on every machine.
 
 The paper's real-model results use GPT-2 small and Pythia-160M, which need the model hub. This
-module trains, offline and in about a minute on a laptop CPU, a GPT-2-architecture model
+module trains, offline and on a CPU, a GPT-2-architecture model
 (``transformers.GPT2LMHeadModel`` built from a local ``GPT2Config``: 2 layers x 4 heads,
 ``d_model`` 64 by default) on a small language of our own:
 
-* indirect-object-identification (IOI) sentences from :mod:`svtools.data.ioi` followed by their
+* indirect-object-identification (IOI) sentences (:func:`svtools.data.ioi_prompts` on the
+  templates :data:`TRAIN_TEMPLATES`, compositions of an opening and an action) followed by their
   answer ("When Mary and John went to the store, John gave a drink to Mary ."), and
 * filler sentences that are not IOI ("Kate bought a pen at the market .", "It was a quiet day at
   the park ."), some with one name, some with two, some with the same name twice, so the model
@@ -43,7 +44,7 @@ import random
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -55,7 +56,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from svtools._checks import SVToolsError
-from svtools.data.ioi import NAMES, OBJECTS, PLACES, TEMPLATES, IOIDataset, ioi_prompts
+from svtools.data.ioi import NAMES, OBJECTS, PLACES, IOIDataset, ioi_prompts
 from svtools.runtime import default_device, tqdm
 
 __all__ = ["IOILMConfig", "IOILMRun", "train", "CODE_VERSION", "cache_dir", "TRAIN_TEMPLATES",
@@ -147,7 +148,15 @@ def cache_dir() -> Path:
 
 @dataclass(frozen=True)
 class IOILMConfig:
-    """What to train. The default trains in about a minute on a 2-core CPU.
+    """What to train.
+
+    The default (1,500 steps of 64 sequences) took 333-389 s per seed on a 2-core CPU shared with
+    other jobs (load average about 9, measured under ``nice``); the training loop runs on one
+    thread, so a quiet machine should take a fraction of that. Measured at the last checkpoint on
+    256 prompts: seed 0 answers 100% (top-1) of held-out templates with training names but only
+    21% top-1 / 81% IO-vs-S of held-out names in training templates, and 19% / 82% with both
+    held out; seed 1: 0.4% / 60% with both held out. The model has not learnt a
+    name-independent mechanism; the emergence chapter prints every seed's numbers.
 
     Fields: ``n_layers``, ``n_heads``, ``d_model`` (GPT-2 architecture, MLP width ``4 d_model``);
     ``steps`` (optimiser steps), ``n_checkpoints`` (log-spaced checkpoint steps, step 0 and
@@ -342,7 +351,6 @@ class IOILMRun:
     checkpoints: list[int]
     history: pd.DataFrame
     seconds: float = float("nan")
-    _models: dict = field(default_factory=dict, repr=False)
 
     @cached_property
     def tokenizer(self) -> Any:

@@ -21,6 +21,7 @@ extra ``offset`` dimension, one decomposition per offset, sharing the QR factori
 
 from __future__ import annotations
 
+import math
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Iterable, Literal, Optional
@@ -481,23 +482,34 @@ def qk_svd_factored(
         return RotaryFactors(A=eye, B=eye, XA=qk.U, S=qk.S, XB=qk.V, has_bias=bias, rotary=rotary)
     RA, RB = LA.transpose(-1, -2), LB.transpose(-1, -2)
     # shared + rotating: R_A M R_B^T = R_A[:, pass] R_B[:, pass]^T + R_A[:, rot] M_rot R_B[:, rot]^T
-    M = rotary_matrices(rotary, d_head, dtype=torch.float64, device=A.device)  # (offset, d_head, d_head)
     rot = torch.zeros(d_head, dtype=torch.bool)
     half = rotary.rotary_dim // 2
     p = torch.arange(half)
     rot[torch.cat([p, p + half]) if rotary.layout == "neox" else torch.arange(rotary.rotary_dim)] = True
     rot = rot.to(A.device)
     shared = RA[..., :, ~rot] @ RB[..., :, ~rot].transpose(-1, -2)
-    Mr = M[:, rot][:, :, rot]
-    core = shared[..., None, :, :] + RA[..., None, :, rot] @ Mr @ RB[..., None, :, rot].transpose(-1, -2)
-    with one_thread():
-        Uc, S, Vch = torch.linalg.svd(core, full_matrices=False)
-    XA = torch.linalg.solve_triangular(RA[..., None, :, :], Uc, upper=True)  # R_A^-1 U_c
-    XB = torch.linalg.solve_triangular(RB[..., None, :, :], Vch.transpose(-1, -2), upper=True)
-    # the sign convention of qk_svd: every u_k = A XA[:, k] has a non-negative entry sum
-    colsum = A.sum(-2).to(torch.float64)[..., None, None, :] @ XA  # (..., offset, 1, r)
-    sign = torch.sign(colsum)
-    sign = torch.where(sign == 0, torch.ones_like(sign), sign)
-    XA, XB = XA * sign, XB * sign
-    return RotaryFactors(A=A, B=B, XA=XA[..., :r].to(dtype), S=S[..., :r].to(dtype), XB=XB[..., :r].to(dtype),
-                         has_bias=bias, rotary=rotary)
+    colsumA = A.sum(-2).to(torch.float64)[..., None, None, :]  # for the sign convention
+    # offsets in blocks, so that the float64 work arrays stay near 64 MB whatever the offset count
+    n_heads = max(1, math.prod(lead))
+    block = max(1, (64 * 2**20) // (8 * 6 * n_heads * d_head * d_head))
+    n_off = len(rotary.offsets)
+    XA_out = torch.empty(lead + (n_off, d_head, r), dtype=dtype, device=A.device)
+    XB_out = torch.empty_like(XA_out)
+    S_out = torch.empty(lead + (n_off, r), dtype=dtype, device=A.device)
+    for s0 in range(0, n_off, block):
+        spec = replace(rotary, offsets=rotary.offsets[s0:s0 + block])
+        Mr = rotary_matrices(spec, d_head, dtype=torch.float64, device=A.device)[:, rot][:, :, rot]
+        core = shared[..., None, :, :] + RA[..., None, :, rot] @ Mr @ RB[..., None, :, rot].transpose(-1, -2)
+        with one_thread():
+            Uc, S, Vch = torch.linalg.svd(core, full_matrices=False)
+        del core
+        XA = torch.linalg.solve_triangular(RA[..., None, :, :], Uc, upper=True)  # R_A^-1 U_c
+        XB = torch.linalg.solve_triangular(RB[..., None, :, :], Vch.transpose(-1, -2), upper=True)
+        # the sign convention of qk_svd: every u_k = A XA[:, k] has a non-negative entry sum
+        sign = torch.sign(colsumA @ XA)  # (..., offset, 1, r)
+        sign = torch.where(sign == 0, torch.ones_like(sign), sign)
+        e = slice(s0, s0 + block)
+        XA_out[..., e, :, :] = (XA * sign)[..., :r]
+        XB_out[..., e, :, :] = (XB * sign)[..., :r]
+        S_out[..., e, :] = S[..., :r]
+    return RotaryFactors(A=A, B=B, XA=XA_out, S=S_out, XB=XB_out, has_bias=bias, rotary=rotary)

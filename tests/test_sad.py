@@ -105,12 +105,13 @@ def _direct(model, ids, am, layer, threshold, seed, relative=False):
                          offsets=None if qk.rotary is None else qk.rotary.offsets)
     left, right = rotated_factors(qk, rotation=rot)
     rows = []
+    causal = svtools.decomposition.is_causal(model)
     B, H = pat.shape[:2]
     for b in range(B):
         n = int(am[b].sum())
         for h in range(H):
             for q in range(n):
-                for k in range(1, q + 1):
+                for k in range(1, (q + 1) if causal else n):
                     if pat[b, h, q, k] < threshold:
                         continue
                     off = {} if qk.rotary is None else {"offset": q - k}
@@ -121,10 +122,10 @@ def _direct(model, ids, am, layer, threshold, seed, relative=False):
                         rr = right[h] if qk.rotary is None else right[h, qk.rotary.offset_index(q - k)]
                         tr = (homogeneous(xq[b, q], qk) @ lr) * (homogeneous(xk[b, k], qk) @ rr)
                     else:
-                        keys = range(q + 1)
+                        keys = range(q + 1) if causal else range(n)
                         tt = [svtools.sad_terms(head_qk, xq[b, q], xk[b, j], **({} if qk.rotary is None else
                                                                                  {"offset": q - j})) for j in keys]
-                        t = tt[k] - sum(tt[j] for j in keys if j != k) / q
+                        t = tt[k] - sum(tt[j] for j in keys if j != k) / (len(keys) - 1)
                         tr = None
                     rows.append(dict(prompt=b, head=h, query=q, key=k, attention=float(pat[b, h, q, k]),
                                      score=float(t.sum()), n_recon=int(svtools.n_recon(t)),
@@ -134,7 +135,7 @@ def _direct(model, ids, am, layer, threshold, seed, relative=False):
     return pd.DataFrame(rows).sort_values(["head", "prompt", "query", "key"]).reset_index(drop=True)
 
 
-@pytest.mark.parametrize("family", ["gpt2", "neox"])
+@pytest.mark.parametrize("family", ["gpt2", "neox", "llama", "bert"])
 def test_head_sparsity_matches_direct_per_pair(random_models, batch_tokens, family):
     model = random_models[family]
     ids, am = batch_tokens
@@ -292,3 +293,17 @@ def test_ioi_tokens_on_minilm(minilm):
     assert torch.equal(ids, ids2) and torch.equal(am, am2)
     assert (ids[:, 0] == minilm.tokenizer.cls_token_id).all()
     assert (pos.end + 2 == am.sum(1)).all()  # END is the word before [SEP]
+
+
+def test_head_sparsity_matches_direct_per_pair_on_minilm(minilm):
+    texts = ["The river rose quickly after three days of heavy rain in the hills.",
+             "When Mary and John went to the store, John gave a drink to Mary."]
+    ids, am = svtools.decomposition.tokenize(minilm, texts)
+    df = head_sparsity(minilm, texts, layers=[2], threshold=0.3, progress=False, dtype=torch.float64, seed=1)
+    ref = _direct(minilm, ids, am, 2, 0.3, seed=1)
+    assert len(ref) > 10
+    got = df.drop(columns=["layer"]).sort_values(["head", "prompt", "query", "key"]).reset_index(drop=True)
+    for c in ("prompt", "head", "query", "key", "n_recon", "n_recon_rotated"):
+        assert got[c].tolist() == ref[c].tolist(), c
+    for c in ("attention", "score", "rolls_tovee", "rolls_tovee_rotated"):
+        np.testing.assert_allclose(got[c].to_numpy(), ref[c].to_numpy(), rtol=1e-4, atol=1e-5, err_msg=c)
