@@ -39,7 +39,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from svtools.runtime import tqdm
 
-from svtools._checks import SVToolsError, as_tensor
+from svtools._checks import SVToolsError, as_float, as_tensor
 from svtools.qk import QKSVD
 from svtools.sparsity import n_recon, rolls_tovee
 from svtools.terms import relative_pair_terms, relative_terms, rotated_terms, sad_terms
@@ -91,6 +91,8 @@ def select_pairs(
     """
     if select not in ("threshold", "acc"):
         raise SVToolsError(f"unknown pair selection {select!r}: use 'threshold' or 'acc'")
+    if select == "threshold":
+        threshold = as_float(threshold, "threshold", lo=0.0, hi=1.0, lo_open=True)
     pattern = as_tensor(pattern, "pattern")
     if pattern.ndim < 2:
         raise SVToolsError(f"pattern must have shape (..., query, key), got {tuple(pattern.shape)}")

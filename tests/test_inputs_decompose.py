@@ -182,3 +182,13 @@ def test_empty_frame_has_the_dtypes_of_a_full_one(random_models, control):
         assert empty[c].dtype == full[c].dtype, c
     assert empty["layer"].dtype == np.int64
     assert isinstance(empty, pd.DataFrame)
+
+
+@pytest.mark.parametrize("bad", [None, "0.5", float("nan"), 0.0, 1.5])
+def test_select_pairs_threshold_is_checked(bad):
+    from svtools.sad import select_pairs
+
+    pattern = torch.full((1, 1, 3, 3), 1 / 3)
+    mask = torch.ones(1, 1, 3, 3, dtype=torch.bool)
+    with pytest.raises(SVToolsError, match="threshold"):
+        select_pairs(pattern, mask, threshold=bad)
