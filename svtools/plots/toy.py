@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Mapping, Optional, Sequence
 
 import matplotlib.pyplot as plt
@@ -167,7 +168,10 @@ def pair_alignment(al: PairAlignment, strengths: Optional[Sequence[float]] = Non
         ax.set_title(f"(b) Spearman rho = {rho:.3f}", fontsize=10)
         fig.colorbar(sc, ax=ax, fraction=0.06, pad=0.03, label="pair's min |cos|")
     _suptitle(fig, title)
-    fig.tight_layout()
+    with warnings.catch_warnings():
+        # the colour bars' axes are outside tight_layout's grid; they keep the place colorbar() gave them
+        warnings.filterwarnings("ignore", message="This figure includes Axes that are not compatible")
+        fig.tight_layout()
     return fig
 
 
