@@ -82,17 +82,18 @@ MESSAGE = {
     REAL_MODEL: '''\
 print("Model:", os.environ.get("SVTOOLS_MODEL", "minilm"), "(from SVTOOLS_MODEL;")
 print("the paper's: 'gpt2', 'EleutherAI/pythia-160m', which need the model hub).")
-print("Scale: fast default; SVTOOLS_FULL=1 runs the paper's scale.")
+print("Scale:", svtools.runtime.scale_name(), "- SVTOOLS_FULL=1: the paper's.")
 ''',
     IOI_LM: '''\
 print("Model: a small IOI language model trained here, over its checkpoints; with")
 print("SVTOOLS_MODEL='EleutherAI/pythia-160m' and the model hub (as in Colab), also")
-print("Pythia-160M's checkpoints. Scale: SVTOOLS_FULL=1 runs the paper's scale.")
+print("Pythia-160M's checkpoints.")
+print("Scale:", svtools.runtime.scale_name(), "- SVTOOLS_FULL=1: the paper's.")
 ''',
     None: '''\
 print("Model: none to download; this chapter trains its own small models")
 print("(GPT-2 and Pythia appear in Part 3, via SVTOOLS_MODEL).")
-print("Scale: fast default; SVTOOLS_FULL=1 runs the paper's scale.")
+print("Scale:", svtools.runtime.scale_name(), "- SVTOOLS_FULL=1: the paper's.")
 ''',
 }
 
