@@ -44,7 +44,7 @@ from svtools.qk import QKSVD
 from svtools.sparsity import n_recon, rolls_tovee
 from svtools.terms import relative_pair_terms, relative_terms, rotated_terms, sad_terms
 
-__all__ = ["select_pairs", "pair_measures", "head_sparsity", "toy_sparsity", "toy_tokens",
+__all__ = ["select_pairs", "pair_measures", "head_sparsity", "toy_sparsity", "toy_pair_sad", "toy_tokens",
            "singular_vector_usage", "usage_difference", "reuse", "bootstrap", "ioi_tokens", "label_ioi_roles",
            "IOI_HEADS", "ioi_heads", "model_note", "sparsity_over_checkpoints",
            "toy_sparsity_over_training", "format_summary", "COLUMNS", "KINDS",
@@ -911,6 +911,32 @@ def toy_tokens(run: Any, n: int, *, seed: int = 0) -> tuple[Float[Tensor, "n D"]
                        (batch.f_keys > 0).to(W.dtype)) > 0
     planted = torch.where(hit.any(-1), hit.to(torch.int64).argmax(-1), torch.full((int(n),), -1))
     return xq, xk, attn, planted
+
+
+def toy_pair_sad(run: Any) -> pd.DataFrame:
+    """SAD of each template pair's *clean* score beside its measured alignment, one row per pair.
+
+    For template pair ``p = (i, j)`` of a trained toy run, the terms are
+    ``sad_terms(run.qk, w_i, w_j)`` (features as query and key; they sum to ``w_i^T Omega w_j``).
+    Columns: ``pair``, ``cos`` (the pair's worst |cos| at its matched singular index,
+    :meth:`run.alignment`), ``cos_q, cos_k``, ``score``, ``n_recon``, ``rolls_tovee``,
+    ``dominant_k`` (index of the largest |term|), ``assigned_k`` (matched index),
+    ``cos_at_dominant`` (the pair's smaller |cos| with ``u_k, v_k`` at the dominant index) and
+    ``dominant_shared`` (the dominant index is matched to another pair).
+    """
+    a, W = run.alignment(), run.features
+    assigned = [int(x) for x in a.index.tolist()]
+    rows = []
+    for p, (i, j, _) in enumerate(run.cfg.template):
+        t = sad_terms(run.qk, W[:, i], W[:, j])
+        kd = int(t.abs().argmax())
+        cq = torch.nn.functional.cosine_similarity(W[:, i], run.qk.U[:, kd], dim=0).abs()
+        ck = torch.nn.functional.cosine_similarity(W[:, j], run.qk.V[:, kd], dim=0).abs()
+        rows.append({"pair": p, "cos": float(a.worst[p]), "cos_q": float(a.cos_q[p]), "cos_k": float(a.cos_k[p]),
+                     "score": float(t.sum()), "n_recon": int(n_recon(t)), "rolls_tovee": float(rolls_tovee(t)),
+                     "dominant_k": kd, "assigned_k": assigned[p], "cos_at_dominant": float(min(cq, ck)),
+                     "dominant_shared": kd in [x for q, x in enumerate(assigned) if q != p]})
+    return pd.DataFrame(rows)
 
 
 def toy_sparsity(

@@ -28,3 +28,20 @@ def test_verdicts():
 def test_needs_a_summary():
     with pytest.raises(SVToolsError, match="column"):
         sad.compare_kinds(pd.DataFrame({"layer": [0]}))
+
+
+def test_toy_pair_sad_rows_match_the_direct_terms():
+    from svtools import n_recon, sad_terms
+    from svtools.sad import toy_pair_sad
+    from svtools.toy import ToyConfig, train
+
+    run = train(ToyConfig.single_pair(steps=200), progress=False)
+    df = toy_pair_sad(run)
+    assert len(df) == len(run.cfg.template)
+    W = run.features
+    for p, (i, j, _) in enumerate(run.cfg.template):
+        t = sad_terms(run.qk, W[:, i], W[:, j])
+        omega = run.qk.omega()
+        assert abs(df.loc[p, "score"] - float(W[:, i] @ omega @ W[:, j])) < 1e-4 * (1 + abs(df.loc[p, "score"]))
+        assert df.loc[p, "n_recon"] == int(n_recon(t))
+        assert df.loc[p, "dominant_k"] == int(t.abs().argmax())
