@@ -919,8 +919,8 @@ def toy_pair_sad(run: Any) -> pd.DataFrame:
     For template pair ``p = (i, j)`` of a trained toy run, the terms are
     ``sad_terms(run.qk, w_i, w_j)`` (features as query and key; they sum to ``w_i^T Omega w_j``).
     Columns: ``pair``, ``cos`` (the pair's worst ``|cos|`` at its matched singular index,
-    :meth:`run.alignment`), ``cos_q, cos_k``, ``score``, ``n_recon``, ``rolls_tovee``,
-    ``dominant_k`` (index of the largest |term|), ``assigned_k`` (matched index),
+    ``run.alignment()``), ``cos_q, cos_k``, ``score``, ``n_recon``, ``rolls_tovee``,
+    ``dominant_k`` (index of the largest ``|term|``), ``assigned_k`` (matched index),
     ``cos_at_dominant`` (the pair's smaller ``|cos|`` with ``u_k, v_k`` at the dominant index) and
     ``dominant_shared`` (the dominant index is matched to another pair).
     """
