@@ -3,7 +3,8 @@
 The paper's real-model results use GPT-2 small and Pythia-160M, which need the model hub. This
 module trains, offline and on a CPU, a GPT-2-architecture model
 (``transformers.GPT2LMHeadModel`` built from a local ``GPT2Config``: 2 layers x 4 heads,
-``d_model`` 64 by default) on a small language of our own:
+``d_model`` 64 by default, about 2-3 minutes per seed on one CPU core) on a small language of
+our own:
 
 * indirect-object-identification (IOI) sentences (:func:`svtools.data.ioi_prompts` on the
   templates :data:`TRAIN_TEMPLATES`, compositions of an opening and an action) followed by their
@@ -17,6 +18,22 @@ the word lists below, wrapped in ``PreTrainedTokenizerFast``; the tokenizer adds
 position 0, the attention sink). Names and templates are split: the *test* split uses names
 that never appear in a training IOI sentence (they do appear in filler sentences, so the model
 knows them as words) and templates never used in training.
+
+**Names are fixed random codes** (``freeze_names``, the default). Each of the 300 names'
+embedding rows (tied to the unembedding) is a shared "name" direction plus an independent
+Gaussian code (:func:`name_codes`), drawn per seed and never trained, so nothing in the model
+belongs to one name: a held-out name is, to the model, one more draw from the distribution the
+training names came from. Filler sentences draw held-out names 70% of the time
+(``filler_test_share``) so that over the whole corpus held-out and training names are about
+equally frequent; otherwise the model learns that the frequent codes are the likely answers.
+Why (our exploration while building this module, seed 0 unless said, not re-run by the book):
+with learnt name embeddings and 100 names (20 held out) every seed reached 100% top-1 on
+training names but 0.4-21% top-1 on held-out names; with 300 names the IO name beat the subject
+on 96-100% of held-out prompts, yet a training name came first on most of them (top-1 2-70%);
+frozen codes with balanced frequencies brought held-out top-1 to 0.96-0.98 (seeds 0 and 2) and
+0.88 (seed 1, which learns later). Wider models (``d_model`` 96, 128) and a third layer were
+not better on held-out accuracy at this budget; a third layer did give heads that attend END ->
+IO selectively (0.55-0.73, against about 0.3 to S1), which two layers do not.
 
 ``train(cfg, seed=s)`` returns an :class:`IOILMRun` with log-spaced checkpoints (step 0
 included). Runs are cached on disk (safetensors, one file per checkpoint) under
@@ -61,12 +78,12 @@ from svtools.runtime import default_device, tqdm
 
 __all__ = ["IOILMConfig", "IOILMRun", "train", "CODE_VERSION", "cache_dir", "TRAIN_TEMPLATES",
            "TEST_TEMPLATES", "TRAIN_NAMES", "TEST_NAMES", "LM_NAMES", "OPENINGS", "ACTIONS", "FILLER_TEMPLATES", "build_tokenizer",
-           "filler_sentences", "training_texts", "role_attention", "ROLE_PAIRS", "ioi_accuracy",
+           "filler_sentences", "training_texts", "name_ids", "name_codes", "role_attention", "ROLE_PAIRS", "ioi_accuracy",
            "top_heads", "over_checkpoints", "over_seeds"]
 
 #: Bumped whenever a change to this module changes what ``train`` produces (it is part of the
 #: cache key, so old cached runs are not reused after such a change).
-CODE_VERSION = 2
+CODE_VERSION = 3
 
 #: The LM's IOI templates are compositions: an opening that names {A} and {B}, then an action
 #: of the subject {S} that ends with "to" (10 x 8 = 80 templates). Held out: 12 of them, each a
@@ -86,9 +103,10 @@ _ALL = [(i, j, f"{o} {a}") for i, o in enumerate(OPENINGS) for j, a in enumerate
 #: Templates used in training, and the held-out ones (``(8 i + j) % 7 == 3`` for opening i, action j).
 TRAIN_TEMPLATES: tuple[str, ...] = tuple(t for i, j, t in _ALL if (8 * i + j) % 7 != 3)
 TEST_TEMPLATES: tuple[str, ...] = tuple(t for i, j, t in _ALL if (8 * i + j) % 7 == 3)
-#: More names than :data:`svtools.data.NAMES` (a word-level vocabulary has no single-token
-#: constraint): with more names than model dimensions the model cannot memorise names one by one
-#: and has to learn a mechanism that works for any name.
+#: 300 names, far more than :data:`svtools.data.NAMES` (a word-level vocabulary has no single-token
+#: constraint): with more training names (240) than model dimensions the circuits that compare and
+#: copy names have to work on the whole space of name codes, so they cannot be specific to the
+#: training names.
 LM_NAMES: tuple[str, ...] = NAMES + (
     "Oliver", "Sophie", "Lucas", "Chloe", "Noah", "Ella", "Leo", "Grace", "Oscar", "Ruby", "Hugo", "Ivy",
     "Felix", "Maya", "Owen", "Clara", "Isaac", "Nora", "Theo", "Lucy", "Adrian", "Julia", "Victor", "Rachel",
@@ -96,6 +114,25 @@ LM_NAMES: tuple[str, ...] = NAMES + (
     "Naomi", "Steven", "Wendy", "Brian", "Fiona", "Colin", "Tina", "Dennis", "Vera", "Gordon", "Paula",
     "Keith", "Sally", "Wayne", "Tessa", "Bruce", "Karen", "Louis", "Holly", "Ralph", "Monica", "Albert",
     "Esther", "Gavin", "Jenny", "Nathan", "Rita", "Walter", "Zoe",
+    "Aaron", "Abigail", "Agnes", "Alan", "Amber", "Amelia", "Andrea", "Angela", "Arthur", "Audrey",
+    "Barbara", "Beatrice", "Benjamin", "Bernard", "Beth", "Betty", "Billy", "Blake", "Bonnie", "Brandon",
+    "Brenda", "Calvin", "Carla", "Carmen", "Caroline", "Carter", "Cecil", "Charles", "Charlotte", "Cheryl",
+    "Chris", "Christine", "Cindy", "Claire", "Clifford", "Connor", "Craig", "Crystal", "Curtis", "Cynthia",
+    "Dale", "Dana", "Daphne", "Darren", "Dean", "Debbie", "Denise", "Derek", "Dorothy", "Douglas", "Dylan",
+    "Edgar", "Edith", "Edward", "Eileen", "Elaine", "Eleanor", "Eli", "Elijah", "Elise", "Ellen", "Emily",
+    "Emmett", "Ethan", "Eugene", "Evan", "Evelyn", "Faith", "Felicity", "Flora", "Floyd", "Frances",
+    "Gabriel", "Gary", "Gemma", "Gerald", "Gilbert", "Gina", "Glenn", "Gloria", "Greg", "Gwen", "Harold",
+    "Harvey", "Hazel", "Heidi", "Herbert", "Howard", "Ian", "Ingrid", "Iris", "Isabel", "Jacob", "Janet",
+    "Jasmine", "Jeffrey", "Jeremy", "Jerry", "Jessica", "Joan", "Joel", "Jordan", "Joseph", "Joyce",
+    "Judith", "Justin", "Kathy", "Keira", "Kelly", "Kenneth", "Kyle", "Lance", "Larry", "Leah", "Leonard",
+    "Leslie", "Lillian", "Lionel", "Lloyd", "Logan", "Lorna", "Luke", "Lydia", "Mabel", "Marcus", "Margaret",
+    "Marion", "Mark", "Marvin", "Matthew", "Maurice", "Melanie", "Melvin", "Mia", "Miles", "Miriam", "Molly",
+    "Morgan", "Nancy", "Neil", "Nicole", "Nigel", "Nina", "Norman", "Olga", "Oswald", "Pamela", "Percy",
+    "Philip", "Phoebe", "Priscilla", "Quentin", "Ramona", "Randy", "Raymond", "Rebecca", "Rex", "Richard",
+    "Roger", "Roland", "Ronald", "Rosa", "Rose", "Roy", "Russell", "Ruth", "Sabrina", "Samuel", "Sandra",
+    "Scott", "Selma", "Seth", "Sharon", "Sheila", "Shirley", "Sidney", "Sophia", "Stanley", "Stella",
+    "Stuart", "Sylvia", "Ted", "Terry", "Tiffany", "Timothy", "Todd", "Tracy", "Travis", "Trevor", "Ursula",
+    "Valerie", "Vanessa", "Vernon", "Vincent", "Viola", "Violet", "Warren", "Wesley", "Willa", "William",
 )
 #: Every fifth name is held out of the training IOI sentences (it still occurs in filler).
 TEST_NAMES: tuple[str, ...] = LM_NAMES[4::5]
@@ -150,34 +187,40 @@ def cache_dir() -> Path:
 class IOILMConfig:
     """What to train.
 
-    The default (1,500 steps of 64 sequences) took 333-389 s per seed on a 2-core CPU shared with
-    other jobs (load average about 9, measured under ``nice``); the training loop runs on one
-    thread, so a quiet machine should take a fraction of that. Measured at the last checkpoint on
-    256 prompts: seed 0 answers 100% (top-1) of held-out templates with training names but only
-    21% top-1 / 81% IO-vs-S of held-out names in training templates, and 19% / 82% with both
-    held out; seed 1: 0.4% / 60% with both held out. The model has not learnt a
-    name-independent mechanism; the emergence chapter prints every seed's numbers.
+    The default: 2 layers x 4 heads, ``d_model`` 64, 3,000 AdamW steps of 64 sequences, name
+    embeddings frozen to random codes (:func:`name_codes`), filler names drawn from the held-out
+    names 70% of the time. Its accuracy and training time for seeds 0-2 are printed by the
+    emergence chapter (Part 3.3); the version history of these choices is in the module
+    docstring.
 
     Fields: ``n_layers``, ``n_heads``, ``d_model`` (GPT-2 architecture, MLP width ``4 d_model``);
     ``steps`` (optimiser steps), ``n_checkpoints`` (log-spaced checkpoint steps, step 0 and
     ``steps`` included; at least 2), ``batch`` (sequences per step), ``lr`` (AdamW peak learning
-    rate: linear warm-up over ``warmup`` steps, then cosine decay to 10%), ``weight_decay``,
-    ``ioi_fraction`` (share of training sequences that are IOI sentences; the rest are one or
-    two filler sentences), ``answer_weight`` (weight of the loss at an IOI sentence's answer
-    token relative to every other token; 1 = plain language modelling), ``seed`` (default training seed; ``train(seed=...)`` overrides it).
+    rate: linear warm-up over ``warmup`` steps, then cosine decay to 10%), ``weight_decay``
+    (on matrices, not on biases and LayerNorm gains), ``ioi_fraction`` (share of training
+    sequences that are IOI sentences; the rest are one or two filler sentences),
+    ``answer_weight`` (weight of the loss at an IOI sentence's answer token relative to every
+    other token; 1 = plain language modelling), ``freeze_names`` (name embeddings fixed to
+    :func:`name_codes`; False = learnt like every other word), ``name_shared`` (length of the
+    shared name direction in those codes), ``filler_test_share`` (probability that a name slot
+    of a filler sentence gets a held-out name; None = uniform over all names), ``seed`` (default
+    training seed; ``train(seed=...)`` overrides it).
     """
 
     n_layers: int = 2
     n_heads: int = 4
     d_model: int = 64
-    steps: int = 1500
+    steps: int = 3000
     n_checkpoints: int = 30
     batch: int = 64
     lr: float = 3e-3
     warmup: int = 50
-    weight_decay: float = 0.05
+    weight_decay: float = 0.2
     ioi_fraction: float = 0.6
     answer_weight: float = 1.0
+    freeze_names: bool = True
+    filler_test_share: Optional[float] = 0.7
+    name_shared: float = 0.5
     seed: int = 0
 
     def __post_init__(self):
@@ -195,6 +238,12 @@ class IOILMConfig:
             raise SVToolsError(f"answer_weight must be a positive number, got {self.answer_weight}")
         if not (0.0 < self.ioi_fraction <= 1.0):
             raise SVToolsError(f"ioi_fraction must be in (0, 1], got {self.ioi_fraction}")
+        if self.filler_test_share is not None and not (0.0 <= self.filler_test_share <= 1.0):
+            raise SVToolsError(f"filler_test_share must be None or in [0, 1], got {self.filler_test_share}")
+        if not isinstance(self.freeze_names, bool):
+            raise SVToolsError(f"freeze_names must be a bool, got {self.freeze_names!r}")
+        if not (self.name_shared >= 0 and math.isfinite(self.name_shared)):
+            raise SVToolsError(f"name_shared must be a non-negative number, got {self.name_shared}")
         if isinstance(self.warmup, bool) or not isinstance(self.warmup, int) or self.warmup < 0:
             raise SVToolsError(f"warmup must be a non-negative int, got {self.warmup!r}")
 
@@ -225,7 +274,7 @@ def _words(texts: Sequence[str]) -> list[str]:
 
 
 def _vocabulary() -> list[str]:
-    fill = {"N": "x", "M": "x", "A": "x", "B": "x", "S": "x", "PLACE": "x", "OBJECT": "x"}
+    fill = {"N": "x", "M": "x", "K": "x", "A": "x", "B": "x", "S": "x", "PLACE": "x", "OBJECT": "x"}
     texts = [t.format(**fill) for t in (*TRAIN_TEMPLATES, *TEST_TEMPLATES, *FILLER_TEMPLATES)]
     words = set(_words(texts)) | set(LM_NAMES) | set(PLACES) | set(OBJECTS) | {"."}
     words.discard("x")
@@ -254,34 +303,57 @@ def build_tokenizer() -> Any:
     return fast
 
 
-def filler_sentences(n: int, *, seed: int = 0, names: Sequence[str] = LM_NAMES) -> list[str]:
-    """``n`` filler (non-IOI) sentences from :data:`FILLER_TEMPLATES`, deterministic in ``seed``."""
+def filler_sentences(n: int, *, seed: int = 0, names: Sequence[str] = LM_NAMES,
+                     test_share: Optional[float] = None) -> list[str]:
+    """``n`` filler (non-IOI) sentences from :data:`FILLER_TEMPLATES`, deterministic in ``seed``.
+
+    Names are drawn uniformly from ``names``; with ``test_share`` (a probability), each name slot
+    is instead a held-out name (:data:`TEST_NAMES`) with that probability and a training name
+    otherwise (two slots of one sentence never get the same name).
+    """
     rng = random.Random(seed)
+    if test_share is not None and not 0.0 <= test_share <= 1.0:
+        raise SVToolsError(f"test_share must be a probability in [0, 1], got {test_share}")
+
+    def pick() -> str:
+        if test_share is None:
+            return rng.choice(names)
+        return rng.choice(TEST_NAMES if rng.random() < test_share else TRAIN_NAMES)
+
     out = []
     for _ in range(n):
         t = rng.choice(FILLER_TEMPLATES)
-        a, b = rng.sample(list(names), 2)
+        if test_share is None:
+            a, b = rng.sample(list(names), 2)
+        else:
+            a = pick()
+            b = pick()
+            while b == a:
+                b = pick()
         out.append(t.format(N=a, M=b, PLACE=rng.choice(PLACES), OBJECT=rng.choice(OBJECTS)))
     return out
 
 
-def training_texts(n: int, *, seed: int = 0, ioi_fraction: float = 0.5) -> list[str]:
+def training_texts(n: int, *, seed: int = 0, ioi_fraction: float = 0.5,
+                   test_share: Optional[float] = None) -> list[str]:
     """``n`` training sequences: IOI sentences with their answer, or one/two filler sentences.
 
     An IOI sequence is a prompt of the training split (:data:`TRAIN_TEMPLATES`,
     :data:`TRAIN_NAMES`) followed by `` IO .``; a filler sequence is one or two sentences of
-    :func:`filler_sentences` over all names; half of the IOI sentences follow a filler sentence
-    without names (so names move around). Which is which is drawn with ``random.Random(seed)``.
+    :func:`filler_sentences` (``test_share`` as there; :class:`IOILMConfig` trains with its
+    ``filler_test_share``); half of the IOI sentences follow a filler sentence without names (so
+    names move around). Which is which is drawn with ``random.Random(seed)``.
     """
-    return _training_batch(n, seed, ioi_fraction)[0]
+    return _training_batch(n, seed, ioi_fraction, test_share)[0]
 
 
-def _training_batch(n: int, seed: int, ioi_fraction: float) -> tuple[list[str], list[bool]]:
+def _training_batch(n: int, seed: int, ioi_fraction: float,
+                    test_share: Optional[float] = None) -> tuple[list[str], list[bool]]:
     rng = random.Random(seed)
     is_ioi = [rng.random() < ioi_fraction for _ in range(n)]
     n_ioi = sum(is_ioi)
     ioi = ioi_prompts(max(n_ioi, 1), seed=rng.randrange(2**31), templates=TRAIN_TEMPLATES, names=TRAIN_NAMES)
-    fill = filler_sentences(2 * n, seed=rng.randrange(2**31))
+    fill = filler_sentences(2 * n, seed=rng.randrange(2**31), test_share=test_share)
     out, i, j = [], 0, 0
     for flag in is_ioi:
         if flag:
@@ -323,7 +395,35 @@ def _new_model(cfg: IOILMConfig, vocab_size: int, seed: int) -> Any:
         torch.manual_seed(seed)
         model = GPT2LMHeadModel(_gpt2_config(cfg, vocab_size))
     model.config._attn_implementation = "eager"
+    if cfg.freeze_names:
+        ids, codes = name_codes(cfg, seed)
+        with torch.no_grad():
+            model.transformer.wte.weight[ids] = codes
     return model
+
+
+def name_ids() -> Tensor:
+    """The token ids of :data:`LM_NAMES` in :func:`build_tokenizer`'s vocabulary, ``(300,)``."""
+    vocab = {w: i for i, w in enumerate(_vocabulary())}
+    return torch.tensor([vocab[n] for n in LM_NAMES])
+
+
+def name_codes(cfg: IOILMConfig, seed: int) -> tuple[Tensor, Tensor]:
+    """The fixed embeddings of the names when ``cfg.freeze_names``: ``(ids, codes)``.
+
+    ``codes[i] = name_shared * n + g_i / sqrt(d_model)``, ``(names, d_model)``: one unit vector
+    ``n`` shared by every name (so a name is recognisable as a name) plus an independent Gaussian
+    code ``g_i ~ N(0, I)`` per name, drawn from ``torch.Generator().manual_seed(seed)``. Training
+    never changes these rows (the embedding is tied to the unembedding, so neither side of a name
+    is learnt): nothing in the model is specific to one name, and a held-out name is, to the
+    model, a draw from the same distribution as a training name.
+    """
+    g = torch.Generator().manual_seed(int(seed) + 7919)
+    n = torch.randn(cfg.d_model, generator=g, dtype=torch.float64)
+    n = n / n.norm()
+    ids = name_ids()
+    codes = cfg.name_shared * n + torch.randn(len(ids), cfg.d_model, generator=g, dtype=torch.float64) / math.sqrt(cfg.d_model)
+    return ids, codes.float()
 
 
 def _key(cfg: IOILMConfig, seed: int) -> str:
@@ -533,6 +633,10 @@ def _train_loop(model, opt, tok, cfg: IOILMConfig, seed: int, ckpts: list[int], 
                 hist: list[dict], progress: bool) -> None:
     from safetensors.torch import save_model
 
+    frozen = None
+    if cfg.freeze_names:
+        ids, codes = name_codes(cfg, seed)
+        frozen = (ids.to(dev), codes.to(dev))
     with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
         torch.manual_seed(seed)
         for step in tqdm(range(cfg.steps + 1), desc=f"ioi_lm seed {seed}", disable=not progress):
@@ -542,7 +646,8 @@ def _train_loop(model, opt, tok, cfg: IOILMConfig, seed: int, ckpts: list[int], 
                 model.train()
             if step == cfg.steps:
                 break
-            texts, is_ioi = _training_batch(cfg.batch, seed * 1_000_003 + step, cfg.ioi_fraction)
+            texts, is_ioi = _training_batch(cfg.batch, seed * 1_000_003 + step, cfg.ioi_fraction,
+                                             cfg.filler_test_share)
             ids, am = _encode(tok, texts)
             # weight of each target token: 1, answer_weight at an IOI sentence's answer (the
             # target two before the end: "... to IO ."), 0 at padding
@@ -563,6 +668,9 @@ def _train_loop(model, opt, tok, cfg: IOILMConfig, seed: int, ckpts: list[int], 
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
+            if frozen is not None:  # the name rows stay as drawn (weight decay included)
+                with torch.no_grad():
+                    model.transformer.wte.weight[frozen[0]] = frozen[1]
             hist.append({"step": step, "loss": float(loss.detach()), "lr": lr})
 
 

@@ -197,6 +197,32 @@ def test_checkpoints_differ_and_step0_is_the_initialisation(run):
     assert not all(torch.equal(p, q) for p, q in zip(m0.parameters(), m1.parameters()))
 
 
+def test_name_embeddings_stay_the_drawn_codes(run, cache_env):
+    """freeze_names: every checkpoint's name rows are name_codes(cfg, seed) exactly (weight decay
+    and all), while the other rows learn; with freeze_names=False the name rows learn too."""
+    ids, codes = ioi_lm.name_codes(TINY, 0)
+    assert ids.tolist() == run.tokenizer.convert_tokens_to_ids(list(ioi_lm.LM_NAMES))
+    assert codes.shape == (len(ioi_lm.LM_NAMES), TINY.d_model)
+    other = torch.ones(len(run.tokenizer), dtype=torch.bool)
+    other[ids] = False
+    first = run.hf_model(0, "cpu").transformer.wte.weight.detach()
+    for step in run.checkpoints:
+        wte = run.hf_model(step, "cpu").transformer.wte.weight.detach()
+        assert torch.equal(wte[ids], codes), step
+    assert not torch.equal(wte[other], first[other])
+    # the shared name direction: mean pairwise cosine of codes about name_shared^2 / (name_shared^2 + 1)
+    c = torch.nn.functional.normalize(codes.double(), dim=1)
+    mean_cos = float((c @ c.T).fill_diagonal_(0).sum() / (len(c) * (len(c) - 1)))
+    expect = TINY.name_shared ** 2 / (TINY.name_shared ** 2 + 1)
+    assert abs(mean_cos - expect) < 0.1, (mean_cos, expect)
+    # another seed draws other codes; unfrozen names are learnt
+    assert not torch.equal(ioi_lm.name_codes(TINY, 1)[1], codes)
+    free = ioi_lm.train(TINY.replace(freeze_names=False), seed=0, progress=False, cache=False)
+    w0, w1 = (free.hf_model(s, "cpu").transformer.wte.weight.detach() for s in (0, free.checkpoints[-1]))
+    assert not torch.equal(w0[ids], w1[ids])
+    shutil.rmtree(free.path)
+
+
 def test_bad_input():
     with pytest.raises(SVToolsError, match="divisible"):
         ioi_lm.IOILMConfig(d_model=30, n_heads=4)
@@ -204,6 +230,10 @@ def test_bad_input():
         ioi_lm.IOILMConfig(steps=0)
     with pytest.raises(SVToolsError, match="cfg"):
         ioi_lm.train({"steps": 3})
+    with pytest.raises(SVToolsError, match="freeze_names"):
+        ioi_lm.IOILMConfig(freeze_names=1)
+    with pytest.raises(SVToolsError, match="name_shared"):
+        ioi_lm.IOILMConfig(name_shared=float("nan"))
 
 
 def test_bad_step(run):
