@@ -2,8 +2,8 @@
 
 The paper's real-model results use GPT-2 small and Pythia-160M, which need the model hub. This
 module trains, offline and on a CPU, a GPT-2-architecture model
-(``transformers.GPT2LMHeadModel`` built from a local ``GPT2Config``: 2 layers x 4 heads,
-``d_model`` 64 by default, about 2-3 minutes per seed on one CPU core) on a small language of
+(``transformers.GPT2LMHeadModel`` built from a local ``GPT2Config``: 3 layers x 4 heads,
+``d_model`` 64 by default, 3-4 minutes per seed on one CPU core) on a small language of
 our own:
 
 * indirect-object-identification (IOI) sentences (:func:`svtools.data.ioi_prompts` on the
@@ -19,21 +19,35 @@ position 0, the attention sink). Names and templates are split: the *test* split
 that never appear in a training IOI sentence (they do appear in filler sentences, so the model
 knows them as words) and templates never used in training.
 
-**Names are fixed random codes** (``freeze_names``, the default). Each of the 300 names'
+**Names are random codes, never learnt** (``freeze_names``, the default). Each of the 300 names'
 embedding rows (tied to the unembedding) is a shared "name" direction plus an independent
-Gaussian code (:func:`name_codes`), drawn per seed and never trained, so nothing in the model
-belongs to one name: a held-out name is, to the model, one more draw from the distribution the
-training names came from. Filler sentences draw held-out names 70% of the time
-(``filler_test_share``) so that over the whole corpus held-out and training names are about
-equally frequent; otherwise the model learns that the frequent codes are the likely answers.
-Why (our exploration while building this module, seed 0 unless said, not re-run by the book):
-with learnt name embeddings and 100 names (20 held out) every seed reached 100% top-1 on
-training names but 0.4-21% top-1 on held-out names; with 300 names the IO name beat the subject
-on 96-100% of held-out prompts, yet a training name came first on most of them (top-1 2-70%);
-frozen codes with balanced frequencies brought held-out top-1 to 0.96-0.98 (seeds 0 and 2,
-2,000 steps) and 0.88 (seed 1, which learns later, at 3,000 and at 4,000 steps alike). Wider models (``d_model`` 96, 128) and a third layer were
-not better on held-out accuracy at this budget; a third layer did give heads that attend END ->
-IO selectively (0.55-0.73, against about 0.3 to S1), which two layers do not.
+Gaussian code (:func:`name_codes`); with ``resample_names`` (the default) every training step
+draws fresh codes, and the saved checkpoints hold one fixed draw per seed. So nothing in the
+model belongs to one name, and every name, held out or not, is to the model a draw it has never
+seen: the model has to learn circuits that compare and copy *whatever* code sits in a name's
+place. Filler sentences draw held-out names 70% of the time (``filler_test_share``), so held-out
+and training names are about equally frequent.
+
+**Training choices** (``answer_weight`` 4: the loss at an IOI sentence's answer token counts four
+times; ``attn_dropout`` 0.1 while training; 3 layers). Why, from our exploration while building
+this module (single runs, seeds 0-2, 128-256 held-out prompts, not re-run by the book):
+
+* learnt name embeddings did not generalise to held-out names (100 names: top-1 0.4-21%; 300
+  names: the IO name beat the subject on 96-100% of held-out prompts but top-1 was 2-70%);
+* one fixed draw of codes, 2 layers (version 3 of this module): held-out top-1 0.996 / 0.879 /
+  0.984 while training names scored 0.996-1.0;
+* re-drawn codes removed that gap (in the runs that learnt the task, held-out top-1 within 0.08
+  of training top-1, within 0.02 in most; 3 layers, plain language modelling: 0.92-0.996 in 5
+  runs); weighting the answer 4x brought
+  the task forward (learnt by about step 1,800; 0.996-1.0 in 3 runs), but with 2 layers two of
+  three seeds still stalled at 0.5 (IO and S alike);
+* without attention dropout, 7 of our 13 3-layer runs with re-drawn codes and 3,000 steps
+  (answer weight 1-8, other settings varied) solved the task *symmetrically*: their
+  heads attend IO and S1 alike (about 0.5 each) and add both names, and other heads, attending
+  S2, subtract the subject. Dropout on the attention makes that cancellation unreliable; with
+  it the three default runs grew heads that attend END -> IO selectively. Which solution a run
+  finds is fragile: the same config with GPT-2's GELU computed by another kernel (equal to
+  2e-7) gave a symmetric run for seed 1, and dropout 0.2 stalled seed 1 at 0.53.
 
 ``train(cfg, seed=s)`` returns an :class:`IOILMRun` with log-spaced checkpoints (step 0
 included). Runs are cached on disk (safetensors, one file per checkpoint) under
@@ -83,7 +97,7 @@ __all__ = ["IOILMConfig", "IOILMRun", "train", "CODE_VERSION", "cache_dir", "TRA
 
 #: Bumped whenever a change to this module changes what ``train`` produces (it is part of the
 #: cache key, so old cached runs are not reused after such a change).
-CODE_VERSION = 3
+CODE_VERSION = 4
 
 #: The LM's IOI templates are compositions: an opening that names {A} and {B}, then an action
 #: of the subject {S} that ends with "to" (10 x 8 = 80 templates). Held out: 12 of them, each a
@@ -187,27 +201,32 @@ def cache_dir() -> Path:
 class IOILMConfig:
     """What to train.
 
-    The default: 2 layers x 4 heads, ``d_model`` 64, 3,000 AdamW steps of 64 sequences, name
-    embeddings frozen to random codes (:func:`name_codes`), filler names drawn from the held-out
-    names 70% of the time. Its accuracy and training time for seeds 0-2 are printed by the
-    emergence chapter (Part 3.3); the version history of these choices is in the module
-    docstring.
+    The default: 3 layers x 4 heads, ``d_model`` 64, 3,000 AdamW steps of 64 sequences, the
+    loss at the IOI answer weighted 4x, attention dropout 0.1, name embeddings random codes that
+    are never learnt and are drawn afresh at every training step (:func:`name_codes`), filler
+    names drawn from the held-out names 70% of the time. Its accuracy, heads and training time
+    for seeds 0-2 are printed by the emergence chapter (Part 3.3); why these choices, in the
+    module docstring.
 
     Fields: ``n_layers``, ``n_heads``, ``d_model`` (GPT-2 architecture, MLP width ``4 d_model``);
     ``steps`` (optimiser steps), ``n_checkpoints`` (log-spaced checkpoint steps, step 0 and
     ``steps`` included; at least 2), ``batch`` (sequences per step), ``lr`` (AdamW peak learning
-    rate: linear warm-up over ``warmup`` steps, then cosine decay to 10%), ``weight_decay``
-    (on matrices, not on biases and LayerNorm gains), ``ioi_fraction`` (share of training
+    rate: linear warm-up over ``warmup`` steps, then cosine decay to 10%), ``attn_dropout``
+    (dropout on the attention probabilities while training; loaded checkpoints have none),
+    ``weight_decay`` (on matrices, not on biases and LayerNorm gains), ``ioi_fraction`` (share of training
     sequences that are IOI sentences; the rest are one or two filler sentences),
     ``answer_weight`` (weight of the loss at an IOI sentence's answer token relative to every
     other token; 1 = plain language modelling), ``freeze_names`` (name embeddings fixed to
-    :func:`name_codes`; False = learnt like every other word), ``name_shared`` (length of the
-    shared name direction in those codes), ``filler_test_share`` (probability that a name slot
-    of a filler sentence gets a held-out name; None = uniform over all names), ``seed`` (default
-    training seed; ``train(seed=...)`` overrides it).
+    :func:`name_codes`; False = learnt like every other word), ``resample_names`` (with
+    ``freeze_names``: every training step uses fresh codes, ``name_codes(cfg, seed, step)``, and
+    the checkpoints hold the fixed ones), ``name_shared`` (length of the shared name direction in
+    those codes), ``buckets`` (each batch is run as this many groups of sequences of similar
+    length, to cut padding; the loss and gradient are the batch's), ``filler_test_share``
+    (probability that a name slot of a filler sentence gets a held-out name; None = uniform over
+    all names), ``seed`` (default training seed; ``train(seed=...)`` overrides it).
     """
 
-    n_layers: int = 2
+    n_layers: int = 3
     n_heads: int = 4
     d_model: int = 64
     steps: int = 3000
@@ -217,10 +236,13 @@ class IOILMConfig:
     warmup: int = 50
     weight_decay: float = 0.2
     ioi_fraction: float = 0.6
-    answer_weight: float = 1.0
+    answer_weight: float = 4.0
+    attn_dropout: float = 0.1
     freeze_names: bool = True
     filler_test_share: Optional[float] = 0.7
     name_shared: float = 0.5
+    resample_names: bool = True
+    buckets: int = 3
     seed: int = 0
 
     def __post_init__(self):
@@ -236,12 +258,21 @@ class IOILMConfig:
             raise SVToolsError(f"lr must be a positive number, got {self.lr}")
         if not (self.answer_weight > 0 and math.isfinite(self.answer_weight)):
             raise SVToolsError(f"answer_weight must be a positive number, got {self.answer_weight}")
+        if not (0.0 <= self.attn_dropout < 1.0):
+            raise SVToolsError(f"attn_dropout must be in [0, 1), got {self.attn_dropout}")
         if not (0.0 < self.ioi_fraction <= 1.0):
             raise SVToolsError(f"ioi_fraction must be in (0, 1], got {self.ioi_fraction}")
         if self.filler_test_share is not None and not (0.0 <= self.filler_test_share <= 1.0):
             raise SVToolsError(f"filler_test_share must be None or in [0, 1], got {self.filler_test_share}")
         if not isinstance(self.freeze_names, bool):
             raise SVToolsError(f"freeze_names must be a bool, got {self.freeze_names!r}")
+        if not isinstance(self.resample_names, bool):
+            raise SVToolsError(f"resample_names must be a bool, got {self.resample_names!r}")
+        if self.resample_names and not self.freeze_names:
+            raise SVToolsError("resample_names=True needs freeze_names=True (re-drawn codes replace learnt name "
+                               "embeddings); set resample_names=False to learn the names")
+        if isinstance(self.buckets, bool) or not isinstance(self.buckets, int) or not 1 <= self.buckets <= self.batch:
+            raise SVToolsError(f"buckets must be an int in [1, batch={self.batch}], got {self.buckets!r}")
         if not (self.name_shared >= 0 and math.isfinite(self.name_shared)):
             raise SVToolsError(f"name_shared must be a non-negative number, got {self.name_shared}")
         if isinstance(self.warmup, bool) or not isinstance(self.warmup, int) or self.warmup < 0:
@@ -377,21 +408,23 @@ def _encode(tok: Any, texts: Sequence[str]) -> tuple[Tensor, Tensor]:
 
 # ----------------------------------------------------------------------------- model
 
-def _gpt2_config(cfg: IOILMConfig, vocab_size: int, n_positions: int = 64) -> Any:
+def _gpt2_config(cfg: IOILMConfig, vocab_size: int, n_positions: int = 64, training: bool = False) -> Any:
     from transformers import GPT2Config
 
+    # attention dropout only in the model being trained: a loaded checkpoint has none
     return GPT2Config(vocab_size=vocab_size, n_positions=n_positions, n_embd=cfg.d_model, n_layer=cfg.n_layers,
-                      n_head=cfg.n_heads, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                      n_head=cfg.n_heads, resid_pdrop=0.0, embd_pdrop=0.0,
+                      attn_pdrop=cfg.attn_dropout if training else 0.0,
                       bos_token_id=1, eos_token_id=1, pad_token_id=0, tie_word_embeddings=True,
                       architectures=["GPT2LMHeadModel"])
 
 
-def _new_model(cfg: IOILMConfig, vocab_size: int, seed: int) -> Any:
+def _new_model(cfg: IOILMConfig, vocab_size: int, seed: int, training: bool = False) -> Any:
     from transformers import GPT2LMHeadModel
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = GPT2LMHeadModel(_gpt2_config(cfg, vocab_size))
+        model = GPT2LMHeadModel(_gpt2_config(cfg, vocab_size, training=training))
     model.config._attn_implementation = "eager"
     if cfg.freeze_names:
         ids, codes = name_codes(cfg, seed)
@@ -406,20 +439,28 @@ def name_ids() -> Tensor:
     return torch.tensor([vocab[n] for n in LM_NAMES])
 
 
-def name_codes(cfg: IOILMConfig, seed: int) -> tuple[Tensor, Tensor]:
-    """The fixed embeddings of the names when ``cfg.freeze_names``: ``(ids, codes)``.
+def name_codes(cfg: IOILMConfig, seed: int, step: Optional[int] = None) -> tuple[Tensor, Tensor]:
+    """The name embeddings when ``cfg.freeze_names``: ``(ids, codes)``, ``codes`` ``(names, d_model)``.
 
-    ``codes[i] = name_shared * n + g_i / sqrt(d_model)``, ``(names, d_model)``: one unit vector
-    ``n`` shared by every name (so a name is recognisable as a name) plus an independent Gaussian
-    code ``g_i ~ N(0, I)`` per name, both drawn from a generator seeded by ``seed``. Training
-    never changes these rows (the embedding is tied to the unembedding, so neither side of a name
-    is learnt): nothing in the model is specific to one name, and a held-out name is, to the
-    model, a draw from the same distribution as a training name.
+    ``codes[i] = name_shared * n + g_i / sqrt(d_model)``: one unit vector ``n`` shared by every
+    name (so a name is recognisable as a name) plus an independent Gaussian code ``g_i ~ N(0, I)``
+    per name. ``n`` is drawn from a generator seeded by ``seed``.
+
+    ``step=None``: the run's fixed codes (``g_i`` from the same generator), the name rows of every
+    saved checkpoint. ``step=k``: the codes the training step ``k`` uses when
+    ``cfg.resample_names`` (same ``n``, fresh ``g_i`` from a generator seeded by ``seed`` and
+    ``k``). Training never learns these rows (the embedding is tied to the unembedding, so neither
+    side of a name is learnt): nothing in the model is specific to one name, and any name, held out
+    or not, is to the model a draw from the same distribution.
     """
+    if step is not None and (isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0):
+        raise SVToolsError(f"step must be None or a non-negative int, got {step!r}")
     g = torch.Generator().manual_seed(int(seed) + 7919)
     n = torch.randn(cfg.d_model, generator=g, dtype=torch.float64)
     n = n / n.norm()
     ids = name_ids()
+    if step is not None:
+        g = torch.Generator().manual_seed((int(seed) + 7919) * 1_000_003 + int(step) + 1)
     g_codes = torch.randn(len(ids), cfg.d_model, generator=g, dtype=torch.float64)
     codes = cfg.name_shared * n + g_codes / math.sqrt(cfg.d_model)
     return ids, codes.float()
@@ -594,7 +635,7 @@ def train(cfg: Optional[IOILMConfig] = None, *, seed: Optional[int] = None, prog
 
     dev = default_device(device)
     tok = build_tokenizer()
-    model = _new_model(cfg, len(tok), seed).to(dev).train()
+    model = _new_model(cfg, len(tok), seed, training=True).to(dev).train()
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
@@ -636,6 +677,7 @@ def _train_loop(model, opt, tok, cfg: IOILMConfig, seed: int, ckpts: list[int], 
     if cfg.freeze_names:
         ids, codes = name_codes(cfg, seed)
         frozen = (ids.to(dev), codes.to(dev))
+    wte = model.transformer.wte.weight
     with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
         torch.manual_seed(seed)
         for step in tqdm(range(cfg.steps + 1), desc=f"ioi_lm seed {seed}", disable=not progress):
@@ -645,6 +687,9 @@ def _train_loop(model, opt, tok, cfg: IOILMConfig, seed: int, ckpts: list[int], 
                 model.train()
             if step == cfg.steps:
                 break
+            if cfg.resample_names:  # this step's names: fresh codes (the checkpoints hold the fixed ones)
+                with torch.no_grad():
+                    wte[frozen[0]] = name_codes(cfg, seed, step)[1].to(dev)
             texts, is_ioi = _training_batch(cfg.batch, seed * 1_000_003 + step, cfg.ioi_fraction,
                                              cfg.filler_test_share)
             ids, am = _encode(tok, texts)
@@ -655,22 +700,39 @@ def _train_loop(model, opt, tok, cfg: IOILMConfig, seed: int, ckpts: list[int], 
                 last = am.sum(1) - 1  # index of the final "." in ids; the answer target is at last - 2
                 rows = torch.nonzero(torch.tensor(is_ioi)).flatten()
                 w[rows, last[rows] - 2] = cfg.answer_weight
-            ids, w = ids.to(dev), w.to(dev)
-            logits = model(input_ids=ids, attention_mask=am.to(dev)).logits[:, :-1]
-            ce = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
-                                                   reduction="none").view_as(w)
-            loss = (ce * w).sum() / w.sum()
             lr = _lr_at(cfg, step)
             for g in opt.param_groups:
                 g["lr"] = lr
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            loss = _loss_backward(model, ids, am, w, cfg.buckets, dev)
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
             if frozen is not None:  # the name rows stay as drawn (weight decay included)
                 with torch.no_grad():
-                    model.transformer.wte.weight[frozen[0]] = frozen[1]
-            hist.append({"step": step, "loss": float(loss.detach()), "lr": lr})
+                    wte[frozen[0]] = frozen[1]
+            hist.append({"step": step, "loss": loss, "lr": lr})
+
+
+def _loss_backward(model: Any, ids: Tensor, am: Tensor, w: Tensor, buckets: int, dev: torch.device) -> float:
+    """Backpropagate the batch's weighted next-token loss ``sum(ce * w) / sum(w)``; return it.
+
+    ``ids``, ``am``: ``(batch, seq)`` right-padded token ids and attention mask; ``w``:
+    ``(batch, seq - 1)`` weights of the targets ``ids[:, 1:]``. The sequences are split into
+    ``buckets`` groups of similar length, each cut to its own longest sequence (less padding:
+    about 18% faster per step with 3 buckets on the default config); the groups' gradients add up
+    to the whole batch's (equal up to floating-point summation order).
+    """
+    total, loss = w.sum(), 0.0
+    for rows in am.sum(1).argsort(stable=True).chunk(buckets):
+        n = int(am[rows].sum(1).max())
+        x, a, wb = ids[rows, :n].to(dev), am[rows, :n].to(dev), w[rows, :n - 1].to(dev)
+        logits = model(input_ids=x, attention_mask=a).logits[:, :-1]
+        ce = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1),
+                                               reduction="none").view_as(wb)
+        part = (ce * wb).sum() / total.to(dev)
+        part.backward()
+        loss += float(part.detach())
+    return loss
 
 
 def _ensure(p: Path) -> str:

@@ -217,10 +217,65 @@ def test_name_embeddings_stay_the_drawn_codes(run, cache_env):
     assert abs(mean_cos - expect) < 0.1, (mean_cos, expect)
     # another seed draws other codes; unfrozen names are learnt
     assert not torch.equal(ioi_lm.name_codes(TINY, 1)[1], codes)
-    free = ioi_lm.train(TINY.replace(freeze_names=False), seed=0, progress=False, cache=False)
+    free = ioi_lm.train(TINY.replace(freeze_names=False, resample_names=False), seed=0, progress=False, cache=False)
     w0, w1 = (free.hf_model(s, "cpu").transformer.wte.weight.detach() for s in (0, free.checkpoints[-1]))
     assert not torch.equal(w0[ids], w1[ids])
     shutil.rmtree(free.path)
+
+
+def test_resampled_name_codes():
+    """name_codes(step=k): the codes of training step k share the run's name direction and differ
+    from the fixed codes and from step k+1 only by fresh N(0, I/d) parts; deterministic."""
+    d = 64
+    cfg = ioi_lm.IOILMConfig(d_model=d)
+    _, fixed = ioi_lm.name_codes(cfg, 3)
+    _, k5 = ioi_lm.name_codes(cfg, 3, step=5)
+    assert torch.equal(k5, ioi_lm.name_codes(cfg, 3, step=5)[1])
+    for other in (fixed, ioi_lm.name_codes(cfg, 3, step=6)[1]):
+        diff = (k5 - other).double()          # (g_k - g') / sqrt(d): no shared part, variance 2/d
+        assert not torch.equal(k5, other)
+        assert float(diff.mean(0).norm()) < 0.25 * cfg.name_shared  # shared direction cancels
+        assert abs(float(diff.var()) * d / 2 - 1) < 0.1
+    # each step's codes keep the shared direction: mean code has length about name_shared
+    assert abs(float(k5.double().mean(0).norm()) - cfg.name_shared) < 0.1
+    with pytest.raises(SVToolsError, match="step"):
+        ioi_lm.name_codes(cfg, 3, step=-1)
+
+
+def test_resampling_changes_training_not_checkpoint_codes(run, cache_env):
+    """With resample_names the training sees other name codes (the weights after one step
+    differ from a run without it) while every checkpoint holds the fixed codes."""
+    fixed = ioi_lm.train(TINY.replace(resample_names=False), seed=0, progress=False, cache=False)
+    ids, codes = ioi_lm.name_codes(TINY, 0)
+    w = [[r.hf_model(s, "cpu").transformer.h[0].attn.c_attn.weight.detach() for s in (0, 1)] for r in (run, fixed)]
+    assert torch.equal(w[0][0], w[1][0])
+    assert not torch.allclose(w[0][1], w[1][1])
+    assert torch.equal(fixed.hf_model(1, "cpu").transformer.wte.weight.detach()[ids], codes)
+    shutil.rmtree(fixed.path)
+    # attention dropout is a training device only: a loaded checkpoint gives the same output twice
+    model = run.hf_model(run.checkpoints[-1], "cpu").train()
+    assert TINY.attn_dropout > 0 and model.config.attn_pdrop == 0.0
+    x = torch.tensor([[1, 5, 6, 7]])
+    torch.testing.assert_close(model(input_ids=x).logits, model(input_ids=x).logits, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("buckets", [1, 3, 8])
+def test_bucketed_loss_is_the_batch_loss(buckets):
+    """_loss_backward over length buckets gives the batch's mean next-token cross-entropy and its
+    gradient, checked against transformers' own loss (labels, padding ignored) on the padded batch."""
+    tok = ioi_lm.build_tokenizer()
+    texts = ioi_lm.training_texts(16, seed=1, ioi_fraction=0.5)
+    ids, am = ioi_lm._encode(tok, texts)
+    assert am.sum(1).min() < am.shape[1]  # the batch has padding to cut
+    model = ioi_lm._new_model(TINY, len(tok), 0)
+    ref = model(input_ids=ids, attention_mask=am, labels=ids.masked_fill(am == 0, -100)).loss
+    ref.backward()
+    g_ref = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    loss = ioi_lm._loss_backward(model, ids, am, am[:, 1:].float(), buckets, torch.device("cpu"))
+    assert abs(loss - float(ref.detach())) < 1e-5
+    for p, g in zip(model.parameters(), g_ref):
+        torch.testing.assert_close(p.grad, g, rtol=1e-4, atol=1e-6)
 
 
 def test_bad_input():
@@ -232,6 +287,12 @@ def test_bad_input():
         ioi_lm.train({"steps": 3})
     with pytest.raises(SVToolsError, match="freeze_names"):
         ioi_lm.IOILMConfig(freeze_names=1)
+    with pytest.raises(SVToolsError, match="resample_names"):
+        ioi_lm.IOILMConfig(freeze_names=False)
+    with pytest.raises(SVToolsError, match="attn_dropout"):
+        ioi_lm.IOILMConfig(attn_dropout=1.0)
+    with pytest.raises(SVToolsError, match="buckets"):
+        ioi_lm.IOILMConfig(buckets=0)
     with pytest.raises(SVToolsError, match="name_shared"):
         ioi_lm.IOILMConfig(name_shared=float("nan"))
 
