@@ -3,7 +3,7 @@
 The paper's real-model results use GPT-2 small and Pythia-160M, which need the model hub. This
 module trains, offline and on a CPU, a GPT-2-architecture model
 (``transformers.GPT2LMHeadModel`` built from a local ``GPT2Config``: 3 layers x 4 heads,
-``d_model`` 64 by default, 3-4 minutes per seed on one CPU core) on a small language of
+``d_model`` 64 by default, 2.5-4 minutes per seed on one CPU core) on a small language of
 our own:
 
 * indirect-object-identification (IOI) sentences (:func:`svtools.data.ioi_prompts` on the
