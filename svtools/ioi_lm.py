@@ -67,6 +67,7 @@ CUDA runs are deterministic up to floating-point reduction order.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -304,12 +305,13 @@ def _words(texts: Sequence[str]) -> list[str]:
     return [w for t in texts for w, _ in pre.pre_tokenize_str(t)]
 
 
-def _vocabulary() -> list[str]:
+@functools.lru_cache(maxsize=1)
+def _vocabulary() -> tuple[str, ...]:
     fill = {"N": "x", "M": "x", "A": "x", "B": "x", "S": "x", "PLACE": "x", "OBJECT": "x"}
     texts = [t.format(**fill) for t in (*TRAIN_TEMPLATES, *TEST_TEMPLATES, *FILLER_TEMPLATES)]
     words = set(_words(texts)) | set(LM_NAMES) | set(PLACES) | set(OBJECTS) | {"."}
     words.discard("x")
-    return [_PAD, _BOS, _UNK] + sorted(words)
+    return (_PAD, _BOS, _UNK, *sorted(words))
 
 
 def build_tokenizer() -> Any:
