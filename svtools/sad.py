@@ -41,14 +41,14 @@ from svtools.runtime import tqdm
 
 from svtools._checks import SVToolsError, as_float, as_tensor
 from svtools.qk import QKSVD
-from svtools.sparsity import n_recon, rolls_tovee
+from svtools.sparsity import n_recon, rolls_tovee, term_measures
 from svtools.terms import relative_pair_terms, relative_terms, rotated_terms, sad_terms
 
 __all__ = ["select_pairs", "pair_measures", "head_sparsity", "toy_sparsity", "toy_pair_sad", "toy_tokens",
            "singular_vector_usage", "usage_difference", "reuse", "bootstrap", "ioi_tokens", "label_ioi_roles",
            "IOI_HEADS", "ioi_heads", "model_note", "sparsity_over_checkpoints",
            "toy_sparsity_over_training", "format_summary", "COLUMNS", "KINDS",
-           "baseline_pairs", "pair_uniform", "compare_kinds", "CHUNK_BYTES", "ROTARY_CACHE_BYTES"]
+           "baseline_pairs", "pair_uniform", "compare_kinds", "CHUNK_BYTES"]
 
 #: Columns every :func:`head_sparsity` frame has (acceptance checks read these names).
 COLUMNS = ("layer", "head", "prompt", "query", "key", "attention", "score", "n_recon", "rolls_tovee",
@@ -136,24 +136,23 @@ def _select(pattern: Tensor, mask: Tensor, *, select: str, threshold: float, exc
 
 # ----------------------------------------------------------------------------- per-pair measures
 
-def pair_measures(terms: Float[Tensor, "pair r"], frac: float = 1.0) -> dict[str, Tensor]:
+def pair_measures(terms: Float[Tensor, "pair r"], frac: float = 1.0, *, order: bool = True) -> dict[str, Tensor]:
     """N_recon, Rolls-Tovee sparseness, dominant index and the N_recon set of each pair's terms.
 
     Returns a dict of ``(pair,)`` tensors ``n_recon``, ``rolls_tovee``, ``dominant_k`` (index of
-    the largest term in the direction of the total: ``argmax_k sign(T) t_k``), ``score``
-    (``T = sum_k t_k``) and ``order`` ``(pair, r)``: indices sorted by ``sign(T) t_k``
-    descending, so ``order[p, :n_recon[p]]`` are the terms that reconstruct the score.
+    the largest term in the direction of the total: ``argmax_k sign(T) t_k``, the first on ties),
+    ``score`` (``T = sum_k t_k``) and, with ``order``, ``order`` ``(pair, r)``: indices sorted by
+    ``sign(T) t_k`` descending (stable), so ``order[p, :n_recon[p]]`` are the terms that
+    reconstruct the score (``order=False`` skips that sort).
     """
-    nr = n_recon(terms, frac)
-    rt = rolls_tovee(terms)
-    total = terms.sum(-1, keepdim=True)
-    s = torch.where(total < 0, -torch.ones_like(total), torch.ones_like(total))
-    order = torch.argsort(s * terms, dim=-1, descending=True, stable=True)
-    return {"n_recon": nr, "rolls_tovee": rt, "dominant_k": order[:, 0], "score": total[:, 0], "order": order}
+    return term_measures(terms, frac, order=order)
 
 
 def _used_tuples(order: np.ndarray, n: np.ndarray) -> list[tuple[int, ...]]:
-    return [tuple(int(k) for k in o[:m]) for o, m in zip(order, n)]
+    """``tuple(order[p, :n[p]])`` for every row (only the used prefixes become Python ints)."""
+    flat = order[np.arange(order.shape[1])[None, :] < n[:, None]].tolist()
+    ends = np.cumsum(n).tolist()
+    return [tuple(flat[e - m:e]) for e, m in zip(ends, n.tolist())]
 
 
 def _heads_by_layer(model: Any, layers, heads) -> dict[int, list[int]]:
@@ -317,9 +316,6 @@ def baseline_pairs(
 #: decomposition dtype stays under this many bytes (the model's own attention, the scores of the
 #: exactness check and the selection masks are tensors of this size).
 CHUNK_BYTES = 32 * 2**20
-#: Rotary layers keep their per-offset factors across chunks up to this many bytes in all.
-ROTARY_CACHE_BYTES = 2**30
-_PAIR_BLOCK = 4096  # pairs per gathered block of rotary factors
 
 
 class _LayerBasis:
@@ -332,12 +328,11 @@ class _LayerBasis:
     """
 
     def __init__(self, model: Any, layer: int, heads: list[int], dtype: torch.dtype, seed: int,
-                 control: bool, cache: dict) -> None:
+                 control: bool, weights: Any) -> None:
         from svtools.decomposition import _model_type, head_rotations, head_weights, layer_qk
 
         self.model, self.layer, self.heads, self.dtype, self.seed, self.control = \
             model, layer, heads, dtype, seed, control
-        self.cache = cache
         self.rotary = _model_type(model) in ("gpt_neox", "llama")
         idx = torch.tensor(heads)
         if not self.rotary:
@@ -346,51 +341,14 @@ class _LayerBasis:
             self.Q = head_rotations(seed, layer, heads, (), qk.r, dtype=dtype, device=qk.U.device) if control else None
             self.r = qk.r
             return
-        W_Q, W_K, b_Q, b_K = head_weights(model, layer)
-        sel = lambda t: None if t is None else t.index_select(0, idx.to(t.device)).to(dtype)  # noqa: E731
-        self.W = (sel(W_Q), sel(W_K), sel(b_Q), sel(b_K))
-        self.has_bias = b_Q is not None or b_K is not None
-        from svtools.qk import _homogeneous
-        self.A = _homogeneous(self.W[0], self.W[2], self.has_bias)
-        self.B = _homogeneous(self.W[1], self.W[3], self.has_bias)
-        self.r = min(self.A.shape[-1], self.A.shape[-2])
-        self.offsets = torch.zeros(0, dtype=torch.long)
-        self.F: Any = None
-        self.Qo: Optional[Tensor] = None
+        from svtools.rotary import RotaryHeads
+        from svtools.sad_rotary import RotaryLayer
 
-    def at_offsets(self, needed: Tensor) -> tuple[Any, Optional[Tensor], Tensor]:
-        """Factors and rotations covering ``needed`` offsets, and the slot of each offset."""
-        from svtools.decomposition import head_rotations, rotary_spec
-        from svtools.qk import RotaryFactors, qk_svd_factored
-
-        needed = torch.unique(needed.cpu())
-        missing = needed[~torch.isin(needed, self.offsets)]
-        F, Qo, offsets = self.F, self.Qo, self.offsets
-        if len(missing):
-            Fm = qk_svd_factored(*self.W, rotary=rotary_spec(self.model, missing), dtype=self.dtype)
-            Qm = head_rotations(self.seed, self.layer, self.heads, (), self.r, dtype=self.dtype,
-                                device=Fm.S.device, offsets=missing) if self.control else None
-            if F is None:
-                F, Qo, offsets = Fm, Qm, missing
-            else:
-                cat = lambda a, b: torch.cat([a, b], dim=1)  # noqa: E731
-                offsets = torch.cat([offsets, missing])
-                F = RotaryFactors(A=F.A, B=F.B, XA=cat(F.XA, Fm.XA), S=cat(F.S, Fm.S), XB=cat(F.XB, Fm.XB),
-                                  has_bias=F.has_bias, rotary=rotary_spec(self.model, offsets))
-                Qo = None if Qo is None else cat(Qo, Qm)
-            other = sum(_nbytes(getattr(b, 'F', None), getattr(b, 'Qo', None)) for b in self.cache.values()
-                        if b is not self)
-            if other + _nbytes(F, Qo) <= ROTARY_CACHE_BYTES:  # else: use now, do not keep
-                self.F, self.Qo, self.offsets = F, Qo, offsets
-        lut = torch.full((int(offsets.max()) + 1,), -1, dtype=torch.long)
-        lut[offsets] = torch.arange(len(offsets))
-        return F, Qo, lut
-
-
-def _nbytes(F: Any, Qo: Optional[Tensor]) -> int:
-    if F is None:
-        return 0
-    return sum(t.numel() * t.element_size() for t in (F.XA, F.XB, F.S) + (() if Qo is None else (Qo,)))
+        W_Q, W_K, b_Q, b_K = (None if t is None else t[layer] for t in weights[:4])
+        sel = lambda t: None if t is None else t.index_select(0, idx.to(t.device))  # noqa: E731
+        rh = RotaryHeads.from_weights(sel(W_Q), sel(W_K), sel(b_Q), sel(b_K), weights[4], dtype)
+        self.rot = RotaryLayer(rh, layer, heads, seed, control)
+        self.A, self.B, self.has_bias, self.r = rh.A, rh.B, rh.has_bias, rh.r
 
 
 def _rotate_positions(x: Float[Tensor, "... pos d_head"], spec: Any) -> Tensor:
@@ -490,8 +448,18 @@ class _PairEngine:
     def basis(self, layer: int) -> _LayerBasis:
         if layer not in self.bases:
             self.bases[layer] = _LayerBasis(self.model, layer, self.plan[layer], self.dtype, self.seed,
-                                            self.control == "rotated", self.bases)
+                                            self.control == "rotated", self.weights)
         return self.bases[layer]
+
+    @property
+    def weights(self) -> list:
+        """Every layer's ``W_Q, W_K, b_Q, b_K`` and the rotary spec, once per call (the bridge stacks
+        all layers for each weight, and finding the rotary module walks the whole model)."""
+        if not hasattr(self, "_weights"):
+            from svtools.decomposition import head_weights
+
+            self._weights = head_weights(self.model) + (_spec_of(self.model),)
+        return self._weights
 
     def run_chunk(self, ids: Tensor, am: Tensor, start: int, bar: Any) -> None:
         from svtools.decomposition import _mask, stream_attention
@@ -517,7 +485,7 @@ class _PairEngine:
         if basis.rotary:
             qa = torch.einsum("bnd,hde->bhne", xq, basis.A)  # pre-rotary queries and keys
             kb = torch.einsum("bnd,hde->bhne", xk, basis.B)
-            spec = _spec_of(self.model)
+            spec = basis.rot.heads.spec
             qr, kr = _rotate_positions(qa, spec), _rotate_positions(kb, spec)
             score_of = lambda b, h, q, k: (qr[b, h, q] * kr[b, h, k]).sum(-1)  # noqa: E731
         else:
@@ -545,16 +513,17 @@ class _PairEngine:
             maskf = mask[:, 0].to(self.dtype)  # (batch, query, key)
             count = maskf.sum(-1)  # (batch, query)
         if basis.rotary:
-            needed = torch.cat([(i[:, 2] - i[:, 3]) for i in idx_all.values()])
-            if self.relative and len(needed):  # a query's total needs every offset up to its position
-                needed = torch.arange(int(max(int(i[:, 2].max()) for i in idx_all.values() if len(i))) + 1)
-            if not len(needed):
+            live = [k for k, i in idx_all.items() if len(i)]
+            if not live:
                 return
-            F, Qo, lut = basis.at_offsets(needed)
-            qf = qa if F.A is basis.A else torch.einsum("bnd,hde->bhne", xq, F.A)
-            kf = kb if F.B is basis.B else torch.einsum("bnd,hde->bhne", xk, F.B)
+            bhat = basis.rot.heads.whiten_keys(kb, xk)
+            allidx = torch.cat([idx_all[k] for k in live])
+            t_all, rot_all, sig_all = basis.rot.pair_terms(allidx, qa, bhat, self.check_tol)
+            cut = dict(zip(live, torch.tensor([len(idx_all[k]) for k in live]).cumsum(0).tolist()))
             if self.relative:
-                totals = self._rotary_totals(idx_all, qf, kf, F, Qo, lut, mask)
+                B_, H_, n_ = pattern.shape[:3]
+                tkeys = torch.unique((allidx[:, 0] * H_ + allidx[:, 1]) * n_ + allidx[:, 2])
+                ttot, rtot = basis.rot.totals(tkeys, (B_, H_, n_), qa, bhat, mask, self.check_tol)
         else:
             if basis.Q is not None:  # the control's projections: r x r rotations of the singular ones
                 root = basis.S.clamp_min(0).sqrt()[None, :, None, :]
@@ -569,9 +538,10 @@ class _PairEngine:
                 continue
             b, h, q, k = idx.unbind(-1)
             if basis.rotary:
-                slot = lut[(q - k).cpu()].to(dev)
-                t, rot = self._rotary_pair_terms(b, h, q, k, slot, qf, kf, F, Qo)
-                sigma = F.S[h, slot]
+                e = cut[kind]
+                sl = slice(e - len(idx), e)
+                t, sigma = t_all[sl], sig_all[sl]
+                rot = None if rot_all is None else rot_all[sl]
             else:
                 t = a[b, h, q] * pv[b, h, k]
                 rot = None if basis.Q is None else arot[b, h, q] * crot[b, h, k]
@@ -582,7 +552,6 @@ class _PairEngine:
             if self.relative:
                 cnt = count[b, q]
                 if basis.rotary:
-                    (tkeys, ttot), rtot = totals
                     pos = torch.searchsorted(tkeys, (b * pattern.shape[1] + h) * pattern.shape[2] + q)
                     t = relative_pair_terms(t, ttot[pos], cnt)
                     rot = None if rot is None else relative_pair_terms(rot, rtot[pos], cnt)
@@ -592,58 +561,6 @@ class _PairEngine:
             cols = _pair_rows(layer, heads, idx, t, rot, attn[kind], sigma, ids, start, kind, self.frac)
             if cols is not None:
                 self.frames.append(cols)
-
-    def _rotary_pair_terms(self, b, h, q, k, slot, qf, kf, F, Qo) -> tuple[Tensor, Optional[Tensor]]:
-        """Terms (and rotated terms) of rotary pairs: ``(q XA_o S_o) * (k XB_o)``, blocks of pairs."""
-        ts, rs = [], []
-        for s in range(0, len(b), _PAIR_BLOCK):
-            e = slice(s, s + _PAIR_BLOCK)
-            hh, ss = h[e], slot[e]
-            left = (qf[b[e], hh, q[e]][:, None, :] @ F.XA[hh, ss])[:, 0]  # (pairs, r)
-            right = (kf[b[e], hh, k[e]][:, None, :] @ F.XB[hh, ss])[:, 0]
-            S = F.S[hh, ss]
-            ts.append(left * S * right)
-            if Qo is not None:
-                root = S.clamp_min(0).sqrt()
-                Q = Qo[hh, ss]
-                rs.append(((left * root)[:, None, :] @ Q)[:, 0] * ((right * root)[:, None, :] @ Q)[:, 0])
-        return torch.cat(ts), (torch.cat(rs) if Qo is not None else None)
-
-    def _rotary_totals(self, idx_all, qf, kf, F, Qo, lut, mask) -> tuple[tuple[Tensor, Tensor], Optional[Tensor]]:
-        """Each measured query's sum of terms over every key it sees (offset-dependent bases).
-
-        Returns ``((keys, totals), rotated_totals)``: ``keys`` sorted flat (batch, head, query)
-        indices, ``totals (queries, r)``.
-        """
-        B, H, n, _ = qf.shape
-        allq = torch.cat([i[:, :3] for i in idx_all.values() if len(i)])
-        keys = torch.unique((allq[:, 0] * H + allq[:, 1]) * n + allq[:, 2])  # sorted
-        b, h, q = keys // (H * n), (keys // n) % H, keys % n
-        O = int(q.max()) + 1  # offsets 0..O-1 cover every visible key of every query
-        o = torch.arange(O, device=qf.device)
-        lut = lut[:O].to(qf.device)
-        XA, XB, S = F.XA[:, lut], F.XB[:, lut], F.S[:, lut]  # (head, offset, ...) in offset order 0..O-1
-        Qs = None if Qo is None else Qo[:, lut]
-        tot = torch.zeros(len(keys), F.r, dtype=qf.dtype, device=qf.device)
-        rtot = None if Qo is None else torch.zeros_like(tot)
-        block = max(1, _PAIR_BLOCK * 16 // max(O, 1))
-        for hh in torch.unique(h).tolist():
-            rows = (h == hh).nonzero()[:, 0]
-            for s in range(0, len(rows), block):
-                rr = rows[s:s + block]
-                bq, qq = b[rr], q[rr]
-                j = qq[:, None] - o[None, :]  # key position at each offset
-                ok = (j >= 0) & mask[bq[:, None], 0, qq[:, None], j.clamp_min(0)]
-                left = torch.einsum("pd,odr->por", qf[bq, hh, qq], XA[hh])
-                right = torch.einsum("pod,odr->por", kf[bq[:, None], hh, j.clamp_min(0)], XB[hh])
-                right = right * ok[..., None].to(right.dtype)
-                tot[rr] = (left * S[hh][None] * right).sum(1)
-                if Qs is not None:
-                    root = S[hh].clamp_min(0).sqrt()[None]
-                    lr = torch.einsum("por,ors->pos", left * root, Qs[hh])
-                    rr_ = torch.einsum("por,ors->pos", right * root, Qs[hh])
-                    rtot[rr] = (lr * rr_).sum(1)
-        return (keys, tot), rtot
 
 
 def _spec_of(model: Any) -> Any:
@@ -856,7 +773,7 @@ def _pair_rows(layer: int, heads: Sequence[int], idx: Int[Tensor, "pair 4"], t: 
         "query_token": tokens[b, qi].cpu().numpy(), "key_token": tokens[b, ki].cpu().numpy(),
         "kind": np.full(len(t), kind, dtype=object)}
     if rot is not None:
-        mr = pair_measures(rot, frac)
+        mr = pair_measures(rot, frac, order=False)
         cols.update(n_recon_rotated=mr["n_recon"].cpu().numpy().astype(np.float64),
                     rolls_tovee_rotated=mr["rolls_tovee"].double().cpu().numpy(),
                     dominant_k_rotated=mr["dominant_k"].cpu().numpy().astype(np.float64))

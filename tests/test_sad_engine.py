@@ -93,8 +93,9 @@ def test_chunk_size_does_not_change_rows(random_models, batch_tokens, monkeypatc
     kw = dict(attention_mask=am, threshold=0.3, progress=False, dtype=torch.float64, attention="relative",
               baseline="non-attended", baseline_fraction=0.3)
     one = head_sparsity(model, ids, batch_size=8, **kw)
-    import svtools.sad as sad
-    monkeypatch.setattr(sad, "ROTARY_CACHE_BYTES", 0)  # nothing cached: every chunk decomposes its offsets
+    import svtools.rotary as rotary
+    rotary.FACTOR_CACHE.clear()
+    monkeypatch.setattr(rotary, "CACHE_BYTES", 0)  # nothing cached: every chunk decomposes its offsets
     pd.testing.assert_frame_equal(one, head_sparsity(model, ids, batch_size=1, **kw), check_exact=False, rtol=1e-9)
 
 
@@ -146,7 +147,7 @@ def test_stream_attention_stops_after_last_layer(random_models, batch_tokens):
 
 
 @pytest.mark.parametrize("family", ["gpt2", "neox"])
-def test_exactness_checks_fire(random_models, batch_tokens, family):
+def test_exactness_checks_fire(random_models, batch_tokens, family, monkeypatch):
     """A wrong decomposition must raise, not produce rows: the softmax check (absolute positions)
     and the per-pair sum check (rotary: the scores come from the weights, the terms from the SVD)."""
     model = random_models[family]
@@ -159,10 +160,18 @@ def test_exactness_checks_fire(random_models, batch_tokens, family):
     if family == "gpt2":
         basis.S = basis.S * torch.linspace(1.0, 1.5, basis.S.shape[-1], dtype=basis.S.dtype)
         match = "does not reproduce"
-    else:
-        basis.at_offsets(torch.arange(ids.shape[1]))
-        basis.F = type(basis.F)(**{**basis.F.__dict__, "S": basis.F.S * 1.01})
-        match = "do not sum"
+    else:  # two singular vectors swapped: still an orthonormal basis, so every pair's terms still sum
+        # to its score; the check that each basis diagonalises its offset's Gram matrix must fire
+        import svtools.rotary as rotary
+        real = rotary._eigh_block
+
+        def swapped(*args):
+            V, S = real(*args)
+            return V[..., [1, 0] + list(range(2, V.shape[-1]))], S
+
+        rotary.FACTOR_CACHE.clear()
+        monkeypatch.setattr(rotary, "_eigh_block", swapped)
+        match = "does not diagonalise"
     from svtools.runtime import tqdm
     with pytest.raises(UnsupportedModelError, match=match):
         eng.run_chunk(ids, am, 0, tqdm(disable=True))
