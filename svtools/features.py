@@ -37,9 +37,34 @@ from svtools._checks import SVToolsError, as_int, as_tensor, check_finite
 from svtools.qk import QKSVD, random_rotation
 from svtools.terms import sad_terms
 
-__all__ = ["head_inputs", "feature_directions", "code_map", "input_part", "second_moment", "alignment",
+__all__ = ["ioi_batch", "head_inputs", "feature_directions", "code_map", "input_part", "second_moment", "alignment",
            "unwhitened_alignment", "alignment_null", "bilinear_mass", "IOIFeatures", "ioi_features",
            "alignment_table", "code_mass_table", "CODE_PAIRS"]
+
+
+_BATCHES: dict[tuple, tuple] = {}
+
+
+def ioi_batch(model: Any, dataset: Any) -> tuple[Tensor, Tensor, Any]:
+    """IOI prompts as the model sees them: :func:`svtools.sad.ioi_tokens` on the model's device.
+
+    ``(ids, attention_mask, positions)``. The last few results are remembered per (tokenizer,
+    prompts): chapters measure the same prompts on many checkpoints and copies of one model,
+    which share their tokenizer.
+    """
+    from svtools.sad import ioi_tokens
+
+    tok = getattr(model, "tokenizer", None)
+    key = (id(tok), bool(getattr(model.cfg, "default_prepend_bos", False)), tuple(dataset.texts))
+    hit = _BATCHES.get(key)
+    if hit is None or hit[0] is not tok:
+        hit = (tok, ioi_tokens(model, dataset))
+        if len(_BATCHES) >= 8:
+            _BATCHES.pop(next(iter(_BATCHES)))
+        _BATCHES[key] = hit
+    ids, am, pos = hit[1]
+    dev = next(model.original_model.parameters()).device
+    return ids.to(dev), am.to(dev), pos.to(dev)
 
 
 def head_inputs(model: Any, dataset: Any, layer: int, *, batch_size: int = 128
@@ -50,10 +75,8 @@ def head_inputs(model: Any, dataset: Any, layer: int, *, batch_size: int = 128
     :func:`svtools.decompose` splits scores of (``q.hook_in``, ``k.hook_in``), with the prompts'
     :class:`~svtools.data.IOIPositions` and ``(batch, pos)`` mask.
     """
-    from svtools.sad import ioi_tokens
-
-    ids, am, pos = ioi_tokens(model, dataset)
-    dev = next(model.original_model.parameters()).device
+    ids, am, pos = ioi_batch(model, dataset)
+    dev = ids.device
     names = {f"blocks.{layer}.attn.q.hook_in", f"blocks.{layer}.attn.k.hook_in"}
     xq, xk = [], []
     for s in range(0, len(ids), batch_size):
@@ -238,8 +261,9 @@ class IOIFeatures:
     Attributes:
         layer: the layer whose query/key inputs they are measured in.
         directions: ``{"name", "first_slot"}`` unit key-side directions (:func:`feature_directions`).
-        maps: ``{"S@END", "IO@END", "name@key"}``: ``(d_model, d_model)`` code maps (:func:`code_map`):
-            the S and IO names' codes at END's input, a name's code at its own key input.
+        maps: ``{"S@END", "IO@END", "name@key", "name@unembed"}``: ``(d_model, d_model)`` code maps
+            (:func:`code_map`): the S and IO names' codes at END's input, a name's code at its own
+            key input, and in its unembedding column (tied embeddings: the identity).
         r2: share of variance each map explains.
         code_cov: ``(d_model, d_model)`` covariance of the names' codes (embedding rows) in the prompts.
         sigma_query, sigma_key: covariances of the query inputs at END and of the key inputs at
@@ -270,8 +294,11 @@ def ioi_features(model: Any, dataset: Any, layer: int) -> IOIFeatures:
     r = torch.arange(len(pos.io))
     c_io, c_s = W_E[pos.io_id.cpu()], W_E[pos.s_id.cpu()]
     maps, r2 = {}, {}
+    ids = torch.unique(torch.cat([pos.io_id, pos.s_id]).cpu())
+    W_U = model.W_U.detach().float().cpu()
     for name, x, c in (("S@END", xq[r, pos.end], c_s), ("IO@END", xq[r, pos.end], c_io),
-                       ("name@key", torch.cat([xk[r, pos.io], xk[r, pos.s1]]), torch.cat([c_io, c_s]))):
+                       ("name@key", torch.cat([xk[r, pos.io], xk[r, pos.s1]]), torch.cat([c_io, c_s])),
+                       ("name@unembed", W_U[:, ids].T, W_E[ids])):
         maps[name], _, r2[name] = code_map(x, c)
     keys = am.bool().clone()
     keys[:, 0] = False

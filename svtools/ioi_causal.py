@@ -34,18 +34,17 @@ from svtools.intervene import intervene, sigma_matched_sets
 from svtools.runtime import tqdm
 
 __all__ = ["ioi_behaviour", "behaviour_summary", "role_terms", "direction_sets", "direction_profile",
-           "known_feature_summary", "over_training", "intervention_effects", "effect_summary", "ROLE_NAMES"]
+           "known_feature_summary", "over_training", "intervention_effects", "effect_summary", "effect_table",
+           "ROLE_NAMES"]
 
 #: The roles a position of an IOI prompt can have, as :class:`~svtools.data.IOIPositions` names them.
 ROLE_NAMES = ("IO", "S1", "S2", "END", "first", "second")
 
 
 def _tokens(model: Any, dataset: Any):
-    from svtools.sad import ioi_tokens
+    from svtools.features import ioi_batch
 
-    ids, am, pos = ioi_tokens(model, dataset)
-    dev = next(model.original_model.parameters()).device
-    return ids.to(dev), am.to(dev), pos.to(dev)
+    return ioi_batch(model, dataset)
 
 
 def _heads(heads: Optional[Iterable[Any]]) -> list[tuple[int, int]]:
@@ -240,12 +239,19 @@ def known_feature_summary(model: Any, dataset: Any, heads: Sequence[Any], *, k: 
     ``profile_nrecon`` (of the mean decision profile over directions: how many directions the
     decision uses *over prompts*); ``mass_corr`` (correlation over directions between the
     mean decision profile and the known features' code masses, IO code minus S code) and
-    ``mass_share`` (their sum over the decision's: how much of the decision the codes explain).
+    ``mass_share`` (their sum over the decision's: how much of the decision the codes explain);
+    ``decision_topk_share`` (share of the mean decision profile on its ``k`` largest directions)
+    and ``s_code_topk_energy`` (share of the S code's variance at END, through the code map, in
+    its ``k`` largest dimensions: how concentrated the code is where the head reads it);
+    the OV half (:func:`svtools.ov.copying_mass` of the name code at the key through to the
+    name's unembedding): ``copying`` (nats of the read name's logit over another name's, per
+    unit attention), ``copying_max_share`` (largest share of one OV direction), ``copying_rt``.
     Returns ``(summary, profile)`` with ``profile`` the per-direction frame of
     :func:`direction_profile` (``layer`` added).
     """
     from svtools.decomposition import layer_qk
     from svtools.features import CODE_PAIRS, alignment_table, ioi_features
+    from svtools.ov import copying_mass, ov_svd
     from svtools.sparsity import n_recon, rolls_tovee
 
     heads = _heads(heads)
@@ -256,8 +262,13 @@ def known_feature_summary(model: Any, dataset: Any, heads: Sequence[Any], *, k: 
         hs = [h for l, h in heads if l == layer]
         feats = ioi_features(model, dataset, layer)
         qk = layer_qk(model, layer, hs, dtype=torch.float64)
+        copy = copying_mass(ov_svd(model, layer, hs, dtype=torch.float64), feats.maps["name@key"],
+                            feats.maps["name@unembed"], C=feats.code_cov)  # (head, r)
         al = alignment_table(feats, qk, hs, n_null=n_null, seed=seed)
         dp = direction_profile(model, dataset, layer, hs, k=k, feats=feats)
+        w, Q = torch.linalg.eigh(feats.code_cov)
+        sv = torch.linalg.svdvals(feats.maps["S@END"].double() @ (Q * w.clamp_min(0).sqrt()))
+        s_code = float((sv[:k] ** 2).sum() / (sv ** 2).sum())
         prof = dp["profile"].assign(layer=layer)
         profiles.append(prof)
         for _, sp in dp["spread"].iterrows():
@@ -272,24 +283,42 @@ def known_feature_summary(model: Any, dataset: Any, heads: Sequence[Any], *, k: 
             known = (g[io_pair] - g[s_pair]).to_numpy()
             row |= {"profile_rt": float(rolls_tovee(dm)), "profile_nrecon": int(n_recon(dm)),
                     "mass_corr": float(np.corrcoef(dm.numpy(), known)[0, 1]),
-                    "mass_share": float(known.sum() / dm.sum())}
+                    "mass_share": float(known.sum() / dm.sum()),
+                    "decision_topk_share": float(dm.sort().values[-k:].sum() / dm.sum()), "s_code_topk_energy": s_code}
+            c = copy[hs.index(h)]
+            row |= {"copying": float(c.sum()), "copying_max_share": float(c.abs().max() / c.abs().sum()),
+                    "copying_rt": float(rolls_tovee(c))}
             rows.append(row)
     return pd.DataFrame(rows), pd.concat(profiles, ignore_index=True)
 
 
 def over_training(run: Any, steps: Sequence[int], dataset: Any, heads: Sequence[Any], *, k: int = 2,
-                  n_null: int = 200, seed: int = 0, progress: bool = True) -> pd.DataFrame:
+                  n_null: int = 200, seed: int = 0, test: Any = None, progress: bool = True) -> pd.DataFrame:
     """:func:`known_feature_summary` of ``heads`` at several checkpoints of an IOI-LM run.
 
     Adds ``seed`` (the run's), ``step`` and ``io_over_s`` (share of ``dataset``'s prompts whose IO
-    logit beats S's at that step). One row per (step, head).
+    logit beats S's at that step). With ``test`` (other prompts), each head's behaviour there
+    without and with its SAD set or its decision set (chosen at that step on ``dataset``)
+    removed: ``test_end_io``, ``test_selectivity``, ``<measure>_minus_sad``,
+    ``<measure>_minus_decision`` for ``end_io`` and ``selectivity`` (means over prompts).
+    One row per (step, head).
     """
     frames = []
     for step in tqdm(list(steps), desc=f"seed {run.seed} checkpoints", disable=not progress):
         model = run.load(int(step))
         summ, _ = known_feature_summary(model, dataset, heads, k=k, n_null=n_null, seed=seed)
-        acc = float(ioi_behaviour(model, dataset)["io_over_s"].mean())
-        frames.append(summ.assign(seed=run.seed, step=int(step), io_over_s=acc))
+        summ = summ.assign(seed=run.seed, step=int(step),
+                           io_over_s=float(ioi_behaviour(model, dataset)["io_over_s"].mean()))
+        if test is not None:
+            for i, row in summ.iterrows():
+                hk = (int(row["layer"]), int(row["head"]))
+                for label, kw in (("", {}), ("_minus_sad", {"remove": {hk: row["sad_set"]}}),
+                                  ("_minus_decision", {"remove": {hk: row["decision_set"]}})):
+                    m = intervene(model, **kw) if kw else model
+                    b = ioi_behaviour(m, test, heads=[hk])[["end_io", "selectivity"]].mean()
+                    pre = "test_" if not label else ""
+                    summ.loc[i, [f"{pre}end_io{label}", f"{pre}selectivity{label}"]] = b.to_numpy()
+        frames.append(summ)
     return pd.concat(frames, ignore_index=True)
 
 
@@ -373,3 +402,39 @@ def effect_summary(effects: pd.DataFrame, *, by: Sequence[str] = (), ci: float =
                           "lo": float(np.quantile(v, 0.025)), "hi": float(np.quantile(v, 0.975)),
                           "prompts": int(g["prompts"].iloc[0]), "draws": len(v), "p_null": p})
     return pd.concat([rows, pd.DataFrame(out)], ignore_index=True)
+
+
+#: Column titles of :func:`effect_table`.
+EFFECT_COLUMNS = {"end_io": "END->IO", "end_s1": "END->S1", "selectivity": "log(IO/S1)",
+                  "io_over_s": "IO over S", "logit_diff": "logit IO-S"}
+
+
+def effect_table(summary: pd.DataFrame, *, by: Sequence[str] = ("seed",),
+                 columns: Sequence[str] = ("end_io", "selectivity", "io_over_s", "logit_diff"),
+                 digits: int = 2) -> pd.DataFrame:
+    """:func:`effect_summary` as a small readable table: one row per group and intervention.
+
+    Cells read ``mean [lo, hi]`` (t interval over prompts; for a null, the 2.5-97.5% range of
+    its draws' means, then ``p=`` its ``p_null``: the share of matched random sets that lower the
+    measure at least as much as the chosen set), and a ``draws`` column counts a null's sets.
+    """
+    order = ["none", "sad", "sad null", "decision", "decision null", "zero omega", "zero pattern"]
+    f = f"{{:.{digits}f}}"
+    rows = []
+    for key, g in summary.groupby([*by, "intervention"], sort=False):
+        key = key if isinstance(key, tuple) else (key,)
+        row = dict(zip([*by, "intervention"], key))
+        null = str(key[-1]).endswith(" null")
+        for c in columns:
+            m = g[g["column"] == c]
+            if m.empty or not np.isfinite(m["mean"].iloc[0]):
+                row[EFFECT_COLUMNS.get(c, c)] = "-"
+                continue
+            m = m.iloc[0]
+            cell = f"{f.format(m['mean'])} [{f.format(m['lo'])}, {f.format(m['hi'])}]"
+            row[EFFECT_COLUMNS.get(c, c)] = cell + (f" p={f.format(m['p_null'])}" if null else "")
+        row["draws"] = int(g["draws"].iloc[0]) if null else ""
+        rows.append(row)
+    out = pd.DataFrame(rows)
+    out["_o"] = out["intervention"].map({n: i for i, n in enumerate(order)}).fillna(len(order))
+    return out.sort_values([*by, "_o"]).drop(columns="_o").set_index([*by, "intervention"])

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -254,3 +255,32 @@ def test_known_feature_summary_on_the_tiny_model(tiny):
     assert np.allclose(tot, [float(torch.trace(C @ P.T @ Om[h] @ R)) for h in range(2)], rtol=1e-6)
     ot = ic.over_training(run, run.checkpoints[:2], ds, [(1, 0)], n_null=20, progress=False)
     assert list(ot["step"]) == run.checkpoints[:2] and ot["io_over_s"].between(0, 1).all()
+
+
+def test_summary_shares_and_plots_fit_the_column(tiny):
+    import warnings
+
+    from svtools.plots import features as fplots
+
+    run, model = tiny
+    ds = run.prompts(40, seed=7, split="train")
+    summ, prof = ic.known_feature_summary(model, ds, [(1, 0)], n_null=20)
+    row = summ.iloc[0]
+    dm = prof["decision_mean"].to_numpy()
+    assert row["decision_topk_share"] == pytest.approx(np.sort(dm)[-2:].sum() / dm.sum())
+    assert 0 < row["s_code_topk_energy"] <= 1
+    eff = ic.intervention_effects(model, ds, {"sad": {(1, 0): row["sad_set"]}, "decision": {(1, 0): row["decision_set"]}},
+                                  heads=[(1, 0)], r=8, n_null=2)
+    summary = pd.concat([ic.effect_summary(eff).assign(seed=s) for s in (0, 1)])
+    table = ic.effect_table(summary)
+    assert list(table.index.get_level_values("intervention")[:3]) == ["none", "sad", "sad null"]
+    ot = ic.over_training(run, run.checkpoints[-2:], ds, [(1, 0)], n_null=10, test=ds, progress=False)
+    assert {"end_io_minus_sad", "selectivity_minus_decision"} <= set(ot.columns)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a figure wider than the book's column warns
+        pairs = list(ft.CODE_PAIRS)
+        fplots.plot_direction_profiles(prof.assign(seed=0), pair_io=pairs[1], pair_s=pairs[0])
+        fplots.plot_intervention_effects(summary)
+        fplots.plot_features_over_training(pd.concat([ot.assign(seed=s) for s in (0, 1)]))
+    with pytest.raises(svtools.SVToolsError):
+        fplots.plot_intervention_effects(summary.drop(columns="seed"))
