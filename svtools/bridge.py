@@ -33,7 +33,7 @@ SUPPORTED_MODEL_TYPES = {"gpt2", "gpt_neox", "llama", "bert"}
 
 
 def check_bridge(model: Any) -> None:
-    """Raise unless ``model`` is a TransformerLens bridge as :func:`load_model` returns it."""
+    """Raise unless ``model`` is a TransformerLens bridge as :func:`svtools.load_model` returns it."""
     if hasattr(model, "cfg") and hasattr(model, "original_model") and hasattr(model, "run_with_cache"):
         return
     if isinstance(model, type):
@@ -46,7 +46,7 @@ def check_bridge(model: Any) -> None:
 
 
 def check_supported(hf_model: Any) -> None:
-    """Raise :class:`UnsupportedModelError` unless the model's attention is one svtools handles."""
+    """Raise :class:`~svtools.models.UnsupportedModelError` unless the model's attention is one svtools handles."""
     cfg = getattr(hf_model, "config", None)
     mtype = getattr(cfg, "model_type", None)
     if mtype not in SUPPORTED_MODEL_TYPES:

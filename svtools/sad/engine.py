@@ -5,9 +5,9 @@ one forward pass (:func:`svtools.decomposition.stream_attention`), selects the p
 pattern (:mod:`svtools.sad.selection`), forms only those pairs' terms from per-head projections
 (``x~ U S`` and ``y~ V``; the rotated control: the same projections times ``S^-1/2 Q``) and
 checks exactness on every chunk and layer (the reconstructed scores must reproduce the model's
-weights, each pair's terms must sum to its score). Rotary layers (:class:`_LayerBasis`) are
-decomposed only at the offsets the measured pairs use, in factored form, and cached across
-chunks up to :data:`ROTARY_CACHE_BYTES`.
+weights, each pair's terms must sum to its score). Each layer's decomposition is built once
+per call and reused by every chunk; rotary layers are decomposed only at the offsets the measured
+pairs use, in factored form, and cached across chunks up to :data:`ROTARY_CACHE_BYTES`.
 """
 
 from __future__ import annotations

@@ -62,6 +62,7 @@ def pair_measures(terms: Float[Tensor, "pair r"], frac: float = 1.0) -> dict[str
 
 
 def used_tuples(order: np.ndarray, n: np.ndarray) -> list[tuple[int, ...]]:
+    """The ``used`` column: each pair's first ``n[p]`` indices of ``order[p]`` (its N_recon set) as a tuple."""
     return [tuple(int(k) for k in o[:m]) for o, m in zip(order, n)]
 
 
@@ -122,6 +123,7 @@ def assemble_frame(frames: list[dict[str, Any]], control: Optional[str]) -> pd.D
 
 
 def check_columns(df: pd.DataFrame, cols: Iterable[str], what: str) -> None:
+    """Raise :class:`SVToolsError`, naming ``what``, unless ``df`` is a DataFrame with the columns ``cols``."""
     if not isinstance(df, pd.DataFrame):
         raise SVToolsError(f"{what} needs a pandas DataFrame (from head_sparsity), got {type(df).__name__}")
     missing = [c for c in cols if c not in df.columns]

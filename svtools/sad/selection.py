@@ -132,6 +132,8 @@ def pair_uniform(seed: int, stream: int, layer: int, head: Int[Tensor, "..."], p
 
 
 def check_baseline(baseline: Any, fraction: float, bound: Optional[float]) -> tuple[str, ...]:
+    """The baseline kinds :func:`head_sparsity` is asked for (none, one or a list), checked, with
+    the sampling ``fraction`` and the attention ``bound`` of the non-attended pairs."""
     if baseline is None:
         return ()
     kinds = (baseline,) if isinstance(baseline, str) else tuple(baseline)
