@@ -34,8 +34,10 @@ from jaxtyping import Float
 from torch import Tensor
 
 from svtools._checks import SVToolsError, as_int, as_tensor, check_finite
+from svtools.ioi import ioi_tokens
 from svtools.qk import QKSVD, random_rotation
 from svtools.terms import sad_terms
+from svtools.theory import unwhiten
 
 __all__ = ["ioi_batch", "head_inputs", "feature_directions", "code_map", "input_part", "second_moment", "alignment",
            "unwhitened_alignment", "alignment_null", "bilinear_mass", "IOIFeatures", "ioi_features",
@@ -46,14 +48,12 @@ _BATCHES: dict[tuple, tuple] = {}
 
 
 def ioi_batch(model: Any, dataset: Any) -> tuple[Tensor, Tensor, Any]:
-    """IOI prompts as the model sees them: :func:`svtools.sad.ioi_tokens` on the model's device.
+    """IOI prompts as the model sees them: :func:`svtools.ioi.ioi_tokens` on the model's device.
 
     ``(ids, attention_mask, positions)``. The last few results are remembered per (tokenizer,
     prompts): chapters measure the same prompts on many checkpoints and copies of one model,
     which share their tokenizer.
     """
-    from svtools.sad import ioi_tokens
-
     tok = getattr(model, "tokenizer", None)
     key = (id(tok), bool(getattr(model.cfg, "default_prepend_bos", False)), tuple(dataset.texts))
     hit = _BATCHES.get(key)
@@ -182,8 +182,6 @@ def unwhitened_alignment(features: Float[Tensor, "f d"], qk: QKSVD, Sigma_X: Flo
     :func:`svtools.theory.unwhiten` of the ``x`` part of ``qk`` (:func:`input_part`). Returns
     ``(query side (..., f, r), key side (..., f, r))``.
     """
-    from svtools.theory import unwhiten
-
     U, V = unwhiten(input_part(qk).to(torch.float64), torch.as_tensor(Sigma_X).double(),
                     None if Sigma_Y is None else torch.as_tensor(Sigma_Y).double())
     return alignment(features, U), alignment(features, V)

@@ -63,8 +63,8 @@ from jaxtyping import Float
 from torch import Tensor
 
 from svtools._checks import SVToolsError, as_indices, as_int
-from svtools.decomposition import attention_scale, head_weights, is_causal, layer_qk, rotary_spec
-from svtools.models import check_bridge
+from svtools.bridge import check_bridge, is_causal
+from svtools.decomposition import attention_scale, head_weights, layer_qk, rotary_spec
 from svtools.terms import sad_terms
 
 __all__ = ["HeadEdit", "intervene", "intervention_hooks", "edit_plan", "detached_copy", "sigma_matched_sets",

@@ -30,8 +30,13 @@ from jaxtyping import Float
 from torch import Tensor
 
 from svtools._checks import SVToolsError, as_int
+from svtools.decomposition import decompose, layer_qk
+from svtools.features import CODE_PAIRS, alignment_table, code_mass_table, ioi_batch, ioi_features
 from svtools.intervene import intervene, sigma_matched_sets
+from svtools.ov import copying_mass, ov_svd
 from svtools.runtime import tqdm
+from svtools.sparsity import n_recon, rolls_tovee
+from svtools.terms import relative_terms
 
 __all__ = ["ioi_behaviour", "behaviour_summary", "role_terms", "direction_sets", "direction_profile",
            "known_feature_summary", "over_training", "intervention_effects", "effect_summary", "effect_table",
@@ -39,12 +44,6 @@ __all__ = ["ioi_behaviour", "behaviour_summary", "role_terms", "direction_sets",
 
 #: The roles a position of an IOI prompt can have, as :class:`~svtools.data.IOIPositions` names them.
 ROLE_NAMES = ("IO", "S1", "S2", "END", "first", "second")
-
-
-def _tokens(model: Any, dataset: Any):
-    from svtools.features import ioi_batch
-
-    return ioi_batch(model, dataset)
 
 
 def _heads(heads: Optional[Iterable[Any]]) -> list[tuple[int, int]]:
@@ -71,7 +70,7 @@ def ioi_behaviour(model: Any, dataset: Any, *, heads: Optional[Iterable[Any]] = 
     read from its hooks, so they are the intervened ones.
     """
     heads = _heads(heads)
-    ids, am, pos = _tokens(model, dataset)
+    ids, am, pos = ioi_batch(model, dataset)
     layers = sorted({l for l, _ in heads})
     names = {f"blocks.{l}.attn.hook_pattern" for l in layers}
     rows = []
@@ -134,10 +133,7 @@ def role_terms(model: Any, dataset: Any, layer: int, heads: Sequence[int], *,
     :func:`svtools.relative_terms`). Identity: ``terms.sum(-1)`` is the pair's (relative) score.
     Returns ``{pair: (prompt, head, r)}`` on the CPU.
     """
-    from svtools.decomposition import decompose
-    from svtools.terms import relative_terms
-
-    ids, am, pos = _tokens(model, dataset)
+    ids, am, pos = ioi_batch(model, dataset)
     roles = {"IO": pos.io, "S1": pos.s1, "S2": pos.s2, "END": pos.end, "first": pos.first, "second": pos.second}
     for q, k in pairs:
         if q not in roles or k not in roles:
@@ -196,9 +192,6 @@ def direction_profile(model: Any, dataset: Any, layer: int, heads: Sequence[int]
     """
     from scipy import stats
 
-    from svtools.decomposition import layer_qk
-    from svtools.sparsity import n_recon, rolls_tovee
-
     heads = [as_int(h, "head") for h in heads]
     terms = role_terms(model, dataset, layer, heads)
     qk = layer_qk(model, layer, heads, dtype=torch.float64)
@@ -218,8 +211,6 @@ def direction_profile(model: Any, dataset: Any, layer: int, heads: Sequence[int]
         spread.append(row)
     profile = pd.concat(prof, ignore_index=True)
     if feats is not None:
-        from svtools.features import code_mass_table
-
         masses = code_mass_table(feats, qk, heads).pivot_table(index=["head", "k"], columns="pair", values="mass")
         profile = profile.merge(masses.reset_index(), on=["head", "k"])
     return {"profile": profile, "spread": pd.DataFrame(spread)}
@@ -249,11 +240,6 @@ def known_feature_summary(model: Any, dataset: Any, heads: Sequence[Any], *, k: 
     Returns ``(summary, profile)`` with ``profile`` the per-direction frame of
     :func:`direction_profile` (``layer`` added).
     """
-    from svtools.decomposition import layer_qk
-    from svtools.features import CODE_PAIRS, alignment_table, ioi_features
-    from svtools.ov import copying_mass, ov_svd
-    from svtools.sparsity import n_recon, rolls_tovee
-
     heads = _heads(heads)
     behav = ioi_behaviour(model, dataset, heads=heads).groupby(["layer", "head"])[["end_io", "selectivity"]].mean()
     io_pair, s_pair = list(CODE_PAIRS)[1], list(CODE_PAIRS)[0]

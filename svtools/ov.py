@@ -23,6 +23,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from svtools._checks import SVToolsError, as_int, as_tensor
+from svtools.features import bilinear_mass
 from svtools.qk import QKSVD, qk_svd
 
 __all__ = ["ov_weights", "ov_svd", "ov_token_readout", "copying_mass"]
@@ -103,6 +104,4 @@ def copying_mass(ov: QKSVD, R: Float[Tensor, "d_model c"], W_out: Float[Tensor, 
     attention; the ``k``-th term is ``sigma_k u_k^T R C W_out^T v_k``. Positive: the head copies.
     Same computation as :func:`svtools.features.bilinear_mass` (the OV matrix in place of Omega).
     """
-    from svtools.features import bilinear_mass
-
     return bilinear_mass(ov, R, W_out, C=C)

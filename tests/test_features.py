@@ -201,7 +201,7 @@ def test_role_terms_sum_to_relative_scores_and_sets(tiny):
     run, model = tiny
     ds = run.prompts(16, seed=4, split="train")
     t = ic.role_terms(model, ds, 1, [0, 1])
-    ids, am, pos = svtools.sad.ioi_tokens(model, ds)
+    ids, am, pos = svtools.ioi.ioi_tokens(model, ds)
     dec = svtools.decompose(model, ids, 1, attention_mask=am, dtype=torch.float64)
     rel = svtools.relative_terms(dec.terms, dec.mask).sum(-1)  # (b, head, q, k)
     r = torch.arange(len(ds))
@@ -225,7 +225,7 @@ def test_intervention_effects_and_summary(tiny):
     assert sorted(eff[eff.intervention == "top null"]["draw"].unique()) == [0, 1, 2]
     # zeroing Omega: uniform attention from END over the END + 1 keys it sees
     zo = eff[eff.intervention == "zero omega"].sort_values("prompt")
-    ids, am, pos = svtools.sad.ioi_tokens(model, ds)
+    ids, am, pos = svtools.ioi.ioi_tokens(model, ds)
     assert np.allclose(zo["end_io"], 1.0 / (pos.end.numpy() + 1), atol=1e-6)
     assert eff[eff.intervention == "zero pattern"]["end_io"].isna().all()
     summ = ic.effect_summary(eff)

@@ -17,7 +17,7 @@ import torch
 import svtools
 from svtools import intervene as iv
 from svtools.decomposition import attention_scale, layer_qk
-from svtools.models import UnsupportedModelError
+from svtools._checks import UnsupportedModelError
 
 FAMILIES = ["gpt2", "neox", "llama", "bert"]
 #: tolerance relative to the largest |score| of the head (float32: measured 2-4e-7)
