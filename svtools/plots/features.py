@@ -12,6 +12,7 @@ from typing import Optional, Sequence
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from svtools._checks import SVToolsError
 from svtools.plots import book_figure, subplots
@@ -146,6 +147,7 @@ def plot_features_over_training(frame: pd.DataFrame, *, title: Optional[str] = N
     axes[1].set_ylabel("max_k |cos(name, v_k)|")
     axes[1].set_ylim(0, 1.05)
     axes[2].set_ylabel("directions used (N_recon)")
+    axes[2].yaxis.set_major_locator(MaxNLocator(integer=True))
     for ax, loc in zip(axes, ("upper left", "lower right", "upper left")):
         ax.legend(loc=loc, fontsize=8, ncol=2, frameon=True)
     axes[2].set_xscale("symlog", linthresh=10)
