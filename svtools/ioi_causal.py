@@ -403,6 +403,8 @@ def effect_table(summary: pd.DataFrame, *, by: Sequence[str] = ("seed",),
     Cells read ``mean [lo, hi]`` (t interval over prompts; for a null, the 2.5-97.5% range of
     its draws' means, then ``p=`` its ``p_null``: the share of matched random sets that lower the
     measure at least as much as the chosen set), and a ``draws`` column counts a null's sets.
+    Also takes frames without ``p_null``/``draws`` (e.g. :func:`svtools.ioi_lm.over_seeds` of the
+    summaries: then the cells are the mean over seeds and its interval over seeds).
     """
     order = ["none", "sad", "sad null", "decision", "decision null", "zero omega", "zero pattern"]
     f = f"{{:.{digits}f}}"
@@ -410,7 +412,7 @@ def effect_table(summary: pd.DataFrame, *, by: Sequence[str] = ("seed",),
     for key, g in summary.groupby([*by, "intervention"], sort=False):
         key = key if isinstance(key, tuple) else (key,)
         row = dict(zip([*by, "intervention"], key))
-        null = str(key[-1]).endswith(" null")
+        null = str(key[-1]).endswith(" null") and "p_null" in g
         for c in columns:
             m = g[g["column"] == c]
             if m.empty or not np.isfinite(m["mean"].iloc[0]):
@@ -419,7 +421,8 @@ def effect_table(summary: pd.DataFrame, *, by: Sequence[str] = ("seed",),
             m = m.iloc[0]
             cell = f"{f.format(m['mean'])} [{f.format(m['lo'])}, {f.format(m['hi'])}]"
             row[EFFECT_COLUMNS.get(c, c)] = cell + (f" p={f.format(m['p_null'])}" if null else "")
-        row["draws"] = int(g["draws"].iloc[0]) if null else ""
+        if "draws" in g:
+            row["draws"] = int(g["draws"].iloc[0]) if null else ""
         rows.append(row)
     out = pd.DataFrame(rows)
     out["_o"] = out["intervention"].map({n: i for i, n in enumerate(order)}).fillna(len(order))
