@@ -70,9 +70,6 @@ from svtools.terms import sad_terms
 __all__ = ["HeadEdit", "intervene", "intervention_hooks", "edit_plan", "detached_copy", "sigma_matched_sets",
            "rank_bands"]
 
-_KINDS = ("remove", "keep", "zero_omega", "zero_pattern")
-
-
 @dataclass(frozen=True)
 class HeadEdit:
     """One head's intervention: ``kind`` is ``"remove"``, ``"keep"``, ``"zero_omega"`` or
@@ -126,8 +123,10 @@ def edit_plan(model: Any, *, remove: Optional[Mapping[Any, Iterable[int]]] = Non
             raise SVToolsError(f"{kind}= maps (layer, head) to singular indices, e.g. {{(1, 2): [0, 3]}}; "
                                f"got {type(arg).__name__}")
         for key, dirs in arg.items():
-            d = as_indices(list(dirs) if not isinstance(dirs, (Tensor, np.ndarray)) else dirs,
-                           f"{kind}[{key!r}]", n=r, allow_empty=True)
+            if isinstance(dirs, (set, frozenset)) or (isinstance(dirs, Iterable) and not isinstance(
+                    dirs, (Tensor, np.ndarray, list, tuple, range, str))):
+                dirs = sorted(dirs)  # a set, dict keys, a generator
+            d = as_indices(dirs, f"{kind}[{key!r}]", n=r, allow_empty=True)
             if len(set(d)) != len(d):
                 raise SVToolsError(f"{kind}[{key!r}] names a direction twice: {d}")
             add(key, kind, tuple(sorted(d)))

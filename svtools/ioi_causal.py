@@ -12,7 +12,13 @@ measuring, never by reading attention alone:
   t_k(END, S1)``, whose sum over ``k`` is the score difference behind the selectivity).
 * :func:`intervention_effects`: the behaviour after removing such sets
   (:func:`svtools.intervene.intervene`), beside the same for singular-value-matched random sets
-  (:func:`svtools.intervene.sigma_matched_sets`) and for zeroing the head.
+  (:func:`svtools.intervene.sigma_matched_sets`) and for zeroing the head;
+  :func:`effect_summary` and :func:`effect_table` summarise it with intervals.
+
+:func:`known_feature_summary` gathers, per head, what the known features of
+:mod:`svtools.features` say (alignment with their null, the decision's profile and how much of
+it the name codes explain, the OV copying), and :func:`over_training` does it over an IOI-LM
+run's checkpoints.
 
 Works on any model :func:`svtools.load_model` gives with a tokenizer whose IOI names are single
 tokens (the IOI language model of :mod:`svtools.ioi_lm`, GPT-2, Pythia).

@@ -216,6 +216,11 @@ def test_bad_arguments(random_models):
         iv.intervene(model, zero_omega=[0])
     with pytest.raises(svtools.SVToolsError):
         iv.intervene(model.original_model, zero_omega=[(0, 0)])
+    with pytest.raises(svtools.SVToolsError, match="integer"):
+        iv.intervene(model, remove={(0, 0): ["a"]})
+    # a single direction, a set or a generator of directions are the same plan as a list
+    plans = [iv.edit_plan(model, remove={(0, 0): d}) for d in (3, {3}, (k for k in [3]), [3], torch.tensor([3]))]
+    assert all(p == plans[0] for p in plans) and plans[0][0].directions == (3,)
 
 
 def test_sigma_matched_sets():
