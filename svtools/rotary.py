@@ -1,4 +1,4 @@
-"""Rotary heads offset by offset: fast per-offset decompositions, kept across calls.
+"""Rotary heads offset by offset: each (head, offset) decomposition, fast, from a shared factorisation.
 
 With rotary position embeddings a head has one bilinear form per offset ``delta = i - j``,
 ``Omega~_delta = A M_delta B^T`` (``A = [W_Q; b_Q^T]``, ``B = [W_K; b_K^T]``, ``d_in x d_head``;
@@ -34,23 +34,17 @@ Sign convention (that of :func:`svtools.qk.qk_svd`): each ``u_k`` has a non-nega
 i.e. ``1^T A M_delta R_B^T v_k >= 0`` (``v_k`` flipped otherwise); ties of singular values are
 resolved as LAPACK's ``eigh`` resolves them (deterministic).
 
-The rotated control of :func:`svtools.sad.head_sparsity` rotates the basis by a Haar rotation per
-``(seed, layer, head, offset)``: :func:`offset_rotations` draws them (the same numbers as
-:func:`svtools.qk.random_rotation` with :func:`rotation_seed`), in blocks over threads.
-
-:class:`FactorCache` keeps ``V, S`` and the rotations across calls, bounded by
-:data:`CACHE_BYTES` (by default an eighth of the machine's memory), least recently used first out.
-Factor entries are keyed by a digest of everything they are computed from (``R_A, R_B``, the
-sign vector, the rotary frequencies, the dtype): a changed model can never hit a stale entry, and
-identical heads share entries. Rotations are keyed by ``(seed, layer, head, offset)``.
+The rotated control of :func:`svtools.sad.head_sparsity` turns each (head, offset) basis by its
+own Haar rotation, drawn by :func:`offset_rotations` from ``(seed, layer, head, offset)`` alone.
+:class:`RotaryFactors` / :func:`qk_svd_factored` give the same decompositions as
+:func:`svtools.qk.qk_svd` in factored form (``U = A XA``, ``V = B XB`` per offset).
+:mod:`svtools.factor_cache` keeps ``V, S`` and the rotations across calls.
 """
 
 from __future__ import annotations
 
 import functools
 import hashlib
-import math
-import os
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -60,50 +54,17 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from svtools._checks import SVToolsError
-from svtools.qk import RotarySpec
-from svtools.qk import _homogeneous as homogeneous_weights  # renamed by the restructure
+from svtools._checks import SVToolsError, as_dtype, as_tensor, check_last_dims
+from svtools.qk import QKSVD, RotarySpec, homogeneous_weights, qk_svd
 
-__all__ = ["RotaryHeads", "offset_eigh", "offset_rotations", "rotation_seed", "FactorCache", "FACTOR_CACHE",
-           "CACHE_BYTES", "EIGH_MAX_CONDITION", "machine_memory", "one_thread", "rotate_right"]
+__all__ = ["RotaryHeads", "offset_eigh", "offset_rotations", "rotation_seed", "EIGH_MAX_CONDITION", "one_thread",
+           "cos_sin", "rotate_right", "RotaryFactors", "qk_svd_factored"]
 
 #: Cores with ``sigma_max / sigma_min`` above this are decomposed by the SVD of ``C`` rather than
 #: the eigendecomposition of ``C^T C`` (whose error in ``v_k`` grows with the condition number:
 #: below it the two agree to ~1e-12, far under float32 rounding).
 EIGH_MAX_CONDITION = 1e3
 _BLOCK = 32  # items per decomposed block (64 x 64 float64 cores: ~1 MB of work arrays per block)
-
-
-def machine_memory() -> int:
-    """Bytes of memory this process may use: physical memory, or the cgroup limit when lower."""
-    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
-        try:
-            with open(path) as f:
-                text = f.read().strip()
-        except OSError:
-            continue
-        if text.isdigit():
-            total = min(total, int(text))
-    return int(total)
-
-
-def _default_cache_bytes() -> int:
-    env = os.environ.get("SVTOOLS_FACTOR_CACHE_GB")
-    if env:
-        try:
-            gb = float(env)
-        except ValueError:
-            raise SVToolsError(f"SVTOOLS_FACTOR_CACHE_GB must be a number of GB, got {env!r}") from None
-        if not (gb >= 0.0 and math.isfinite(gb)):
-            raise SVToolsError(f"SVTOOLS_FACTOR_CACHE_GB must be >= 0, got {env!r}")
-        return int(gb * 2**30)
-    return max(2**28, machine_memory() // 8)
-
-
-#: Bytes the shared :data:`FACTOR_CACHE` may hold: ``SVTOOLS_FACTOR_CACHE_GB`` when set, else an
-#: eighth of the machine's memory (at least 256 MB). Read at every request: set it to 0 to keep nothing.
-CACHE_BYTES = _default_cache_bytes()
 
 
 @contextmanager
@@ -123,17 +84,17 @@ def one_thread():
         torch.set_num_threads(n)
 
 
-def _in_blocks(fn: Callable[[slice], tuple], n: int, block: int, device: torch.device) -> list[tuple]:
-    """``fn`` on consecutive slices of ``range(n)``, over ``torch.get_num_threads()`` threads on CPU."""
+def _in_blocks(fn: Callable[[slice], None], n: int, block: int) -> None:
+    """``fn`` on consecutive slices of ``range(n)``, over ``torch.get_num_threads()`` CPU threads."""
     slices = [slice(s, min(n, s + block)) for s in range(0, n, block)]
-    if device.type != "cpu":
-        return [fn(sl) for sl in slices]
     workers = min(torch.get_num_threads(), len(slices))
     with one_thread():
         if workers <= 1:
-            return [fn(sl) for sl in slices]
+            for sl in slices:
+                fn(sl)
+            return
         with ThreadPoolExecutor(workers) as pool:
-            return list(pool.map(fn, slices))
+            list(pool.map(fn, slices))
 
 
 # ----------------------------------------------------------------------------- rotary algebra
@@ -206,11 +167,18 @@ class RotaryHeads:
     def from_weights(cls, W_Q: Tensor, W_K: Tensor, b_Q: Optional[Tensor], b_K: Optional[Tensor],
                      spec: RotarySpec, dtype: torch.dtype) -> "RotaryHeads":
         """From per-head weights ``W (H, d_model, d_head)``, biases ``(H, d_head)`` or None."""
-        if spec.rotary_dim > W_Q.shape[-1]:
-            raise SVToolsError(f"rotary_dim {spec.rotary_dim} exceeds d_head {W_Q.shape[-1]}")
         bias = b_Q is not None or b_K is not None
         A = homogeneous_weights(W_Q.to(dtype), None if b_Q is None else b_Q.to(dtype), bias)
         B = homogeneous_weights(W_K.to(dtype), None if b_K is None else b_K.to(dtype), bias)
+        return cls.from_sides(A, B, spec, bias)
+
+    @classmethod
+    def from_sides(cls, A: Float[Tensor, "head d_in d_head"], B: Float[Tensor, "head d_in d_head"],
+                   spec: RotarySpec, has_bias: bool) -> "RotaryHeads":
+        """From the homogeneous sides ``A = [W_Q; b_Q^T]``, ``B = [W_K; b_K^T]`` (their dtype is kept)."""
+        if spec.rotary_dim > A.shape[-1]:
+            raise SVToolsError(f"rotary_dim {spec.rotary_dim} exceeds d_head {A.shape[-1]}")
+        dtype, bias = A.dtype, has_bias
         A64, B64 = A.to("cpu", torch.float64), B.to("cpu", torch.float64)  # factors: on the CPU, any device
         d_in, d = A.shape[-2:]
         LA, infoA = torch.linalg.cholesky_ex(A64.mT @ A64)
@@ -293,23 +261,31 @@ def _eigh_block(heads: RotaryHeads, h: Tensor, o: Tensor) -> tuple[Tensor, Tenso
     return V * torch.where(sign == 0, torch.ones_like(sign), sign), S
 
 
-def offset_eigh(heads: RotaryHeads, head: Tensor, offsets: Tensor) -> tuple[Float[Tensor, "n r r"], Float[Tensor, "n r"]]:
-    """``V, S`` (float64) of items ``(head[n], offsets[n])``: ``Gamma = V diag(S^2) V^T``, S descending.
+def offset_eigh(heads: RotaryHeads, head: Tensor, offsets: Tensor, *,
+                sink: Optional[Callable[[Tensor, tuple[Tensor, Tensor]], None]] = None
+                ) -> Optional[tuple[Float[Tensor, "n r r"], Float[Tensor, "n r"]]]:
+    """``V, S`` (float64, CPU) of items ``(head[n], offsets[n])``: ``Gamma = V diag(S^2) V^T``, S descending.
 
     ``V``'s columns are the right singular vectors of the core ``C_delta`` (in ``Q_B``
     coordinates), signed by the convention of the module doc. Identity (the engine checks it on
-    a random vector): ``R_B M^T A^T A M R_B^T V = V diag(S^2)``.
+    a random vector): ``R_B M^T A^T A M R_B^T V = V diag(S^2)``. With ``sink``, each block of
+    items is handed to ``sink(positions, (V, S))`` as it is done (from worker threads; blocks are
+    disjoint) and nothing is returned.
     """
     head, offsets = torch.as_tensor(head).long().cpu(), torch.as_tensor(offsets).long().cpu()
-    r = heads.r
-    V = torch.empty(len(head), r, r, dtype=torch.float64)
-    S = torch.empty(len(head), r, dtype=torch.float64)
+    if sink is None:
+        r = heads.r
+        V = torch.empty(len(head), r, r, dtype=torch.float64)
+        S = torch.empty(len(head), r, dtype=torch.float64)
 
-    def block(sl: slice) -> None:
-        V[sl], S[sl] = _eigh_block(heads, head[sl], offsets[sl])
+        def store(pos: Tensor, vs: tuple[Tensor, Tensor]) -> None:
+            V[pos], S[pos] = vs
 
-    _in_blocks(block, len(head), _BLOCK, torch.device("cpu"))
-    return V, S
+        offset_eigh(heads, head, offsets, sink=store)
+        return V, S
+    pos = torch.arange(len(head))
+    _in_blocks(lambda sl: sink(pos[sl], _eigh_block(heads, head[sl], offsets[sl])), len(head), _BLOCK)
+    return None
 
 
 def rotation_seed(seed: int, layer: int, head: int, offset: Optional[int] = None) -> int:
@@ -356,209 +332,123 @@ def _haar_layout(r: int) -> Tensor:
 
 
 def offset_rotations(seed: int, layer: int, heads: Sequence[int], offsets: Sequence[int], r: int, *,
-                     dtype: torch.dtype = torch.float32, device=None) -> Float[Tensor, "n r r"]:
+                     dtype: torch.dtype = torch.float32, device=None,
+                     sink: Optional[Callable[[Tensor, tuple[Tensor]], None]] = None) -> Optional[Float[Tensor, "n r r"]]:
     """The control's Haar rotation of each item ``(heads[n], offsets[n])`` of ``(seed, layer)``.
 
     Item ``n`` depends only on ``rotation_seed(seed, layer, heads[n], offsets[n])`` and ``r``
-    (drawn by :func:`_haar_block`: the same numbers on every device and whichever items are drawn
-    together), computed in float64, then cast.
+    (drawn by :func:`_haar_block` in float64 on the CPU: the same numbers on every device and
+    whichever items are drawn together), then cast and moved. With ``sink``: blocks go to
+    ``sink(positions, (Q,))`` in float64 as in :func:`offset_eigh`, and nothing is returned.
     """
     seeds = [rotation_seed(seed, layer, h, o) for h, o in zip(heads, offsets)]
-    out = torch.empty(len(seeds), r, r, dtype=torch.float64)
+    if sink is None:
+        out = torch.empty(len(seeds), r, r, dtype=torch.float64)
 
-    def block(sl: slice) -> None:
-        out[sl] = _haar_block(seeds[sl], r)
+        def store(pos: Tensor, q: tuple[Tensor]) -> None:
+            out[pos] = q[0]
 
-    _in_blocks(block, len(seeds), _BLOCK, torch.device("cpu"))
-    return out.to(dtype=dtype, device=device)
-
-
-# ----------------------------------------------------------------------------- the cache
-
-class Entries:
-    """Values of a request's items (:meth:`FactorCache.factors`): rows in the cache's pages, or in
-    an overflow tensor for items the cache had no room to keep. ``gather(i, idx)`` copies value
-    ``i`` of items ``idx``; ``full(i)`` of all items."""
-
-    def __init__(self, pool: "_Pool", slots: Tensor, over: Tensor, overflow: list[Tensor]) -> None:
-        self.pool, self.slots, self.over, self.overflow = pool, slots, over, overflow
-
-    def __len__(self) -> int:
-        return len(self.slots)
-
-    def gather(self, i: int, idx: Tensor) -> Tensor:
-        idx = idx.cpu()
-        pool = self.pool
-        s = self.slots[idx]
-        inside = s >= 0
-        pg = torch.where(inside, s // pool.page_items, -1)
-        pages = torch.unique(pg).tolist()
-        if len(pages) == 1 and pages[0] >= 0:  # all in one page: one copy
-            return pool.pages[pages[0]][i].index_select(0, (s % pool.page_items).to(pool.device))
-        out = torch.empty((len(idx),) + pool.shapes[i], dtype=pool.dtype, device=pool.device)
-        for p in pages:
-            m = (pg == p).nonzero()[:, 0]
-            src = pool.pages[p][i].index_select(0, (s[m] % pool.page_items).to(pool.device)) if p >= 0 else \
-                self.overflow[i].index_select(0, self.over[idx[m]].to(pool.device))
-            out.index_copy_(0, m.to(pool.device), src)
-        return out
-
-    def full(self, i: int) -> Tensor:
-        return self.gather(i, torch.arange(len(self.slots)))
+        offset_rotations(seed, layer, heads, offsets, r, sink=store)
+        return out.to(dtype=dtype, device=device)
+    pos = torch.arange(len(seeds))
+    _in_blocks(lambda sl: sink(pos[sl], (_haar_block(seeds[sl], r),)), len(seeds), _BLOCK)
+    return None
 
 
-class _Pool:
-    """Fixed-shape entries of one kind in pages of ``page_items`` slots; least recently used out."""
+# ----------------------------------------------------------------------------- factored form of qk_svd
 
-    def __init__(self, shapes: tuple[tuple[int, ...], ...], dtype: torch.dtype, device: torch.device) -> None:
-        self.shapes, self.dtype, self.device = shapes, dtype, device
-        self.item_bytes = sum(math.prod(sh) for sh in shapes) * torch.empty((), dtype=dtype).element_size()
-        self.page_items = max(1, 2**26 // self.item_bytes)
-        self.pages: list[list[Tensor]] = []
-        self.slot: dict = {}  # key -> slot
-        self.owner: list = []  # slot -> key (None: free)
-        self.free: list[int] = []
-        self.stamp = torch.zeros(0, dtype=torch.long)
-        self.tick = 0
+@dataclass(frozen=True)
+class RotaryFactors:
+    """Rotary heads' per-offset SVDs in factored form, sharing the offset-independent side.
 
-    @property
-    def nbytes(self) -> int:
-        return len(self.pages) * self.page_items * self.item_bytes
+    For offset ``delta = offsets[o]``: ``U[..., o] = A @ XA[..., o]``, ``V[..., o] = B @ XB[..., o]``
+    and ``Omega~_delta = A M_delta B^T = U[..., o] diag(S[..., o]) V[..., o]^T`` (the same
+    decomposition :func:`svtools.qk.qk_svd` returns, signs included, without the ``d_in x r`` matrices per
+    offset). A score's terms are then ``((x~ A) XA_o S_o)_k ((y~ B) XB_o)_k``: the projections
+    ``x~ A``, ``y~ B`` (the pre-rotary query and key) are shared by every offset.
 
-    def drop(self, keys: list) -> None:
-        for k in keys:
-            s = self.slot.pop(k, None)
-            if s is not None:
-                self.owner[s] = None
-                self.free.append(s)
-
-    def reserve(self, keys: list, room: int) -> tuple[list[int], list[int]]:
-        """Slots of ``keys`` (cached, newly assigned, or -1: no room) and the positions to compute."""
-        self.tick += 1
-        slots = [self.slot.get(k, -1) for k in keys]
-        hit = [s for s in slots if s >= 0]
-        if hit:
-            self.stamp[torch.tensor(hit)] = self.tick
-        miss = [i for i, s in enumerate(slots) if s < 0]
-        while len(self.free) < len(miss) and room >= self.page_items * self.item_bytes:
-            base = len(self.owner)
-            self.pages.append([torch.empty((self.page_items,) + sh, dtype=self.dtype, device=self.device)
-                               for sh in self.shapes])
-            self.owner += [None] * self.page_items
-            self.stamp = torch.cat([self.stamp, torch.zeros(self.page_items, dtype=torch.long)])
-            self.free += range(base + self.page_items - 1, base - 1, -1)
-            room -= self.page_items * self.item_bytes
-        if len(self.free) < len(miss):  # evict the least recently used entries this request does not use
-            old = (self.stamp < self.tick).nonzero()[:, 0]
-            old = old[torch.argsort(self.stamp[old], stable=True)]
-            self.drop([self.owner[s] for s in old[:len(miss) - len(self.free)].tolist() if self.owner[s] is not None])
-        for i in miss:
-            if not self.free:
-                break
-            s = self.free.pop()
-            slots[i], self.owner[s], self.slot[keys[i]] = s, keys[i], s
-            self.stamp[s] = self.tick
-        return slots, miss
-
-    def write(self, slots: Tensor, values: Sequence[Tensor]) -> None:
-        pg = slots // self.page_items
-        for p in torch.unique(pg).tolist():
-            m = (pg == p).nonzero()[:, 0]
-            dst = (slots[m] % self.page_items).to(self.device)
-            for page, v in zip(self.pages[p], values):
-                page[dst] = v[m.to(v.device)].to(device=self.device, dtype=self.dtype)
-
-
-class FactorCache:
-    """Per-(head, offset) factors ``V, S`` and control rotations, kept across calls (LRU, bounded).
-
-    At most ``max_bytes`` (default: :data:`CACHE_BYTES`, read at each request) in all, in pages
-    of 64 MB; a request larger than that is served in full and only what fits is kept.
-    ``hits`` and ``misses`` count items served from the cache and computed.
+    Shapes: ``A, B (..., d_in, d_head)`` (homogeneous ``[W; b^T]`` when ``has_bias``),
+    ``XA, XB (..., offset, d_head, r)``, ``S (..., offset, r)``; ``rotary.offsets`` lists the
+    offsets decomposed. Rank-deficient sides cannot be written this way; then ``A, B`` are the
+    identity (``d_in x d_in``) and ``XA, XB`` the full ``U, V``.
     """
 
-    def __init__(self, max_bytes: Optional[int] = None) -> None:
-        self._max = max_bytes
-        self.pools: dict = {}
-        self.hits = self.misses = 0
+    A: Float[Tensor, "... d_in d_head"]
+    B: Float[Tensor, "... d_in d_head"]
+    XA: Float[Tensor, "... offset d_head r"]
+    S: Float[Tensor, "... offset r"]
+    XB: Float[Tensor, "... offset d_head r"]
+    has_bias: bool
+    rotary: RotarySpec
 
     @property
-    def max_bytes(self) -> int:
-        return CACHE_BYTES if self._max is None else self._max
+    def r(self) -> int:
+        return self.S.shape[-1]
 
-    @property
-    def nbytes(self) -> int:
-        return sum(p.nbytes for p in self.pools.values())
-
-    def clear(self) -> None:
-        self.pools.clear()
-        self.hits = self.misses = 0
-
-    def _request(self, kind: str, shapes: tuple, dtype: torch.dtype, device: torch.device, keys: list,
-                 compute: Callable[[Tensor, Callable[[Tensor, Sequence[Tensor]], None]], None]) -> Entries:
-        """Entries of ``keys``; ``compute(positions, sink)`` computes the missing ones and hands
-        each block to ``sink(block_positions, values)`` (thread-safe: blocks write disjoint rows)."""
-        if self.nbytes > self.max_bytes:  # the limit was lowered: start afresh
-            self.pools.clear()
-        pk = (kind, shapes, dtype, str(device))
-        pool = self.pools.setdefault(pk, _Pool(shapes, dtype, device))
-        slots, miss = pool.reserve(keys, max(0, self.max_bytes - self.nbytes))
-        self.hits += len(keys) - len(miss)
-        self.misses += len(miss)
-        slots_t = torch.tensor(slots, dtype=torch.long)
-        miss_t = torch.tensor(miss, dtype=torch.long)
-        n_over = sum(1 for i in miss if slots[i] < 0)
-        over = torch.full((len(keys),), -1, dtype=torch.long)
-        over[[i for i in miss if slots[i] < 0]] = torch.arange(n_over)
-        overflow = [torch.empty((n_over,) + sh, dtype=dtype, device=device) for sh in shapes]
-
-        def sink(pos: Tensor, values: Sequence[Tensor]) -> None:
-            s = slots_t[pos]
-            inside = s >= 0
-            if bool(inside.all()):
-                pool.write(s, values)
-                return
-            m = inside.nonzero()[:, 0]
-            pool.write(s[m], [v[m.to(v.device)] for v in values])
-            m = (~inside).nonzero()[:, 0]
-            for o, v in zip(overflow, values):
-                o[over[pos[m]].to(o.device)] = v[m.to(v.device)].to(device=o.device, dtype=o.dtype)
-
-        if miss:
-            try:
-                compute(miss_t, sink)
-            except BaseException:
-                pool.drop([keys[i] for i in miss])  # never keep slots whose values were not written
-                raise
-        return Entries(pool, slots_t, over, overflow)
-
-    def factors(self, heads: RotaryHeads, head: Tensor, offsets: Tensor) -> Entries:
-        """Entries ``(V (r, r), S (r,))`` (:func:`offset_eigh`, in ``heads.dtype``) of items
-        ``(head[n], offsets[n])``."""
-        head, offsets = head.long().cpu(), offsets.long().cpu()
-        r = heads.r
-        keys = [(heads.keys[h], o) for h, o in zip(head.tolist(), offsets.tolist())]
-
-        def compute(pos: Tensor, sink: Callable) -> None:
-            _in_blocks(lambda sl: sink(pos[sl], _eigh_block(heads, head[pos[sl]], offsets[pos[sl]])),
-                       len(pos), _BLOCK, torch.device("cpu"))
-
-        return self._request("factors", ((r, r), (r,)), heads.dtype, heads.A.device, keys, compute)
-
-    def rotations(self, seed: int, layer: int, heads: Sequence[int], offsets: Sequence[int], r: int,
-                  dtype: torch.dtype, device) -> Entries:
-        """Entries ``(Q (r, r),)`` (:func:`offset_rotations`) of items ``(heads[n], offsets[n])``."""
-        device = torch.device(device) if device is not None else torch.device("cpu")
-        seeds = [rotation_seed(seed, layer, h, o) for h, o in zip(heads, offsets)]
-        keys = [(s, r) for s in seeds]
-
-        def compute(pos: Tensor, sink: Callable) -> None:
-            pl = pos.tolist()
-            _in_blocks(lambda sl: sink(pos[sl], (_haar_block([seeds[i] for i in pl[sl]], r),)),
-                       len(pl), _BLOCK, torch.device("cpu"))
-
-        return self._request("rotations", ((r, r),), dtype, device, keys, compute)
+    def qksvd(self) -> QKSVD:
+        """The dense :class:`QKSVD` (``U = A XA`` for every offset; memory ``offset * d_in * r``)."""
+        return QKSVD(U=self.A[..., None, :, :] @ self.XA, S=self.S, V=self.B[..., None, :, :] @ self.XB,
+                     has_bias=self.has_bias, rotary=self.rotary)
 
 
-#: The cache :func:`svtools.sad.head_sparsity` uses, shared by every call in this process.
-FACTOR_CACHE = FactorCache()
+def qk_svd_factored(
+    W_Q: Float[Tensor, "... d_model d_head"],
+    W_K: Float[Tensor, "... d_model d_head"],
+    b_Q: Optional[Float[Tensor, "... d_head"]] = None,
+    b_K: Optional[Float[Tensor, "... d_head"]] = None,
+    *,
+    rotary: RotarySpec,
+    dtype: Optional[torch.dtype] = None,
+) -> RotaryFactors:
+    """:func:`svtools.qk.qk_svd` of rotary heads at ``rotary.offsets``, kept in factored form.
+
+    Identity: ``qk_svd_factored(...).qksvd()`` equals ``qk_svd(..., rotary=rotary)`` (same
+    singular values and vectors, same sign convention, float rounding aside), but only the
+    ``d_head x d_head`` factors ``XA, XB`` are stored per offset: ``d_in / d_head`` times less
+    memory, and no ``d_in x d_head x r`` products per offset. Computed by :func:`offset_eigh`:
+    ``XB = R_B^-1 V`` and ``XA = M_delta R_B^T V / S`` (for cores past
+    :data:`EIGH_MAX_CONDITION`, ``XA = R_A^-1 U`` from the SVD of the core, signs matched).
+    Rank-deficient sides take :func:`svtools.qk.qk_svd` (then ``A, B`` are identities and
+    ``XA, XB`` the full ``U, V``).
+    """
+    if not isinstance(rotary, RotarySpec):
+        raise SVToolsError("qk_svd_factored needs rotary=RotarySpec(...)")
+    W_Q = as_tensor(W_Q, "W_Q")
+    W_K = as_tensor(W_K, "W_K")
+    requested = as_dtype(dtype)  # the dtype rule of qk_svd: half-precision weights give float32
+    dtype = requested or torch.promote_types(W_Q.dtype, W_K.dtype)
+    if requested is None and dtype in (torch.float16, torch.bfloat16):
+        dtype = torch.float32
+    check_last_dims(W_Q, (None, None), "W_Q", "(..., d_model, d_head)")
+    d_model, d_head = W_Q.shape[-2:]
+    check_last_dims(W_K, (d_model, d_head), "W_K", f"(..., {d_model}, {d_head}) to match W_Q")
+    if rotary.rotary_dim > d_head:
+        raise SVToolsError(f"rotary_dim {rotary.rotary_dim} exceeds d_head {d_head}")
+    bias = b_Q is not None or b_K is not None
+    A = homogeneous_weights(W_Q.to(dtype), None if b_Q is None else as_tensor(b_Q, "b_Q").to(dtype), bias)
+    B = homogeneous_weights(W_K.to(dtype), None if b_K is None else as_tensor(b_K, "b_K").to(dtype), bias)
+    lead = torch.broadcast_shapes(A.shape[:-2], B.shape[:-2])
+    A, B = A.expand(lead + A.shape[-2:]), B.expand(lead + B.shape[-2:])
+    d_in = A.shape[-2]
+    heads = RotaryHeads.from_sides(A.reshape((-1,) + A.shape[-2:]), B.reshape((-1,) + B.shape[-2:]), rotary, bias)
+    if not bool(heads.full_rank.all()):
+        qk = qk_svd(W_Q, W_K, b_Q, b_K, rotary=rotary, dtype=dtype)
+        eye = torch.eye(d_in, dtype=dtype, device=A.device).expand(lead + (d_in, d_in))
+        return RotaryFactors(A=eye, B=eye, XA=qk.U, S=qk.S, XB=qk.V, has_bias=bias, rotary=rotary)
+    n_off = len(rotary.offsets)
+    head = torch.arange(len(heads.RA)).repeat_interleave(n_off)
+    off = rotary.offsets.repeat(len(heads.RA))
+    V, S = offset_eigh(heads, head, off)
+    RA, RB = heads.RA[head], heads.RB[head]
+    c, s = cos_sin(rotary, off)
+    XB = torch.linalg.solve_triangular(RB, V, upper=True)  # R_B^-1 V
+    XA = rotate_right((RB.mT @ V).mT, c[:, None, :], -s[:, None, :], rotary).mT / S[:, None, :]  # M R_B^T V / S
+    bad = ~(S[:, -1] * EIGH_MAX_CONDITION >= S[:, 0])
+    if bool(bad.any()):  # ill-conditioned cores: U from the SVD of C, signed as V
+        C = rotate_right(RA[bad], c[bad][:, None, :], s[bad][:, None, :], rotary) @ RB[bad].mT
+        U, _, Vh = torch.linalg.svd(C)
+        sign = torch.sign((Vh.mT * V[bad]).sum(-2, keepdim=True))
+        XA[bad] = torch.linalg.solve_triangular(RA[bad], U, upper=True) * torch.where(sign == 0, 1.0, sign)
+    shape = lead + (n_off, d_head, XA.shape[-1])
+    return RotaryFactors(A=A, B=B, XA=XA.to(dtype).reshape(shape), S=S.to(dtype).reshape(lead + (n_off, -1)),
+                         XB=XB.to(dtype).reshape(shape), has_bias=bias, rotary=rotary)

@@ -10,10 +10,14 @@ import pytest
 import torch
 
 import svtools
-from svtools.decomposition import decompose_layers, stream_attention, _run_once
+from svtools.decomposition import cache_attention_inputs as _run_once
+from svtools.decomposition import decompose_layers, stream_attention
 from svtools.models import UnsupportedModelError
-from svtools.qk import RotarySpec, qk_svd, qk_svd_factored
-from svtools.sad import (COLUMNS, _PairEngine, _heads_by_layer, head_sparsity, pair_measures, select_pairs)
+from svtools.qk import RotarySpec, qk_svd
+from svtools.rotary import qk_svd_factored
+from svtools.sad import COLUMNS, head_sparsity, pair_measures, select_pairs
+from svtools.sad.engine import PairEngine as _PairEngine
+from svtools.sad.measure import _heads_by_layer
 from svtools.terms import relative_pair_terms, relative_terms
 
 KEY = ["layer", "head", "prompt", "query", "key"]
@@ -93,9 +97,9 @@ def test_chunk_size_does_not_change_rows(random_models, batch_tokens, monkeypatc
     kw = dict(attention_mask=am, threshold=0.3, progress=False, dtype=torch.float64, attention="relative",
               baseline="non-attended", baseline_fraction=0.3)
     one = head_sparsity(model, ids, batch_size=8, **kw)
-    import svtools.rotary as rotary
-    rotary.FACTOR_CACHE.clear()
-    monkeypatch.setattr(rotary, "CACHE_BYTES", 0)  # nothing cached: every chunk decomposes its offsets
+    import svtools.factor_cache as factor_cache
+    factor_cache.FACTOR_CACHE.clear()
+    monkeypatch.setattr(factor_cache, "CACHE_BYTES", 0)  # nothing cached: every chunk decomposes its items
     pd.testing.assert_frame_equal(one, head_sparsity(model, ids, batch_size=1, **kw), check_exact=False, rtol=1e-9)
 
 
@@ -162,6 +166,7 @@ def test_exactness_checks_fire(random_models, batch_tokens, family, monkeypatch)
         match = "does not reproduce"
     else:  # two singular vectors swapped: still an orthonormal basis, so every pair's terms still sum
         # to its score; the check that each basis diagonalises its offset's Gram matrix must fire
+        import svtools.factor_cache as factor_cache
         import svtools.rotary as rotary
         real = rotary._eigh_block
 
@@ -169,7 +174,7 @@ def test_exactness_checks_fire(random_models, batch_tokens, family, monkeypatch)
             V, S = real(*args)
             return V[..., [1, 0] + list(range(2, V.shape[-1]))], S
 
-        rotary.FACTOR_CACHE.clear()
+        factor_cache.FACTOR_CACHE.clear()
         monkeypatch.setattr(rotary, "_eigh_block", swapped)
         match = "does not diagonalise"
     from svtools.runtime import tqdm

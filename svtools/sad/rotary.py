@@ -2,7 +2,7 @@
 
 For each layer of a chunk the engine hands over the measured pairs ``(batch, head, query, key)``
 and the pre-rotary queries and keys; this module finds the (head, offset) items the pairs use,
-takes their bases ``V, S`` and the control's rotations from :data:`svtools.rotary.FACTOR_CACHE`
+takes their bases ``V, S`` and the control's rotations from :data:`svtools.factor_cache.FACTOR_CACHE`
 (decomposing only the items it lacks) and forms the terms ``t_k = (a^ . v_k)(b^ . v_k)``
 (:mod:`svtools.rotary`) with the pairs grouped by item: one small matrix product per item, each
 ``V`` read once, instead of one gathered ``r x r`` matrix per pair. The rotated control's terms
@@ -25,7 +25,9 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from svtools.rotary import FACTOR_CACHE, Entries, RotaryHeads, cos_sin, rotate_right
+from svtools._checks import UnsupportedModelError
+from svtools.factor_cache import FACTOR_CACHE, Entries
+from svtools.rotary import RotaryHeads, cos_sin, rotate_right
 
 __all__ = ["RotaryLayer", "GroupLayout", "check_items"]
 
@@ -105,8 +107,6 @@ def gram_z(heads: RotaryHeads, h: Tensor, o: Tensor) -> tuple[Tensor, Tensor]:
 def check_items(zV: Tensor, gV: Tensor, S: Tensor, layer: int, tol: float) -> None:
     """Raise unless ``V^T Gamma z == S^2 V^T z`` item by item (rows ``zV = z^T V``, ``gV = (Gamma z)^T V``),
     relative to ``sigma_0^2 |z|``."""
-    from svtools.models import UnsupportedModelError
-
     if not len(zV):
         return
     S = S.to(torch.float64)
