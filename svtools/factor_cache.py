@@ -105,10 +105,11 @@ class Entries:
 class _Pool:
     """Fixed-shape entries of one kind in pages of ``page_items`` slots; least recently used out."""
 
-    def __init__(self, shapes: tuple[tuple[int, ...], ...], dtype: torch.dtype, device: torch.device) -> None:
+    def __init__(self, shapes: tuple[tuple[int, ...], ...], dtype: torch.dtype, device: torch.device,
+                 page_bytes: int) -> None:
         self.shapes, self.dtype, self.device = shapes, dtype, device
         self.item_bytes = sum(math.prod(sh) for sh in shapes) * torch.empty((), dtype=dtype).element_size()
-        self.page_items = max(1, 2**26 // self.item_bytes)
+        self.page_items = max(1, page_bytes // self.item_bytes)
         self.pages: list[list[Tensor]] = []
         self.slot: dict = {}  # key -> slot
         self.owner: list = []  # slot -> key (None: free)
@@ -144,9 +145,10 @@ class _Pool:
             self.free += range(base + self.page_items - 1, base - 1, -1)
             room -= self.page_items * self.item_bytes
         if len(self.free) < len(miss):  # evict the least recently used entries this request does not use
-            old = (self.stamp < self.tick).nonzero()[:, 0]
+            owned = torch.tensor([k is not None for k in self.owner], dtype=torch.bool)
+            old = (owned & (self.stamp < self.tick)).nonzero()[:, 0]
             old = old[torch.argsort(self.stamp[old], stable=True)]
-            self.drop([self.owner[s] for s in old[:len(miss) - len(self.free)].tolist() if self.owner[s] is not None])
+            self.drop([self.owner[s] for s in old[:len(miss) - len(self.free)].tolist()])
         for i in miss:
             if not self.free:
                 break
@@ -168,12 +170,13 @@ class FactorCache:
     """Per-(head, offset) factors ``V, S`` and control rotations, kept across calls (LRU, bounded).
 
     At most ``max_bytes`` (default: :data:`CACHE_BYTES`, read at each request) in all, in pages
-    of 64 MB; a request larger than that is served in full and only what fits is kept.
+    of ``page_bytes`` (64 MB); a request larger than that is served in full and only what fits is
+    kept.
     ``hits`` and ``misses`` count items served from the cache and computed.
     """
 
-    def __init__(self, max_bytes: Optional[int] = None) -> None:
-        self._max = max_bytes
+    def __init__(self, max_bytes: Optional[int] = None, page_bytes: int = 2**26) -> None:
+        self._max, self.page_bytes = max_bytes, page_bytes
         self.pools: dict = {}
         self.hits = self.misses = 0
 
@@ -196,7 +199,9 @@ class FactorCache:
         if self.nbytes > self.max_bytes:  # the limit was lowered: start afresh
             self.pools.clear()
         pk = (kind, shapes, dtype, str(device))
-        pool = self.pools.setdefault(pk, _Pool(shapes, dtype, device))
+        if pk not in self.pools:
+            self.pools[pk] = _Pool(shapes, dtype, device, self.page_bytes)
+        pool = self.pools[pk]
         slots, miss = pool.reserve(keys, max(0, self.max_bytes - self.nbytes))
         self.hits += len(keys) - len(miss)
         self.misses += len(miss)

@@ -81,6 +81,19 @@ def _hom(x: Tensor, has_bias: bool, dtype: torch.dtype) -> Tensor:
     return torch.cat([x, torch.ones_like(x[..., :1])], dim=-1) if has_bias else x
 
 
+def _pair_dot(left: Tensor, right: Tensor) -> Any:
+    """``score_of(b, h, q, k) = (left[b, h, q] * right[b, h, k]).sum(-1)`` for ``(batch, head, pos, r)``
+    tensors, gathering rows of their flat views (one index per row instead of three)."""
+    B, H, n, r = left.shape
+    lf, rf = left.reshape(-1, r), right.reshape(-1, r)
+
+    def score_of(b: Tensor, h: Tensor, q: Tensor, k: Tensor) -> Tensor:
+        row = (b * H + h) * n
+        return (lf.index_select(0, row + q) * rf.index_select(0, row + k)).sum(-1)
+
+    return score_of
+
+
 def _spec_of(model: Any) -> Any:
     return rotary_spec(model, [0])
 
@@ -192,12 +205,12 @@ class PairEngine:
             kb = torch.einsum("bnd,hde->bhne", xk, basis.B)
             spec = basis.rot.heads.spec
             qr, kr = _rotate_positions(qa, spec), _rotate_positions(kb, spec)
-            score_of = lambda b, h, q, k: (qr[b, h, q] * kr[b, h, k]).sum(-1)  # noqa: E731
+            score_of = _pair_dot(qr, kr)
         else:
             pu = torch.einsum("bnd,hdr->bhnr", xq, basis.U)
             pv = torch.einsum("bnd,hdr->bhnr", xk, basis.V)
             a = pu * basis.S[None, :, None, :]
-            score_of = lambda b, h, q, k: (a[b, h, q] * pv[b, h, k]).sum(-1)  # noqa: E731
+            score_of = _pair_dot(a, pv)
         sel = select_pairs_unchecked(pattern, mask, select=self.select, threshold=self.threshold,
                       exclude_first=self.exclude_first, query_mask=qvalid)
         picks = {"attended": sel}

@@ -61,9 +61,9 @@ def pair_measures(terms: Float[Tensor, "pair r"], frac: float = 1.0, *, order: b
 
 def used_tuples(order: np.ndarray, n: np.ndarray) -> list[tuple[int, ...]]:
     """The ``used`` column: each pair's first ``n[p]`` indices of ``order[p]`` (its N_recon set) as a tuple."""
-    flat = order[np.arange(order.shape[1])[None, :] < n[:, None]].tolist()  # only the used prefixes
+    flat = tuple(order[np.arange(order.shape[1])[None, :] < n[:, None]].tolist())  # the used prefixes only
     ends = np.cumsum(n).tolist()
-    return [tuple(flat[e - m:e]) for e, m in zip(ends, n.tolist())]
+    return [flat[e - m:e] for e, m in zip(ends, n.tolist())]  # slices of a tuple are tuples
 
 
 def pair_rows(layer: int, heads: Sequence[int], idx: Int[Tensor, "pair 4"], t: Float[Tensor, "pair r"],

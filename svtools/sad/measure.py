@@ -196,10 +196,11 @@ def head_sparsity(
     per-head projections ``(batch, head, pos, r)``, and the measured pairs' terms; rotary layers
     add each used (head, offset) item's ``V`` and rotation (``2 * r * r`` numbers), kept across
     calls up to :data:`svtools.factor_cache.CACHE_BYTES` (an eighth of the machine's memory).
-    Rotary, measured on two quiet cores (``taskset -c 0,1``; ``benchmarks/head_sparsity_rotary.py``,
-    Pythia-160M-shaped random model, peaked attention, 4 x 256 tokens, 28,442 items at 254
-    offsets): a cold call (empty cache) RATIO_COLD the HF forward pass, a repeated call
-    RATIO_REPEATED (before: 22.6x both). Measured on the loaded shared 2-core CPU
+    Rotary, measured on two quiet cores of a 16-core Xeon (``taskset -c 0,1
+    python benchmarks/head_sparsity_rotary.py``: Pythia-160M-shaped random model, peaked attention,
+    4 x 256 tokens, 141,993 pairs using 28,442 (head, offset) items at 254 offsets): a cold call
+    (empty cache) 5.2-7.5x the HF forward pass over four repeats (best times: 5.7x), a repeated
+    call 1.5-2.1x (best: 1.65x); the previous engine took 22.3x. Measured on the loaded shared 2-core CPU
     (``benchmarks/``, ``OMP_WAIT_POLICY=PASSIVE``): MiniLM, 32 prompts x 256 tokens, peak
     memory above the model 0.23 GB in a fresh process (the HF forward with
     ``output_attentions=True`` alone: 1.6 GB), time 0.67x that forward pass (128 x 20: 0.90x);

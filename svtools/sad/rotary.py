@@ -90,15 +90,18 @@ class GroupLayout:
 
 
 def gram_z(heads: RotaryHeads, h: Tensor, o: Tensor) -> tuple[Tensor, Tensor]:
-    """The check's fixed random ``z (r,)`` and ``Gamma_delta z (n, r)`` of items ``(h[n], o[n])``,
-    float64: ``R_B M^T (R_A^T R_A) M R_B^T z``, a few vector products per item."""
+    """The check's fixed random ``z (r,)`` and ``Gamma_delta z (n, r)`` of items ``(h[n], o[n])``
+    (sorted by head), float64: ``R_B M^T (R_A^T R_A) M R_B^T z``, a few vector products per item."""
     z = torch.randn(heads.r, generator=torch.Generator().manual_seed(12345), dtype=torch.float64)
     c, s = cos_sin(heads.spec, o)
     gam = torch.empty(len(h), heads.r, dtype=torch.float64)
-    for hh in torch.unique(h).tolist():
-        m = (h == hh).nonzero()[:, 0]
-        RA, RB = heads.RA[hh].cpu(), heads.RB[hh].cpu()
-        w = rotate_right((RB.mT @ z).expand(len(m), -1), c[m], -s[m], heads.spec)  # M R_B^T z
+    bounds = torch.searchsorted(h, torch.arange(int(h.max()) + 2)).tolist()  # items come sorted by head
+    for hh in range(len(bounds) - 1):
+        m = slice(bounds[hh], bounds[hh + 1])
+        if m.start == m.stop:
+            continue
+        RA, RB = heads.RA[hh], heads.RB[hh]
+        w = rotate_right((RB.mT @ z).expand(m.stop - m.start, -1), c[m], -s[m], heads.spec)  # M R_B^T z
         g = (w @ RA.mT) @ RA  # R_A^T R_A M R_B^T z
         gam[m] = rotate_right(g, c[m], s[m], heads.spec) @ RB.mT  # R_B M^T (...)
     return z, gam
