@@ -15,9 +15,9 @@ from jaxtyping import Bool, Float
 from torch import Tensor
 
 from svtools._checks import SVToolsError, as_int, as_tensor, broadcast_leading, check_finite
-from svtools.qk import QKSVD, rotated_factors
+from svtools.qk import DEGENERATE_TOL, QKSVD, degenerate_groups, rotated_factors
 
-__all__ = ["sad_terms", "rotated_terms", "relative_terms", "relative_pair_terms", "homogeneous"]
+__all__ = ["sad_terms", "rotated_terms", "relative_terms", "relative_pair_terms", "homogeneous", "merge_degenerate"]
 
 
 def homogeneous(x: Float[Tensor, "... d"], qk: QKSVD, name: str = "x") -> Float[Tensor, "... d_in"]:
@@ -157,3 +157,26 @@ def relative_pair_terms(
     rel = terms - (total - terms) / (count - 1).clamp_min(1)[..., None]
     return torch.where((count >= 2)[..., None], rel, torch.full((), float("nan"), dtype=terms.dtype,
                                                                device=terms.device))
+
+
+def merge_degenerate(terms: Float[Tensor, "... r"], S: Float[Tensor, "... r"],
+                     tol: float = DEGENERATE_TOL) -> Float[Tensor, "... r"]:
+    """Terms with each (near-)degenerate group of singular values summed into its first index.
+
+    ``out[..., g] = sum_{k in G} terms[..., k]`` for the first index ``g`` of each group ``G`` of
+    :func:`svtools.qk.degenerate_groups` (``S`` broadcasts against ``terms``), and 0 at the
+    group's other indices. The group sums are functions of ``Omega`` alone, so N_recon and the
+    Rolls-Tovee sparseness of the merged terms do not depend on which basis of a degenerate
+    subspace the SVD returned (a group counts as one term; its other slots as zero terms, so the
+    number of terms ``r`` is unchanged and heads without degeneracy are untouched). Identity:
+    ``merge_degenerate(t, S).sum(-1) == t.sum(-1)``.
+    """
+    terms = as_tensor(terms, "terms")
+    S = as_tensor(S, "S").to(terms.device)
+    try:
+        first = degenerate_groups(S, tol).expand(terms.shape)
+    except RuntimeError as exc:
+        raise SVToolsError(f"S of shape {tuple(S.shape)} does not broadcast to terms {tuple(terms.shape)}") from exc
+    if bool((first == torch.arange(terms.shape[-1], device=terms.device)).all()):
+        return terms
+    return torch.zeros_like(terms).scatter_add_(-1, first, terms)
