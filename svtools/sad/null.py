@@ -51,6 +51,7 @@ model, whose features are planted and aligned, attended pairs give a ratio well 
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Literal, Optional, Sequence
 
 import torch
@@ -124,9 +125,27 @@ def rotate_projections(p: Float[Tensor, "... r"], O: Float[Tensor, "... r r"],
     ``p = x~^T U`` are the projections onto the real singular vectors; ``p O`` are the
     projections onto ``U O``. Shapes broadcast (``O`` acts on the last axis of ``p``).
     """
-    if mean is None:
-        return (p[..., None, :] @ O)[..., 0, :]
-    return mean + ((p - mean)[..., None, :] @ O)[..., 0, :]
+    return (mean if mean is not None else 0.0) + _vecmat(p if mean is None else p - mean, O)
+
+
+def _vecmat(p: Tensor, O: Tensor) -> Tensor:
+    """``(p[..., None, :] @ O)[..., 0, :]`` as one batched product over the axes where ``O`` varies:
+    the other axes of ``p`` become rows of the product (no tiny matrix products per element)."""
+    r = p.shape[-1]
+    n = max(p.ndim - 1, O.ndim - 2)
+    P = p.reshape((1,) * (n - (p.ndim - 1)) + tuple(p.shape))
+    M = O.reshape((1,) * (n - (O.ndim - 2)) + tuple(O.shape))
+    keep = [i for i in range(n) if M.shape[i] != 1]
+    fold = [i for i in range(n) if M.shape[i] == 1]
+    P = P.expand(tuple(M.shape[i] if i in keep else P.shape[i] for i in range(n)) + (r,))
+    Pp = P.permute(keep + fold + [n]).reshape(math.prod(M.shape[i] for i in keep), -1, r)
+    Mm = M.reshape(-1, r, O.shape[-1])
+    out = torch.bmm(Pp, Mm.to(Pp.dtype))
+    shape = [M.shape[i] for i in keep] + [P.shape[i] for i in fold] + [O.shape[-1]]
+    inv = [0] * (n + 1)
+    for j, i in enumerate(keep + fold + [n]):
+        inv[i] = j
+    return out.reshape(shape).permute(inv)
 
 
 def context_mean(p: Float[Tensor, "... n r"], valid: Optional[Bool[Tensor, "... n"]] = None,
