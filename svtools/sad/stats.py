@@ -191,13 +191,14 @@ def reuse(df: pd.DataFrame, *, by: Sequence[str] = ("layer", "head")) -> pd.Data
 
     ``top_share``: fraction of the group's pairs whose dominant term is the group's most common
     dominant index (1 = every prompt uses the same singular vector); ``top_share_rotated``: the
-    same in the rotated basis (the control: a fixed random basis per head); ``top_k``: that most
-    common singular index; ``pairs``, ``prompts``.
+    same in the rotated basis (a fixed random basis per head; NaN when the frame was made without
+    ``control="rotated"``); ``top_k``: that most common singular index; ``pairs``, ``prompts``.
     """
     by = list(by)
     check_columns(df, by + ["prompt", "dominant_k", "dominant_k_rotated"], "reuse")
 
     def share(s: pd.Series) -> float:
+        s = s.dropna()
         return float(s.value_counts().iloc[0] / len(s)) if len(s) else float("nan")
 
     g = df.groupby(by)
