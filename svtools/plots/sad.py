@@ -451,6 +451,7 @@ def plot_lm_emergence(accuracy: pd.DataFrame, attention: pd.DataFrame, sparsenes
         axes[3].axhline(1.0, color="k", lw=0.8, ls=":")
         axes[3].set_ylabel(ratio_label)
     axes[-1].set_xscale("symlog", linthresh=10)
+    axes[-1].set_xlim(0, float(max(f["step"].max() for f in (accuracy, attention, sparseness))) * 1.15)
     axes[-1].set_xlabel("training step (log scale past 10)")
     # below the axes: the curves can sit anywhere in the panel
     axes[-1].legend(loc="upper center", bbox_to_anchor=(0.5, -0.32), frameon=False, ncol=2)
