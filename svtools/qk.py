@@ -403,7 +403,8 @@ def rotated_factors(qk: QKSVD, *, seed: int = 0, rotation: Optional[Tensor] = No
 
     ``(U S^1/2 Q)(V S^1/2 Q)^T = U S V^T = Omega~``, so per-direction terms
     ``(x~^T U S^1/2 Q)_k (y~^T V S^1/2 Q)_k`` still sum to the same score, but the directions are
-    random mixtures of the singular vectors.
+    random mixtures of the singular vectors, with the spectrum flattened: not a calibrated null
+    (:func:`svtools.terms.rotated_terms`).
     """
     if rotation is None:
         Q = random_rotation(qk.batch_shape, qk.r, seed=seed, dtype=qk.U.dtype, device=qk.U.device)

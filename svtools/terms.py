@@ -2,8 +2,10 @@
 
 For one head, ``x~^T Omega~ y~ = sum_k sigma_k (u_k^T x~)(v_k^T y~)``: the ``k``-th *term* of
 the score. :func:`sad_terms` computes them, :func:`rotated_terms` computes the same score's
-terms in a randomly rotated basis (the control), :func:`relative_terms` removes softmax's shift
-invariance term by term.
+terms in a randomly rotated basis (the earlier work's control; not evidence of alignment, see
+there), :func:`relative_terms` removes softmax's shift invariance term by term, and
+:func:`merge_degenerate` sums the terms of equal singular values, whose individual terms an SVD
+does not determine. The calibrated comparison for sparsity is :mod:`svtools.sad.null`.
 """
 
 from __future__ import annotations
@@ -78,13 +80,19 @@ def sad_terms(qk: QKSVD, x_query: Float[Tensor, "... d_model"], x_key: Float[Ten
 
 def rotated_terms(qk: QKSVD, x_query: Float[Tensor, "... d_model"], x_key: Float[Tensor, "... d_model"],
                   *, seed: int = 0, offset: Optional[int] = None) -> Float[Tensor, "... r"]:
-    """The control: the same score split over a Haar-random rotation of the singular basis.
+    """The earlier SAD work's control: the same score split over a Haar-random rotation of the basis.
 
     With ``Q`` random orthogonal (one per head, from ``seed``), the ``k``-th term is
     ``(x~^T U S^1/2 Q)_k (y~^T V S^1/2 Q)_k``. Identity: the terms sum to the same score as
-    :func:`sad_terms` (``Q Q^T = I``). If the real terms are sparse because features align with
-    singular vectors, the rotated ones are dense; if sparsity came from low rank alone, the
-    rotation would keep it.
+    :func:`sad_terms` (``Q Q^T = I``).
+
+    **Not evidence of alignment.** The rotation mixes large and small singular values, so it
+    flattens the spectrum: a head whose singular values fall off looks sparser in its own basis
+    than in the rotated one for any inputs, including inputs with no features at all
+    (Rolls-Tovee real / rotated on i.i.d. Gaussian inputs: about 0.9 for a random-initialisation
+    spectrum, 0.13-0.18 for a rank-one head; :func:`svtools.sad.null.featureless_calibration`).
+    It is kept to compare with the earlier work; the calibrated comparison, which keeps the
+    spectrum, is :mod:`svtools.sad.null` (``head_sparsity(control="spectrum")``).
     """
     qk = _select_offset(qk, offset)
     x = homogeneous(x_query, qk, "x_query")

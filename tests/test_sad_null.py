@@ -11,7 +11,7 @@ import torch
 from svtools.decomposition import decompose_layers
 from svtools.qk import QKSVD, qk_svd
 from svtools.sad import KINDS, head_sparsity, null_ratio
-from svtools.sad.null import (context_mean, featureless_calibration, haar_q, key_ranks, null_gaussians,
+from svtools.sad.null import (context_mean, featureless_calibration, haar_q, key_ranks, null_gaussians, null_terms,
                               null_rotations, rotate_projections, spectrum_null)
 from svtools.sparsity import n_recon, rolls_tovee
 from svtools.terms import homogeneous, relative_terms
@@ -258,3 +258,21 @@ def test_head_sparsity_is_invariant_to_the_basis_inside_a_degenerate_subspace(ba
     rep = degeneracy(one, heads=[(0, 0), (0, 1)]).set_index("head")
     assert rep.loc[0, "groups"] == 1 and rep.loc[0, "largest_group"] == 3 and rep.loc[0, "min_gap"] < 1e-5
     assert rep.loc[1, "groups"] == 0 and rep.loc[1, "min_gap"] > 1e-5
+
+
+def test_null_terms_identity_and_one_draw_of_spectrum_null():
+    from svtools.terms import sad_terms
+
+    U, S, V, R = _degenerate_factors()
+    qk = QKSVD(U=U, S=torch.linspace(3, 0.5, 16, dtype=torch.float64), V=V)
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randn(5, 64, generator=g, dtype=torch.float64), torch.randn(5, 64, generator=g, dtype=torch.float64)
+    t = null_terms(qk, x, y, seed=2, draw=1)
+    assert t.shape == (5, 16) and not torch.allclose(t, sad_terms(qk, x, y))
+    G_q, G_k = null_gaussians(2, 2, 64, 16)
+    a, c = x @ U @ null_rotations(U, G_q[1, 0]), y @ V @ null_rotations(V, G_k[1, 0])
+    assert torch.allclose(t, a * qk.S * c)
+    # centred: the mean input's projections onto the real singular vectors are kept
+    m = x.mean(0)
+    tc = null_terms(qk, m, m, seed=2, draw=1, mean_query=m, mean_key=m)
+    assert torch.allclose(tc, sad_terms(qk, m, m))

@@ -50,29 +50,41 @@ def plot_n_recon_distribution(
     ax: Optional[plt.Axes] = None,
     title: Optional[str] = None,
     label: str = "singular basis",
+    compare_label: Optional[str] = None,
 ) -> Figure:
-    """Distribution of N_recon (or another per-pair measure) in the singular vs rotated basis.
+    """Distribution of N_recon (or another per-pair measure) in the singular basis and a control.
 
     Args:
         data: a :func:`~svtools.sad.head_sparsity` / :func:`~svtools.toy.toy_sparsity` frame
-            (columns ``measure`` and ``measure + "_rotated"`` are read), or an array of values
+            (columns ``measure`` and, as the control, ``measure + "_null"`` (each pair's mean over
+            the null heads) when present, else ``measure + "_rotated"``), or an array of values
             in the singular basis.
-        rotated: with an array ``data``, the rotated-control values (optional).
+        rotated: with an array ``data``, the control's values (optional).
         measure: ``"n_recon"`` (integer bars, one per value) or ``"rolls_tovee"`` (histogram).
+        compare_label: the control's name (default: "null heads" or "rotated control").
         ax: draw into this axes (else a new figure).
     Each distribution is normalised to a fraction of pairs; medians are marked by dashed lines.
     """
     if isinstance(data, pd.DataFrame):
         _need(data, [measure], "plot_n_recon_distribution")
         real = _values(data[measure], measure)
-        rot_col = measure + "_rotated"
-        rot = _values(data[rot_col], rot_col) if rot_col in data and data[rot_col].notna().any() else None
+        rot = None
+        for suffix, name in (("_null", "null heads"), ("_rotated", "rotated control")):
+            col = measure + suffix
+            if col in data and data[col].notna().any():
+                rot, compare_label = _values(data[col], col), compare_label or name
+                break
     else:
         real = _values(data, "data")
         rot = None if rotated is None else _values(rotated, "rotated")
+    compare_label = compare_label or "rotated control"
     fig, ax = (ax.figure, ax) if ax is not None else subplots(figsize=(6, 3.6))
-    series = [(real, label, REAL)] + ([(rot, "rotated control", ROT)] if rot is not None else [])
+    series = [(real, label, REAL)] + ([(rot, compare_label, NULL if "null" in compare_label else ROT)]
+                                      if rot is not None else [])
     integer = measure.startswith("n_recon") and all(np.allclose(v, np.round(v)) for v, _, _ in series)
+    if measure.startswith("n_recon") and not integer:  # null means are not integers: one bar per unit bin
+        series = [(np.round(v), lab, c) for v, lab, c in series]
+        integer = True
     if integer:
         hi = int(max(v.max() for v, _, _ in series))
         ks = np.arange(0, hi + 1)
@@ -90,7 +102,7 @@ def plot_n_recon_distribution(
     for v, _, c in series:
         ax.axvline(np.median(v), color=c, ls="--", lw=1)
     ax.set_ylabel("fraction of selected pairs")
-    ax.set_title(title or f"{measure.replace('_', ' ')}: singular basis vs rotated control ({len(real)} pairs)")
+    ax.set_title(title or f"{measure.replace('_', ' ')}: singular basis vs {compare_label} ({len(real)} pairs)")
     ax.legend(frameon=False)
     fig.tight_layout()
     return fig

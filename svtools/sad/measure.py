@@ -1,4 +1,4 @@
-"""``head_sparsity``: per-pair sparseness of the chosen heads, with the rotated control and the nulls.
+"""``head_sparsity``: per-pair sparseness of the chosen heads, with the spectrum null, the baselines and the rotated control.
 
 The entry point of SAD at scale: it checks the arguments, resolves which heads of which layers
 to measure, cuts the prompts into chunks whose attention fits :data:`CHUNK_BYTES`, runs the

@@ -63,10 +63,11 @@ import pandas as pd
 from svtools._checks import SVToolsError, as_int
 from svtools.qk import DEGENERATE_TOL, QKSVD, degenerate_groups, one_thread, qk_svd, rotated_factors
 from svtools.sparsity import n_recon, rolls_tovee
-from svtools.terms import merge_degenerate
+from svtools.terms import homogeneous, merge_degenerate
 
 __all__ = ["DRAWS", "SPECTRA", "null_gaussians", "haar_q", "null_rotations", "rotate_projections", "key_ranks",
-           "context_mean", "canonical_means", "NullAccumulator", "spectrum_null", "featureless_calibration"]
+           "context_mean", "canonical_means", "NullAccumulator", "spectrum_null", "null_terms",
+           "featureless_calibration"]
 
 #: Default number of null heads drawn per head.
 DRAWS = 16
@@ -337,6 +338,27 @@ def spectrum_null(
             t = merge_degenerate(t, SS[pick], merge_tol)
         acc.add(t)
     return acc.result()
+
+
+def null_terms(qk: QKSVD, x_query: Float[Tensor, "... d_model"], x_key: Float[Tensor, "... d_model"], *,
+               seed: int = 0, draw: int = 0, mean_query: Optional[Float[Tensor, "d_model"]] = None,
+               mean_key: Optional[Float[Tensor, "d_model"]] = None) -> Float[Tensor, "... r"]:
+    """The terms of one null head for given inputs (the same pair; for figures and checks).
+
+    ``qk``: one head (no batch dims, absolute positions). Null head ``draw`` of ``seed``
+    (:func:`null_gaussians` with one stream, :func:`null_rotations`): singular values ``S``,
+    singular vectors ``U O_q``, ``V O_k``. With ``mean_query``/``mean_key`` (centring), each
+    projection keeps the mean's projection onto the real singular vectors and rotates the rest,
+    as :func:`spectrum_null` does. Identity: with ``O = I`` these are :func:`svtools.sad_terms`.
+    """
+    if qk.rotary is not None or qk.batch_shape != ():
+        raise SVToolsError("null_terms takes one head with absolute positions (index qk first, e.g. qk[head])")
+    G_q, G_k = null_gaussians(seed, int(draw) + 1, qk.d_in, qk.r, dtype=qk.U.dtype, device=qk.U.device)
+    O_q, O_k = null_rotations(qk.U, G_q[int(draw), 0]), null_rotations(qk.V, G_k[int(draw), 0])
+    a, c = homogeneous(x_query, qk, "x_query") @ qk.U, homogeneous(x_key, qk, "x_key") @ qk.V
+    ma = None if mean_query is None else homogeneous(mean_query, qk, "mean_query") @ qk.U
+    mc = None if mean_key is None else homogeneous(mean_key, qk, "mean_key") @ qk.V
+    return rotate_projections(a, O_q, ma) * qk.S * rotate_projections(c, O_k, mc)
 
 
 #: The spectra of :func:`featureless_calibration`.
