@@ -141,7 +141,7 @@ def _brute_null(model, ids, am, got, *, attention, draws, seed, center=True):
         else:  # per offset: (draw, head, query, key, r, r)
             rot = (null_rotations(U, G_q[:, :, None, None]), null_rotations(V, G_k[:, :, None, None]))
         res = spectrum_null(A, C, S, pairs, rot, mask=mask, eligible=elig,
-                            match=torch.as_tensor((rows["kind"] != "random").to_numpy()),
+                            match=torch.as_tensor((rows["kind"] != "random").to_numpy().copy()),
                             mean_a=ma if center else None, mean_c=mc if center else None,
                             relative=attention == "relative")
         out.append(rows.assign(ref_rt=res["rolls_tovee"].numpy(), ref_nr=res["n_recon"].numpy()))
