@@ -276,3 +276,25 @@ def test_null_terms_identity_and_one_draw_of_spectrum_null():
     m = x.mean(0)
     tc = null_terms(qk, m, m, seed=2, draw=1, mean_query=m, mean_key=m)
     assert torch.allclose(tc, sad_terms(qk, m, m))
+
+
+def test_compare_matched_removes_what_the_score_explains_and_keeps_a_planted_offset():
+    from svtools.sad import compare_matched
+
+    g = np.random.default_rng(0)
+    n = 6000
+    kind = np.where(np.arange(n) < n // 3, "attended", "random")
+    score = np.where(kind == "attended", g.normal(2.0, 1.0, n), g.normal(0.0, 1.0, n))
+    base = 0.5 - 0.08 * score + g.normal(0, 0.02, n)  # sparseness follows the score only
+    df = pd.DataFrame({"layer": 0, "head": g.integers(0, 2, n), "prompt": g.integers(0, 200, n), "kind": kind,
+                       "score": score, "rolls_tovee": base})
+    out = compare_matched(df, "attended", "random", by=["layer"], n_boot=200, bins=20).iloc[0]
+    assert out["raw_diff"] < -0.12 and out["raw_hi"] < 0                # raw: attended look much sparser
+    assert abs(out["matched_diff"]) < 0.02 and out["coverage"] > 0.9     # matched: the score explains it
+    planted = df.assign(rolls_tovee=df["rolls_tovee"] - 0.05 * (df["kind"] == "attended"))
+    out = compare_matched(planted, "attended", "random", by=["layer"], n_boot=200, bins=20).iloc[0]
+    assert out["matched_diff"] == pytest.approx(-0.05, abs=0.02) and out["matched_hi"] < 0
+    from svtools import SVToolsError
+
+    with pytest.raises(SVToolsError):
+        compare_matched(df, by=["prompt"])  # by must nest inside within
