@@ -169,8 +169,10 @@ class HeadDecomposition:
         return float((self.softmax_pattern() - self.pattern.to(self.scores.dtype)).abs().max())
 
     def rotated_terms(self, seed: int = 0) -> Float[Tensor, "batch head query key r"]:
-        """The control: the same scores split over a random rotation of each head's singular basis.
+        """The earlier work's control: the same scores over a random rotation of each singular basis.
 
+        Not evidence of alignment: the rotation flattens the spectrum (see
+        :func:`svtools.terms.rotated_terms`); the calibrated comparison is :mod:`svtools.sad.null`.
         Identity: ``rotated_terms(seed).sum(-1) == scores`` (float precision). One Haar-random
         ``r x r`` rotation per head (per offset for rotary heads) from :func:`head_rotations`: a
         head's control depends on ``(seed, layer, head)`` only, not on the other heads decomposed

@@ -15,6 +15,9 @@ measuring, never by reading attention alone:
   (:func:`svtools.intervene.sigma_matched_sets`) and for zeroing the head;
   :func:`effect_summary` and :func:`effect_table` summarise it with intervals.
 
+* :func:`zero_head_effects`: what zeroing each chosen head (and all of them at once) does to the
+  answer, beside the same for reference heads (interventions of the same size).
+
 :func:`known_feature_summary` gathers, per head, what the known features of
 :mod:`svtools.features` say (alignment with their null, the decision's profile and how much of
 it the name codes explain, the OV copying), and :func:`over_training` does it over an IOI-LM
@@ -46,6 +49,7 @@ from svtools.terms import relative_terms
 
 __all__ = ["ioi_behaviour", "behaviour_summary", "role_terms", "direction_sets", "direction_profile",
            "known_feature_summary", "over_training", "intervention_effects", "effect_summary", "effect_table",
+           "zero_head_effects",
            "ROLE_NAMES"]
 
 #: The roles a position of an IOI prompt can have, as :class:`~svtools.data.IOIPositions` names them.
@@ -433,3 +437,48 @@ def effect_table(summary: pd.DataFrame, *, by: Sequence[str] = ("seed",),
     out = pd.DataFrame(rows)
     out["_o"] = out["intervention"].map({n: i for i, n in enumerate(order)}).fillna(len(order))
     return out.sort_values([*by, "_o"]).drop(columns="_o").set_index([*by, "intervention"])
+
+
+def zero_head_effects(model: Any, dataset: Any, heads: Sequence[Any], *, reference: Sequence[Any] = (),
+                      mode: str = "omega", ci: float = 0.95) -> pd.DataFrame:
+    """What zeroing each head does to the model's IOI answer, beside the same for reference heads.
+
+    For each head of ``heads`` ("chosen"), each head of ``reference`` (e.g. every other head of
+    the model: interventions of the same size to compare with) and all ``heads`` at once ("all
+    chosen"), the model is copied with that head's ``Omega`` zeroed (``mode="omega"``: its scores
+    are 0, its attention uniform) or its pattern zeroed (``"pattern"``: it writes nothing),
+    :func:`svtools.intervene.intervene`, and :func:`ioi_behaviour` is measured on ``dataset``.
+
+    Returns one row per intervention: ``target`` (``"L.H"`` or ``"all chosen"``), ``group``,
+    ``logit_diff`` (mean over prompts after the intervention), ``change`` (mean of the per-prompt
+    change of ``logit[IO] - logit[S]``, paired with the unchanged model), ``lo``/``hi`` (its t
+    interval over prompts), ``rel_change`` (``change`` over the unchanged model's mean logit
+    difference), ``io_over_s`` and ``top1`` after the intervention, and the unchanged model's
+    ``logit_diff_base``, ``io_over_s_base``, ``top1_base``.
+    """
+    from scipy import stats
+
+    if mode not in ("omega", "pattern"):
+        raise SVToolsError(f"mode must be 'omega' or 'pattern', got {mode!r}")
+    chosen, ref = _heads(heads), [h for h in _heads(reference) if h not in _heads(heads)]
+    if not chosen:
+        raise SVToolsError("heads is empty")
+    base = ioi_behaviour(model, dataset)
+    key = "zero_omega" if mode == "omega" else "zero_pattern"
+    plans = [(f"{l}.{h}", "chosen", [(l, h)]) for l, h in chosen] + \
+        [(f"{l}.{h}", "reference", [(l, h)]) for l, h in ref]
+    if len(chosen) > 1:
+        plans.append(("all chosen", "all chosen", chosen))
+    rows = []
+    for target, group, hs in plans:
+        after = ioi_behaviour(intervene(model, **{key: hs}), dataset)
+        d = (after["logit_diff"] - base["logit_diff"]).to_numpy(dtype=float)
+        m = float(d.mean())
+        half = float(stats.t.ppf((1 + ci) / 2, len(d) - 1) * d.std(ddof=1) / math.sqrt(len(d))) if len(d) > 1 else 0.0
+        rows.append({"target": target, "group": group, "logit_diff": float(after["logit_diff"].mean()),
+                     "change": m, "lo": m - half, "hi": m + half,
+                     "rel_change": m / float(base["logit_diff"].mean()),
+                     "io_over_s": float(after["io_over_s"].mean()), "top1": float(after["top1"].mean()),
+                     "logit_diff_base": float(base["logit_diff"].mean()),
+                     "io_over_s_base": float(base["io_over_s"].mean()), "top1_base": float(base["top1"].mean())})
+    return pd.DataFrame(rows)

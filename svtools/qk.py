@@ -26,13 +26,14 @@ from typing import Iterable, Literal, Optional
 
 import numpy as np
 import torch
-from jaxtyping import Float
+from jaxtyping import Float, Int
 from torch import Tensor
 
 from svtools._checks import (SVToolsError, as_dtype, as_float, as_int, as_tensor, broadcast_leading, check_finite,
                              check_last_dims)
 
-__all__ = ["QKSVD", "RotarySpec", "qk_svd", "rotary_matrices", "random_rotation"]
+__all__ = ["QKSVD", "RotarySpec", "qk_svd", "rotary_matrices", "random_rotation", "DEGENERATE_TOL",
+           "degenerate_groups"]
 
 
 @dataclass(frozen=True)
@@ -342,6 +343,40 @@ def qk_svd(
     return QKSVD(U=U, S=S, V=V, has_bias=bias, rotary=rotary)
 
 
+#: Singular values closer than this fraction of the largest one are treated as one (degenerate) value.
+DEGENERATE_TOL = 1e-5
+
+
+def degenerate_groups(S: Float[Tensor, "... r"], tol: float = DEGENERATE_TOL) -> Int[Tensor, "... r"]:
+    """For each singular index ``k``, the first index of its (near-)degenerate group.
+
+    Where singular values are equal, their singular vectors are fixed only up to a rotation inside
+    the group (``U_G R``, ``V_G R`` with the same orthogonal ``R`` give the same ``Omega``), so the
+    individual terms of those ``k`` are not functions of ``Omega``: another SVD routine, dtype or
+    machine may return another basis of the subspace. Only their sum,
+    ``sigma (x~^T U_G)(V_G^T y~)``, is. Consecutive values (``S`` descending) join one group when
+    ``S[k-1] - S[k] <= tol * S[0]``. Why relative to the largest value: a perturbation ``E`` of
+    ``Omega`` turns singular vectors by about ``|E| / gap``, and rounding perturbs ``Omega`` by a
+    fraction of ``|Omega| = S[0]`` (float32: about 1e-7); below ``1e-5 * S[0]`` a gap is no longer
+    a property of the weights.
+
+    Returns an int64 tensor shaped like ``S``: ``first[..., k]`` is the smallest index of ``k``'s
+    group (``first[..., k] == k`` for a value that is not degenerate). Identity:
+    ``first[..., 0] == 0`` and ``first`` is non-decreasing.
+    """
+    S = as_tensor(S, "S")
+    if S.ndim == 0 or S.shape[-1] == 0:
+        raise SVToolsError(f"S must have shape (..., r) with r >= 1, got {tuple(S.shape)}")
+    tol = as_float(tol, "tol", lo=0.0)
+    r = S.shape[-1]
+    idx = torch.arange(r, device=S.device).expand(S.shape)
+    if r == 1:
+        return idx.clone()
+    joins = (S[..., :-1] - S[..., 1:]) <= tol * S[..., :1]  # k + 1 joins k's group
+    starts = torch.where(joins, torch.zeros_like(idx[..., 1:]), idx[..., 1:])
+    return torch.cummax(torch.cat([torch.zeros_like(idx[..., :1]), starts], -1), dim=-1).values
+
+
 def random_rotation(batch_shape: torch.Size | tuple[int, ...], r: int, *, seed: int = 0,
                     dtype=torch.float32, device=None) -> Float[Tensor, "... r r"]:
     """Haar-random orthogonal ``r x r`` matrices, one per batch element, from ``seed``.
@@ -365,7 +400,8 @@ def rotated_factors(qk: QKSVD, *, seed: int = 0, rotation: Optional[Tensor] = No
 
     ``(U S^1/2 Q)(V S^1/2 Q)^T = U S V^T = Omega~``, so per-direction terms
     ``(x~^T U S^1/2 Q)_k (y~^T V S^1/2 Q)_k`` still sum to the same score, but the directions are
-    random mixtures of the singular vectors.
+    random mixtures of the singular vectors, with the spectrum flattened: not a calibrated null
+    (:func:`svtools.terms.rotated_terms`).
     """
     if rotation is None:
         Q = random_rotation(qk.batch_shape, qk.r, seed=seed, dtype=qk.U.dtype, device=qk.U.device)

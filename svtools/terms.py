@@ -2,8 +2,10 @@
 
 For one head, ``x~^T Omega~ y~ = sum_k sigma_k (u_k^T x~)(v_k^T y~)``: the ``k``-th *term* of
 the score. :func:`sad_terms` computes them, :func:`rotated_terms` computes the same score's
-terms in a randomly rotated basis (the control), :func:`relative_terms` removes softmax's shift
-invariance term by term.
+terms in a randomly rotated basis (the earlier work's control; not evidence of alignment, see
+there), :func:`relative_terms` removes softmax's shift invariance term by term, and
+:func:`merge_degenerate` sums the terms of equal singular values, whose individual terms an SVD
+does not determine. The calibrated comparison for sparsity is :mod:`svtools.sad.null`.
 """
 
 from __future__ import annotations
@@ -15,9 +17,9 @@ from jaxtyping import Bool, Float
 from torch import Tensor
 
 from svtools._checks import SVToolsError, as_int, as_tensor, broadcast_leading, check_finite
-from svtools.qk import QKSVD, rotated_factors
+from svtools.qk import DEGENERATE_TOL, QKSVD, degenerate_groups, rotated_factors
 
-__all__ = ["sad_terms", "rotated_terms", "relative_terms", "relative_pair_terms", "homogeneous"]
+__all__ = ["sad_terms", "rotated_terms", "relative_terms", "relative_pair_terms", "homogeneous", "merge_degenerate"]
 
 
 def homogeneous(x: Float[Tensor, "... d"], qk: QKSVD, name: str = "x") -> Float[Tensor, "... d_in"]:
@@ -78,13 +80,19 @@ def sad_terms(qk: QKSVD, x_query: Float[Tensor, "... d_model"], x_key: Float[Ten
 
 def rotated_terms(qk: QKSVD, x_query: Float[Tensor, "... d_model"], x_key: Float[Tensor, "... d_model"],
                   *, seed: int = 0, offset: Optional[int] = None) -> Float[Tensor, "... r"]:
-    """The control: the same score split over a Haar-random rotation of the singular basis.
+    """The earlier SAD work's control: the same score split over a Haar-random rotation of the basis.
 
     With ``Q`` random orthogonal (one per head, from ``seed``), the ``k``-th term is
     ``(x~^T U S^1/2 Q)_k (y~^T V S^1/2 Q)_k``. Identity: the terms sum to the same score as
-    :func:`sad_terms` (``Q Q^T = I``). If the real terms are sparse because features align with
-    singular vectors, the rotated ones are dense; if sparsity came from low rank alone, the
-    rotation would keep it.
+    :func:`sad_terms` (``Q Q^T = I``).
+
+    **Not evidence of alignment.** The rotation mixes large and small singular values, so it
+    flattens the spectrum: a head whose singular values fall off looks sparser in its own basis
+    than in the rotated one for any inputs, including inputs with no features at all
+    (Rolls-Tovee real / rotated on i.i.d. Gaussian inputs: about 0.9 for a random-initialisation
+    spectrum, 0.13-0.18 for a rank-one head; :func:`svtools.sad.null.featureless_calibration`).
+    It is kept to compare with the earlier work; the calibrated comparison, which keeps the
+    spectrum, is :mod:`svtools.sad.null` (``head_sparsity(control="spectrum")``).
     """
     qk = _select_offset(qk, offset)
     x = homogeneous(x_query, qk, "x_query")
@@ -157,3 +165,26 @@ def relative_pair_terms(
     rel = terms - (total - terms) / (count - 1).clamp_min(1)[..., None]
     return torch.where((count >= 2)[..., None], rel, torch.full((), float("nan"), dtype=terms.dtype,
                                                                device=terms.device))
+
+
+def merge_degenerate(terms: Float[Tensor, "... r"], S: Float[Tensor, "... r"],
+                     tol: float = DEGENERATE_TOL) -> Float[Tensor, "... r"]:
+    """Terms with each (near-)degenerate group of singular values summed into its first index.
+
+    ``out[..., g] = sum_{k in G} terms[..., k]`` for the first index ``g`` of each group ``G`` of
+    :func:`svtools.qk.degenerate_groups` (``S`` broadcasts against ``terms``), and 0 at the
+    group's other indices. The group sums are functions of ``Omega`` alone, so N_recon and the
+    Rolls-Tovee sparseness of the merged terms do not depend on which basis of a degenerate
+    subspace the SVD returned (a group counts as one term; its other slots as zero terms, so the
+    number of terms ``r`` is unchanged and heads without degeneracy are untouched). Identity:
+    ``merge_degenerate(t, S).sum(-1) == t.sum(-1)``.
+    """
+    terms = as_tensor(terms, "terms")
+    S = as_tensor(S, "S").to(terms.device)
+    try:
+        first = degenerate_groups(S, tol).expand(terms.shape)
+    except RuntimeError as exc:
+        raise SVToolsError(f"S of shape {tuple(S.shape)} does not broadcast to terms {tuple(terms.shape)}") from exc
+    if bool((first == torch.arange(terms.shape[-1], device=terms.device)).all()):
+        return terms
+    return torch.zeros_like(terms).scatter_add_(-1, first, terms)

@@ -284,3 +284,22 @@ def test_summary_shares_and_plots_fit_the_column(tiny):
         fplots.plot_features_over_training(pd.concat([ot.assign(seed=s) for s in (0, 1)]))
     with pytest.raises(svtools.SVToolsError):
         fplots.plot_intervention_effects(summary.drop(columns="seed"))
+
+
+def test_zero_head_effects_are_paired_changes_of_the_answer(tiny):
+    from svtools.intervene import intervene
+
+    run, model = tiny
+    ds = run.prompts(16, seed=6, split="train")
+    eff = ic.zero_head_effects(model, ds, [(1, 0), (1, 1)], reference=[(0, 0), (1, 1)]).set_index("target")
+    assert list(eff["group"]) == ["chosen", "chosen", "reference", "all chosen"]  # (1, 1) is not a reference
+    base = ic.ioi_behaviour(model, ds)
+    after = ic.ioi_behaviour(intervene(model, zero_omega=[(1, 0)]), ds)
+    d = after["logit_diff"] - base["logit_diff"]
+    assert eff.loc["1.0", "change"] == pytest.approx(float(d.mean()), abs=1e-6)
+    assert eff.loc["1.0", "lo"] <= eff.loc["1.0", "change"] <= eff.loc["1.0", "hi"]
+    assert eff.loc["1.0", "rel_change"] == pytest.approx(float(d.mean() / base["logit_diff"].mean()), rel=1e-6)
+    both = ic.ioi_behaviour(intervene(model, zero_omega=[(1, 0), (1, 1)]), ds)
+    assert eff.loc["all chosen", "logit_diff"] == pytest.approx(float(both["logit_diff"].mean()), abs=1e-6)
+    with pytest.raises(svtools.SVToolsError):
+        ic.zero_head_effects(model, ds, [(1, 0)], mode="mlp")

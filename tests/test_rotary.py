@@ -233,17 +233,20 @@ def test_cache_keeps_nothing_when_a_computation_fails(monkeypatch):
     assert cache.hits == 0  # the failed request left no entries behind
 
 
-def test_head_sparsity_rows_cold_repeated_and_uncached(random_models, batch_tokens, monkeypatch):
+@pytest.mark.parametrize("control", ["rotated", "spectrum"])
+def test_head_sparsity_rows_cold_repeated_and_uncached(random_models, batch_tokens, monkeypatch, control):
     model = random_models["neox"]
     ids, am = batch_tokens
-    kw = dict(attention_mask=am, threshold=0.3, progress=False, baseline="random", baseline_fraction=0.2)
-    factor_cache.FACTOR_CACHE.clear()
+    kw = dict(attention_mask=am, threshold=0.3, progress=False, baseline="random", baseline_fraction=0.2,
+              control=control)
+    cache = factor_cache.FACTOR_CACHE
+    cache.clear()
     cold = head_sparsity(model, ids, **kw)
-    items = factor_cache.FACTOR_CACHE.misses
+    misses, hits = cache.misses, cache.hits
     again = head_sparsity(model, ids, **kw)
-    assert factor_cache.FACTOR_CACHE.misses == items and factor_cache.FACTOR_CACHE.hits == items
+    assert cache.misses == misses and cache.hits - hits == misses + hits  # the repeat computes nothing
     pd.testing.assert_frame_equal(cold, again, check_exact=True)
     monkeypatch.setattr(factor_cache, "CACHE_BYTES", 0)
-    factor_cache.FACTOR_CACHE.clear()
+    cache.clear()
     pd.testing.assert_frame_equal(cold, head_sparsity(model, ids, **kw), check_exact=True)
-    assert factor_cache.FACTOR_CACHE.nbytes == 0
+    assert cache.nbytes == 0

@@ -143,7 +143,7 @@ def test_head_sparsity_matches_direct_per_pair(random_models, batch_tokens, fami
     ids, am = batch_tokens
     layer, thr = 1, 0.4
     df = head_sparsity(model, ids, attention_mask=am, layers=[layer], threshold=thr, progress=False,
-                       dtype=torch.float64, seed=3)
+                       dtype=torch.float64, seed=3, control="rotated")
     assert tuple(df.columns) == COLUMNS
     ref = _direct(model, ids, am, layer, thr, seed=3)
     assert len(ref) > 10  # peaked random attention: plenty of pairs
@@ -220,7 +220,7 @@ def test_toy_sparsity_exact_alignment_is_one_term():
     W_Q[1:, 2:] = 1e-3 * torch.randn(5, 4, generator=torch.Generator().manual_seed(0))  # small noise: full rank
     empty = ToyHistory(*(torch.zeros(0) for _ in range(7)))
     run = ToyRun(cfg, W, torch.zeros(6), W_Q, W_K, W_Q.T @ W_K, qk_svd(W_Q.T, W_K.T), empty)
-    df = toy_sparsity(run, 200, threshold=0.5, seed=1)
+    df = toy_sparsity(run, 200, threshold=0.5, seed=1, control="rotated")
     att = df[df["planted"]]
     assert len(att) > 50
     assert (att["n_recon"] == 1).all() and (att["dominant_k"] == 0).all()
@@ -301,7 +301,8 @@ def test_head_sparsity_matches_direct_per_pair_on_minilm(minilm):
     texts = ["The river rose quickly after three days of heavy rain in the hills.",
              "When Mary and John went to the store, John gave a drink to Mary."]
     ids, am = svtools.decomposition.tokenize(minilm, texts)
-    df = head_sparsity(minilm, texts, layers=[2], threshold=0.3, progress=False, dtype=torch.float64, seed=1)
+    df = head_sparsity(minilm, texts, layers=[2], threshold=0.3, progress=False, dtype=torch.float64, seed=1,
+                       control="rotated")
     ref = _direct(minilm, ids, am, 2, 0.3, seed=1)
     assert len(ref) > 10
     got = df.drop(columns=["layer"]).sort_values(["head", "prompt", "query", "key"]).reset_index(drop=True)

@@ -66,7 +66,7 @@ def _compare(got, ref, *, exact_ints=True, rtol=1e-6, atol=1e-6):
 def test_engine_matches_full_view(random_models, batch_tokens, family, attention):
     model = random_models[family]
     ids, am = batch_tokens
-    got = head_sparsity(model, ids, attention_mask=am, threshold=0.3, attention=attention, seed=2,
+    got = head_sparsity(model, ids, attention_mask=am, threshold=0.3, attention=attention, seed=2, control="rotated",
                         dtype=torch.float64, progress=False)
     assert tuple(got.columns) == COLUMNS
     _compare(got, _full_view(model, ids, am, threshold=0.3, attention=attention, seed=2))
@@ -76,7 +76,7 @@ def test_engine_matches_full_view(random_models, batch_tokens, family, attention
 def test_engine_float32_and_acc_rule(random_models, batch_tokens, family):
     model = random_models[family]
     ids, am = batch_tokens
-    got = head_sparsity(model, ids, attention_mask=am, select="acc", progress=False, seed=1)
+    got = head_sparsity(model, ids, attention_mask=am, select="acc", progress=False, seed=1, control="rotated")
     ref = _full_view(model, ids, am, threshold=0.5, select="acc", seed=1, dtype=torch.float32)
     _compare(got, ref, exact_ints=False, rtol=1e-3, atol=1e-3)
 
@@ -85,9 +85,10 @@ def test_engine_on_minilm(minilm):
     texts = ["The quick brown fox jumps over the lazy dog.", "When Mary and John went to the store, John gave "
              "a drink to Mary.", "Singular vectors of attention heads align with features."]
     ids, am = svtools.decomposition.tokenize(minilm, texts)
-    got = head_sparsity(minilm, texts, threshold=0.3, dtype=torch.float64, progress=False, seed=4)
+    got = head_sparsity(minilm, texts, threshold=0.3, dtype=torch.float64, progress=False, seed=4, control="rotated")
     _compare(got, _full_view(minilm, ids, am, threshold=0.3, seed=4))
-    rel = head_sparsity(minilm, texts, threshold=0.3, attention="relative", dtype=torch.float64, progress=False)
+    rel = head_sparsity(minilm, texts, threshold=0.3, attention="relative", dtype=torch.float64, progress=False,
+                        control="rotated")
     _compare(rel, _full_view(minilm, ids, am, threshold=0.3, attention="relative"))
 
 
@@ -158,7 +159,7 @@ def test_exactness_checks_fire(random_models, batch_tokens, family, monkeypatch)
     ids, am = batch_tokens
     plan = _heads_by_layer(model, [0], None)
     eng = _PairEngine(model, plan, select="threshold", threshold=0.3, exclude_first=True, attention="absolute",
-                      control="rotated", seed=0, frac=1.0, dtype=torch.float64, kinds=("attended",),
+                      controls=("rotated",), seed=0, frac=1.0, dtype=torch.float64, kinds=("attended",),
                       baseline_fraction=0.1, baseline_bound=None, baseline_seed=0)
     basis = eng.basis(0)
     if family == "gpt2":

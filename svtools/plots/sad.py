@@ -1,4 +1,4 @@
-"""Figures of Part 3: sparse attention decomposition (SAD) and its rotated control.
+"""Figures of Part 3: sparse attention decomposition (SAD), its calibrated spectrum null and the rotated control.
 
 Every function returns a matplotlib Figure. Inputs are the frames of :mod:`svtools.sad`
 (:func:`~svtools.sad.head_sparsity`, :func:`~svtools.toy.toy_sparsity`,
@@ -21,12 +21,12 @@ from svtools.sparsity import n_recon, rolls_tovee
 
 __all__ = ["plot_n_recon_distribution", "plot_pair_terms", "plot_n_recon_per_head", "plot_sparseness_map",
            "plot_dominant_index", "plot_usage", "plot_summary", "plot_emergence", "plot_lm_emergence",
-           "plot_sad_vs_alignment", "plot_kind_summary",
+           "plot_sad_vs_alignment", "plot_kind_summary", "plot_null_calibration", "plot_null_ratio",
            "KIND_COLORS"]
 
-REAL, ROT = "tab:blue", "tab:gray"
-#: Colours of the pair kinds of :func:`svtools.sad.head_sparsity` and of the rotated control.
-KIND_COLORS = {"attended": REAL, "non-attended": "tab:red", "random": "tab:green", "rotated": ROT}
+REAL, ROT, NULL = "tab:blue", "tab:gray", "tab:orange"
+#: Colours of the pair kinds of :func:`svtools.sad.head_sparsity`, of the rotated control and of the null.
+KIND_COLORS = {"attended": REAL, "non-attended": "tab:red", "random": "tab:green", "rotated": ROT, "null": NULL}
 
 
 def _values(x: Any, name: str) -> np.ndarray:
@@ -50,29 +50,41 @@ def plot_n_recon_distribution(
     ax: Optional[plt.Axes] = None,
     title: Optional[str] = None,
     label: str = "singular basis",
+    compare_label: Optional[str] = None,
 ) -> Figure:
-    """Distribution of N_recon (or another per-pair measure) in the singular vs rotated basis.
+    """Distribution of N_recon (or another per-pair measure) in the singular basis and a control.
 
     Args:
         data: a :func:`~svtools.sad.head_sparsity` / :func:`~svtools.toy.toy_sparsity` frame
-            (columns ``measure`` and ``measure + "_rotated"`` are read), or an array of values
+            (columns ``measure`` and, as the control, ``measure + "_null"`` (each pair's mean over
+            the null heads) when present, else ``measure + "_rotated"``), or an array of values
             in the singular basis.
-        rotated: with an array ``data``, the rotated-control values (optional).
+        rotated: with an array ``data``, the control's values (optional).
         measure: ``"n_recon"`` (integer bars, one per value) or ``"rolls_tovee"`` (histogram).
+        compare_label: the control's name (default: "null heads" or "rotated control").
         ax: draw into this axes (else a new figure).
     Each distribution is normalised to a fraction of pairs; medians are marked by dashed lines.
     """
     if isinstance(data, pd.DataFrame):
         _need(data, [measure], "plot_n_recon_distribution")
         real = _values(data[measure], measure)
-        rot_col = measure + "_rotated"
-        rot = _values(data[rot_col], rot_col) if rot_col in data and data[rot_col].notna().any() else None
+        rot = None
+        for suffix, name in (("_null", "null heads"), ("_rotated", "rotated control")):
+            col = measure + suffix
+            if col in data and data[col].notna().any():
+                rot, compare_label = _values(data[col], col), compare_label or name
+                break
     else:
         real = _values(data, "data")
         rot = None if rotated is None else _values(rotated, "rotated")
+    compare_label = compare_label or "rotated control"
     fig, ax = (ax.figure, ax) if ax is not None else subplots(figsize=(6, 3.6))
-    series = [(real, label, REAL)] + ([(rot, "rotated control", ROT)] if rot is not None else [])
+    series = [(real, label, REAL)] + ([(rot, compare_label, NULL if "null" in compare_label else ROT)]
+                                      if rot is not None else [])
     integer = measure.startswith("n_recon") and all(np.allclose(v, np.round(v)) for v, _, _ in series)
+    if measure.startswith("n_recon") and not integer:  # null means are not integers: one bar per unit bin
+        series = [(np.round(v), lab, c) for v, lab, c in series]
+        integer = True
     if integer:
         hi = int(max(v.max() for v, _, _ in series))
         ks = np.arange(0, hi + 1)
@@ -90,7 +102,7 @@ def plot_n_recon_distribution(
     for v, _, c in series:
         ax.axvline(np.median(v), color=c, ls="--", lw=1)
     ax.set_ylabel("fraction of selected pairs")
-    ax.set_title(title or f"{measure.replace('_', ' ')}: singular basis vs rotated control ({len(real)} pairs)")
+    ax.set_title(title or f"{measure.replace('_', ' ')}: singular basis vs {compare_label} ({len(real)} pairs)")
     ax.legend(frameon=False)
     fig.tight_layout()
     return fig
@@ -104,12 +116,15 @@ def plot_pair_terms(
     *,
     title: Optional[str] = None,
     frac: float = 1.0,
+    compare_label: str = "rotated control",
 ) -> Figure:
-    """One pair's score terms over the singular index, next to the same score's rotated terms.
+    """One pair's score terms over the singular index, next to another set of terms for comparison.
 
     Args:
         terms: ``(r,)`` terms ``sigma_k (u_k . x)(v_k . y)`` of one pair.
-        rotated_terms: ``(r,)`` terms of the same score in the rotated basis (optional panel).
+        rotated_terms: ``(r,)`` terms to compare with (optional lower panel): the same score in
+            the rotated basis, or the pair's terms under one null head
+            (:mod:`svtools.sad.null`); ``compare_label`` names them.
         sigma: ``(r,)`` singular values, drawn as a line on a second axis of the first panel.
         frac: N_recon fraction; the N_recon terms are drawn dark, the rest light.
     The panel titles give the total score, N_recon and the Rolls-Tovee sparseness.
@@ -118,7 +133,8 @@ def plot_pair_terms(
 
     panels = [(_values(terms, "terms"), "singular basis", REAL)]
     if rotated_terms is not None:
-        panels.append((_values(rotated_terms, "rotated_terms"), "rotated control", ROT))
+        panels.append((_values(rotated_terms, "rotated_terms"), compare_label,
+                       ROT if "rotat" in compare_label else NULL))
     r = len(panels[0][0])
     if any(len(p[0]) != r for p in panels):
         raise SVToolsError("terms and rotated_terms must have the same length r")
@@ -134,7 +150,8 @@ def plot_pair_terms(
         ax.bar(np.arange(r)[used], v[used], color=c, label=f"the {nr} terms of N_recon")
         ax.bar(np.arange(r)[~used], v[~used], color=c, alpha=0.3, label="other terms")
         ax.axhline(0, color="k", lw=0.6)
-        ax.set_xlabel("singular index k (sigma descending)" if lab == "singular basis" else "rotated direction k")
+        ax.set_xlabel("singular index k (sigma descending)" if lab == "singular basis" or "rotat" not in lab
+                      else "rotated direction k")
         ax.set_title(f"{lab}: score {v.sum():.3g}, N_recon {nr}, RT {rt:.2f}")
         ax.legend(frameon=True, loc="upper right")
     for ax in axes[0]:
@@ -157,7 +174,8 @@ def plot_n_recon_per_head(df: pd.DataFrame, heads: Optional[Sequence[tuple[int, 
                           measure: str = "n_recon", title: Optional[str] = None) -> Figure:
     """Box plots of a measure per head (paper Fig. 9): attended pairs in the singular basis, next to
     the baselines that keep the spectrum (non-attended, random pairs; when the frame has a ``kind``
-    column with them) and the attended pairs in the rotated control.
+    column with them), the spectrum null of the attended pairs (each pair's mean over the null
+    heads, column ``measure + "_null"``) and the rotated control, where the frame has them.
 
     ``heads``: ``(layer, head)`` pairs to show (default: every head with attended pairs). The
     number of attended pairs of each head is written under its label.
@@ -175,6 +193,9 @@ def plot_n_recon_per_head(df: pd.DataFrame, heads: Optional[Sequence[tuple[int, 
     for k, lab in (("non-attended", "non-attended pairs"), ("random", "random pairs")):
         if (kind == k).any():
             groups.append((k, measure, lab, KIND_COLORS[k]))
+    null_col = measure + "_null"
+    if null_col in df and att[null_col].notna().any():
+        groups.append(("attended", null_col, "attended, null heads (mean)", KIND_COLORS["null"]))
     if rot_col in df and att[rot_col].notna().any():
         groups.append(("attended", rot_col, "attended, rotated basis", KIND_COLORS["rotated"]))
     w = 0.8 / len(groups)
@@ -205,42 +226,51 @@ def plot_n_recon_per_head(df: pd.DataFrame, heads: Optional[Sequence[tuple[int, 
 
 
 @book_figure
-def plot_sparseness_map(df: pd.DataFrame, *, measure: str = "rolls_tovee", n_layers: Optional[int] = None,
-                        n_heads: Optional[int] = None, min_pairs: int = 5, title: Optional[str] = None) -> Figure:
-    """Layer x head maps: mean sparseness in the singular basis, in the rotated control, and their
-    difference (singular minus rotated; negative = sparser than the control).
+def plot_sparseness_map(df: pd.DataFrame, *, measure: str = "rolls_tovee", control: str = "null",
+                        n_layers: Optional[int] = None, n_heads: Optional[int] = None, min_pairs: int = 5,
+                        title: Optional[str] = None) -> Figure:
+    """Layer x head maps: mean sparseness in the singular basis, in the control, and their ratio.
 
+    ``control="null"`` (column ``measure + "_null"``, :mod:`svtools.sad.null`) or ``"rotated"``
+    (``measure + "_rotated"``, not evidence of alignment on its own). The third map is the ratio
+    of the means, real / control, on a log scale centred on 1 (blue = sparser than the control).
     Heads with fewer than ``min_pairs`` selected pairs are left blank.
     """
-    _need(df, ["layer", "head", measure, measure + "_rotated"], "plot_sparseness_map")
+    if control not in ("null", "rotated"):
+        raise SVToolsError(f"control must be 'null' or 'rotated', got {control!r}")
+    col = f"{measure}_{control}"
+    _need(df, ["layer", "head", measure, col], "plot_sparseness_map")
     n_layers = n_layers or int(df["layer"].max()) + 1
     n_heads = n_heads or int(df["head"].max()) + 1
     g = df.groupby(["layer", "head"])
-    mean = g[[measure, measure + "_rotated"]].mean()
+    mean = g[[measure, col]].mean()
     cnt = g.size()
     mats = [np.full((n_layers, n_heads), np.nan) for _ in range(3)]
     for (l, h), row in mean.iterrows():
         if cnt[(l, h)] >= min_pairs:
             mats[0][l, h] = row[measure]
-            mats[1][l, h] = row[measure + "_rotated"]
-            mats[2][l, h] = row[measure] - row[measure + "_rotated"]
+            mats[1][l, h] = row[col]
+            mats[2][l, h] = row[measure] / row[col]
     fig, axes = subplots(3, 1, height=3 * (0.3 * n_layers + 1.1))
     finite = np.concatenate([m[np.isfinite(m)] for m in mats[:2]]) if np.isfinite(mats[0]).any() else np.array([0, 1])
     vmin, vmax = float(finite.min()), float(finite.max())
-    d = np.nanmax(np.abs(mats[2])) if np.isfinite(mats[2]).any() else 1.0
+    lr = np.log2(mats[2])
+    d = float(np.nanmax(np.abs(lr))) if np.isfinite(lr).any() else 1.0
     names = {"rolls_tovee": "Rolls-Tovee sparseness", "n_recon": "N_recon"}
     nm = names.get(measure, measure)
-    for ax, m, t, kw in zip(axes, mats, [f"{nm}: singular basis", f"{nm}: rotated control",
-                                         "singular minus rotated"],
-                            [dict(cmap="viridis", vmin=vmin, vmax=vmax), dict(cmap="viridis", vmin=vmin, vmax=vmax),
-                             dict(cmap="RdBu_r", vmin=-d, vmax=d)]):
+    cname = "null heads" if control == "null" else "rotated control"
+    for ax, m, t, kw, lab in zip(axes, [mats[0], mats[1], lr], [f"{nm}: singular basis", f"{nm}: {cname}",
+                                                                 f"real / {cname} (log2)"],
+                                 [dict(cmap="viridis", vmin=vmin, vmax=vmax),
+                                  dict(cmap="viridis", vmin=vmin, vmax=vmax), dict(cmap="RdBu_r", vmin=-d, vmax=d)],
+                                 [f"mean {nm}", f"mean {nm}", "log2 ratio"]):
         im = ax.imshow(m, aspect="auto", origin="upper", **kw)
         ax.set_xlabel("head")
         ax.set_ylabel("layer")
         ax.set_title(t, fontsize=10)
         ax.set_xticks(range(n_heads))
         ax.set_yticks(range(n_layers))
-        fig.colorbar(im, ax=ax, label=f"mean {nm} per pair")
+        fig.colorbar(im, ax=ax, label=lab)
     if title:
         fig.suptitle(title)
     fig.tight_layout()
@@ -379,7 +409,10 @@ def plot_emergence(summary: pd.DataFrame, *, x: str = "step", measures: Sequence
 
 @book_figure
 def plot_lm_emergence(accuracy: pd.DataFrame, attention: pd.DataFrame, sparseness: pd.DataFrame, *,
+                      ratio: Optional[pd.DataFrame] = None,
                       measure_label: str = "mean Rolls-Tovee sparseness (1 = dense)",
+                      ratio_label: str = "Rolls-Tovee, real / null",
+                      attention_label: str = "END -> IO, IO heads",
                       title: Optional[str] = None) -> Figure:
     """The IOI language model over training, three panels stacked (one column wide).
 
@@ -387,14 +420,19 @@ def plot_lm_emergence(accuracy: pd.DataFrame, attention: pd.DataFrame, sparsenes
     ``hi``, ``seed_min``, ``seed_max``; the band is the interval over seeds, the thin lines the
     seed range):
     ``accuracy`` (plus ``metric``): held-out accuracy; ``attention``: the END -> IO attention of
-    each seed's IO-mover head; ``sparseness`` (plus ``kind``: attended / non-attended / random /
-    rotated): the sparseness measure of the heads' pairs of each kind.
+    the heads measured; ``sparseness`` (plus ``kind``: attended / non-attended / random /
+    rotated): the sparseness measure of the heads' pairs of each kind; ``ratio`` (optional fourth
+    panel, plus ``kind``): the calibrated ratio real / null of each kind, with the line at 1 (no
+    alignment beyond the spectrum).
     """
     for f, what in ((accuracy, "accuracy"), (attention, "attention"), (sparseness, "sparseness")):
         _need(f, ["step", "mean", "lo", "hi"], f"plot_lm_emergence({what})")
     _need(accuracy, ["metric"], "plot_lm_emergence(accuracy)")
     _need(sparseness, ["kind"], "plot_lm_emergence(sparseness)")
-    fig, axes = subplots(3, 1, height=8.2, sharex=True)
+    if ratio is not None:
+        _need(ratio, ["step", "mean", "lo", "hi", "kind"], "plot_lm_emergence(ratio)")
+    n = 3 if ratio is None else 4
+    fig, axes = subplots(n, 1, height=2.7 * n + 0.1, sharex=True)
 
     def band(ax, s, color, label, ls="-"):
         s = s.sort_values("step")
@@ -406,7 +444,7 @@ def plot_lm_emergence(accuracy: pd.DataFrame, attention: pd.DataFrame, sparsenes
     axes[0].set_ylabel("held-out accuracy")
     axes[0].set_ylim(-0.03, 1.03)
     axes[0].legend(loc="upper left", frameon=True)
-    band(axes[1], attention, "tab:brown", "END -> IO, IO-mover head")
+    band(axes[1], attention, "tab:brown", attention_label)
     axes[1].set_ylabel("attention weight")
     axes[1].set_ylim(-0.03, 1.03)
     axes[1].legend(loc="upper left", frameon=True)
@@ -417,10 +455,18 @@ def plot_lm_emergence(accuracy: pd.DataFrame, attention: pd.DataFrame, sparsenes
         if not g.empty:
             band(axes[2], g, KIND_COLORS[kind], names[kind], ls="--" if kind == "rotated" else "-")
     axes[2].set_ylabel(measure_label)
-    axes[2].set_xscale("symlog", linthresh=10)
-    axes[2].set_xlabel("training step (log scale past 10)")
+    if ratio is not None:
+        for kind in ("attended", "non-attended", "random"):
+            g = ratio[ratio["kind"] == kind]
+            if not g.empty:
+                band(axes[3], g, KIND_COLORS[kind], names[kind])
+        axes[3].axhline(1.0, color="k", lw=0.8, ls=":")
+        axes[3].set_ylabel(ratio_label)
+    axes[-1].set_xscale("symlog", linthresh=10)
+    axes[-1].set_xlim(0, float(max(f["step"].max() for f in (accuracy, attention, sparseness))) * 1.15)
+    axes[-1].set_xlabel("training step (log scale past 10)")
     # below the axes: the curves can sit anywhere in the panel
-    axes[2].legend(loc="upper center", bbox_to_anchor=(0.5, -0.32), frameon=False, ncol=2)
+    axes[-1].legend(loc="upper center", bbox_to_anchor=(0.5, -0.32), frameon=False, ncol=2)
     if title:
         axes[0].set_title(title)
     fig.tight_layout()
@@ -477,6 +523,74 @@ def plot_kind_summary(summary: pd.DataFrame, *, x: str = "layer", measure: str =
     unit = " (1 = dense)" if "rolls" in measure else " (terms)" if "n_recon" in measure else ""
     ax.set_xlabel(xlabel or x)
     ax.set_ylabel(f"{stat} {measure.replace('_', ' ')}{unit}")
+    if title:
+        ax.set_title(title)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False, fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+@book_figure
+def plot_null_calibration(cal: pd.DataFrame, *, title: Optional[str] = None) -> Figure:
+    """The two controls on featureless inputs (:func:`svtools.sad.null.featureless_calibration`).
+
+    For each spectrum, bars of the ratio of mean Rolls-Tovee sparseness real / control for the
+    attended pairs, with the rotated control (grey) and the spectrum null (orange), and the same
+    ratios for random pairs as dots. Nothing aligns with anything here: a calibrated control
+    reads 1 (dotted line); a ratio below 1 is a false "sparser".
+    """
+    _need(cal, ["spectrum", "kind", "ratio_rotated", "ratio_null"], "plot_null_calibration")
+    spectra = list(dict.fromkeys(cal["spectrum"]))
+    fig, ax = subplots(width=0.7, height=3.1)
+    x = np.arange(len(spectra), dtype=float)
+    for j, (col, lab, c) in enumerate((("ratio_rotated", "rotated control", ROT),
+                                       ("ratio_null", "spectrum null", NULL))):
+        att = cal[cal["kind"] == "attended"].set_index("spectrum").reindex(spectra)[col].to_numpy(float)
+        rnd = cal[cal["kind"] == "random"].set_index("spectrum").reindex(spectra)[col].to_numpy(float)
+        xs = x + (j - 0.5) * 0.36
+        ax.bar(xs, att, width=0.34, color=c, label=f"{lab}: attended pairs")
+        ax.plot(xs, rnd, "o", color="k", ms=4, label="random pairs" if j == 0 else None)
+        for xi, v in zip(xs, att):
+            ax.text(xi, v + 0.02, f"{v:.2f}", ha="center", va="bottom", fontsize=8)
+    ax.axhline(1.0, color="k", lw=0.8, ls=":")
+    ax.set_xticks(x)
+    ax.set_xticklabels(spectra)
+    ax.set_xlabel("spectrum of the head (inputs without features)")
+    ax.set_ylabel("Rolls-Tovee, real / control")
+    ax.set_ylim(0, 1.25)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False, fontsize=9)
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
+    return fig
+
+
+@book_figure
+def plot_null_ratio(ratio: pd.DataFrame, *, x: str = "layer", hue: str = "kind", xlabel: Optional[str] = None,
+                    ylabel: str = "Rolls-Tovee, real / null", title: Optional[str] = None,
+                    ax: Optional[plt.Axes] = None) -> Figure:
+    """A :func:`svtools.sad.null_ratio` frame against ``x``, one line per ``hue`` (kinds of pairs), with
+    the intervals over prompts as error bars and the line at 1 (no sparser than the null).
+    Groups are offset slightly along ``x``; ``x`` may be numbers or labels."""
+    _need(ratio, [x, hue, "ratio", "lo", "hi"], "plot_null_ratio")
+    fig, ax = (ax.figure, ax) if ax is not None else subplots(width=0.72, height=3.2)
+    levels = list(dict.fromkeys(ratio[hue]))
+    xv = list(dict.fromkeys(ratio[x]))
+    numeric = all(isinstance(v, (int, float, np.integer, np.floating)) for v in xv)
+    pos = {v: (float(v) if numeric else float(i)) for i, v in enumerate(xv)}
+    for i, lv in enumerate(levels):
+        s = ratio[ratio[hue] == lv]
+        xs = np.array([pos[v] for v in s[x]]) + 0.08 * (i - (len(levels) - 1) / 2)
+        c = KIND_COLORS.get(lv, None) if isinstance(lv, str) else None
+        ax.errorbar(xs, s["ratio"], yerr=[s["ratio"] - s["lo"], s["hi"] - s["ratio"]], marker="o", ms=4,
+                    capsize=2, color=c, ls="-" if numeric else "none",
+                    label=str(lv).replace("-", " ") + (" pairs" if hue == "kind" else ""))
+    ax.axhline(1.0, color="k", lw=0.8, ls=":")
+    if not numeric:
+        ax.set_xticks(range(len(xv)))
+        ax.set_xticklabels([str(v) for v in xv])
+    ax.set_xlabel(xlabel or x)
+    ax.set_ylabel(ylabel)
     if title:
         ax.set_title(title)
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False, fontsize=9)

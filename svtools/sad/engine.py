@@ -7,7 +7,8 @@ pattern (:mod:`svtools.sad.selection`), forms only those pairs' terms from per-h
 checks exactness on every chunk and layer (the reconstructed scores must reproduce the model's
 weights, each pair's terms must sum to its score). Each layer's decomposition is built once
 per call and reused by every chunk; rotary layers (:mod:`svtools.sad.rotary`) are decomposed only
-at the (head, offset) items the measured pairs use, and those are kept across calls by
+at the (head, offset) items the measured pairs use (every offset up to the last measured query for
+relative attention and the spectrum null), and those are kept across calls by
 :data:`svtools.factor_cache.FACTOR_CACHE`.
 """
 
@@ -25,11 +26,16 @@ from svtools.decomposition import (attention_scale, head_rotations, head_weights
                                    stream_attention, visibility_mask)
 from svtools.rotary import RotaryHeads
 from svtools.sad.frame import pair_rows
+from svtools.sad.null import canonical_means, context_mean, haar_q, null_gaussians, null_rotations, spectrum_null
 from svtools.sad.rotary import RotaryLayer
 from svtools.sad.selection import baseline_pairs, select_pairs_unchecked
-from svtools.terms import relative_pair_terms
+from svtools.terms import merge_degenerate, relative_pair_terms
 
-__all__ = ["PairEngine"]
+__all__ = ["PairEngine", "NULL_GRID_BYTES"]
+
+#: The spectrum null of rotary heads forms per-offset projection grids ``(prompts, query, key, r)``
+#: one head and this many bytes at a time.
+NULL_GRID_BYTES = 64 * 2**20
 
 
 class _LayerBasis:
@@ -37,27 +43,57 @@ class _LayerBasis:
 
     Absolute positions: ``U, S, V`` of the chosen heads and the control's rotations ``Q``.
     Rotary: :class:`~svtools.sad.rotary.RotaryLayer` (the offset-free part of the chosen heads'
-    decompositions, :class:`~svtools.rotary.RotaryHeads`; the per-offset bases come from the cache).
-    ``weights``: :attr:`PairEngine.weights`.
+    decompositions, :class:`~svtools.rotary.RotaryHeads`, with the homogeneous weights ``A, B``;
+    the per-offset bases come from the factor cache). ``weights``: :attr:`PairEngine.weights`.
+    With ``null_draws``, the spectrum null
+    (one random stream per ``(seed, layer, head)``, :func:`svtools.sad.null.null_gaussians`):
+    absolute positions keep its rotations ``O = (O_q, O_k)``, each ``(draw, head, 1, 1, r, r)``;
+    rotary heads keep ``N = (N_A, N_B)``, each ``(draw, head, d_head, r)``, with which a token's
+    null projections are ``(x~ A) N_A`` and ``(y~ B) N_B``: the null basis is one random basis of
+    the head's query (key) span, the same at every offset.
     """
 
     def __init__(self, model: Any, layer: int, heads: list[int], dtype: torch.dtype, seed: int,
-                 control: bool, weights: Any) -> None:
+                 control: bool, weights: Any, null_draws: int = 0) -> None:
         self.model, self.layer, self.heads, self.dtype, self.seed, self.control = \
             model, layer, heads, dtype, seed, control
         self.rotary = model_type(model) in ("gpt_neox", "llama")
         idx = torch.tensor(heads)
+        self.O: Optional[tuple[Tensor, Tensor]] = None
         if not self.rotary:
             qk = layer_qk(model, layer, heads, dtype=dtype)
             self.U, self.S, self.V, self.has_bias = qk.U, qk.S, qk.V, qk.has_bias
             self.Q = head_rotations(seed, layer, heads, (), qk.r, dtype=dtype, device=qk.U.device) if control else None
             self.r = qk.r
+            if null_draws:
+                G_q, G_k = null_gaussians(seed, null_draws, qk.d_in, self.r, [(layer, h) for h in heads],
+                                          dtype=dtype, device=qk.U.device)
+                self.O = (null_rotations(qk.U, G_q)[:, :, None, None], null_rotations(qk.V, G_k)[:, :, None, None])
             return
         W_Q, W_K, b_Q, b_K = (None if t is None else t[layer] for t in weights[:4])
         sel = lambda t: None if t is None else t.index_select(0, idx.to(t.device))  # noqa: E731
         rh = RotaryHeads.from_weights(sel(W_Q), sel(W_K), sel(b_Q), sel(b_K), weights[4], dtype)
         self.rot = RotaryLayer(rh, layer, heads, seed, control)
         self.A, self.B, self.has_bias, self.r = rh.A, rh.B, rh.has_bias, rh.r
+        self.N: Optional[tuple[Tensor, Tensor]] = None
+        if null_draws:
+            G_q, G_k = null_gaussians(seed, null_draws, self.A.shape[-2], self.r, [(layer, h) for h in heads],
+                                      dtype=dtype, device=self.A.device)
+            self.N = (_null_factor(self.A, G_q, layer, "query"), _null_factor(self.B, G_k, layer, "key"))
+
+
+def _null_factor(A: Tensor, G: Tensor, layer: int, side: str) -> Tensor:
+    """``N = R_A^-1 haar_q(Q_A^T G)`` for ``A = Q_A R_A`` (``diag(R_A) > 0``): then ``(x~ A) N`` is the
+    projection of ``x~`` onto the null basis ``Q_A haar_q(Q_A^T G) = haar_q(P_A G)`` of the span of
+    ``A`` (:func:`svtools.sad.null.null_rotations`; every offset's ``U`` spans it)."""
+    QA = haar_q(A)
+    RA = QA.transpose(-1, -2) @ A  # upper triangular, positive diagonal
+    d = torch.diagonal(RA, dim1=-2, dim2=-1)
+    if not bool((d > 1e-6 * d.amax(-1, keepdim=True)).all()):
+        raise UnsupportedModelError(f"layer {layer}: a head's {side} weights are rank-deficient; the spectrum "
+                                    "null of rotary heads needs full-rank query and key maps")
+    M = haar_q(QA.transpose(-1, -2)[None] @ G)  # (draw, head, d_head, r)
+    return torch.linalg.solve_triangular(RA[None], M, upper=True)
 
 
 def _rotate_positions(x: Float[Tensor, "... pos d_head"], spec: Any) -> Tensor:
@@ -150,13 +186,16 @@ class PairEngine:
     """Selects pairs in each layer's pattern and decomposes only those (see :func:`head_sparsity`)."""
 
     def __init__(self, model: Any, plan: dict[int, list[int]], *, select: str, threshold: float,
-                 exclude_first: bool, attention: str, control: Optional[str], seed: int, frac: float,
+                 exclude_first: bool, attention: str, controls: tuple[str, ...], seed: int, frac: float,
                  dtype: torch.dtype, kinds: tuple[str, ...], baseline_fraction: float,
                  baseline_bound: Optional[float], baseline_seed: int, check_tol: float = 1e-3,
-                 pattern_tol: Optional[float] = None) -> None:
+                 pattern_tol: Optional[float] = None, null_draws: int = 0, null_center: bool = True,
+                 degenerate_tol: Optional[float] = None) -> None:
         self.model, self.plan = model, plan
         self.select, self.threshold, self.exclude_first = select, threshold, exclude_first
-        self.relative, self.control, self.seed, self.frac = attention == "relative", control, seed, frac
+        self.relative, self.controls, self.seed, self.frac = attention == "relative", controls, seed, frac
+        self.null_draws = null_draws if "spectrum" in controls else 0
+        self.null_center, self.degenerate_tol = null_center, degenerate_tol
         self.dtype, self.kinds, self.check_tol = dtype, kinds, check_tol
         # tolerance of the pattern check: svtools.models.pattern_tolerance of the model's dtype
         self.pattern_tol = check_tol if pattern_tol is None else pattern_tol
@@ -169,7 +208,7 @@ class PairEngine:
     def basis(self, layer: int) -> _LayerBasis:
         if layer not in self.bases:
             self.bases[layer] = _LayerBasis(self.model, layer, self.plan[layer], self.dtype, self.seed,
-                                            self.control == "rotated", self.weights)
+                                            "rotated" in self.controls, self.weights, self.null_draws)
         return self.bases[layer]
 
     @property
@@ -251,6 +290,14 @@ class PairEngine:
                 csum = torch.einsum("bqk,bhkr->bhqr", maskf, pv)  # each query's sum of key projections
                 if basis.Q is not None:
                     crotsum = (csum * root) @ basis.Q[None]
+        null: dict[str, dict[str, Tensor]] = {}
+        if self.null_draws and any(len(i) for i in idx_all.values()):
+            eligible = mask & qvalid[..., None]
+            if self.exclude_first:
+                eligible = eligible.clone()
+                eligible[..., 0] = False
+            null = self._null_rotary(idx_all, qa, kb, basis, mask, eligible, qvalid) if basis.rotary else \
+                self._null_absolute(idx_all, pu, pv, basis, mask, eligible, qvalid)
         for kind, idx in idx_all.items():
             if not len(idx):
                 continue
@@ -275,6 +322,92 @@ class PairEngine:
                 else:
                     t = relative_pair_terms(t, a[b, h, q] * csum[b, h, q], cnt)
                     rot = None if rot is None else relative_pair_terms(rot, arot[b, h, q] * crotsum[b, h, q], cnt)
-            cols = pair_rows(layer, heads, idx, t, rot, attn[kind], sigma, ids, start, kind, self.frac)
+            if self.degenerate_tol is not None:
+                t = merge_degenerate(t, sigma, self.degenerate_tol)
+            cols = pair_rows(layer, heads, idx, t, rot, attn[kind], sigma, ids, start, kind, self.frac,
+                             null=null.get(kind))
             if cols is not None:
                 self.frames.append(cols)
+
+    def _null_pairs(self, idx_all: dict[str, Tensor]) -> tuple[Tensor, Tensor, list[tuple[str, int]]]:
+        """All measured pairs in one tensor, whether each is rank-matched (not for random pairs),
+        and the kinds' sizes (to split the results back)."""
+        kinds = [(k, len(i)) for k, i in idx_all.items()]
+        pairs = torch.cat([i for i in idx_all.values()])
+        match = torch.cat([torch.full((len(i),), k != "random", dtype=torch.bool, device=i.device)
+                           for k, i in idx_all.items()])
+        return pairs, match, kinds
+
+    @staticmethod
+    def _split(res: dict[str, Tensor], kinds: list[tuple[str, int]]) -> dict[str, dict[str, Tensor]]:
+        out, s = {}, 0
+        for k, n in kinds:
+            out[k] = {name: v[s:s + n] for name, v in res.items()}
+            s += n
+        return out
+
+    def _null_absolute(self, idx_all, pu, pv, basis, mask, eligible, qvalid) -> dict[str, dict[str, Tensor]]:
+        """The spectrum null (:mod:`svtools.sad.null`) of absolute-position heads: the real
+        projections ``x~ U``, ``y~ V`` rotated per draw, centred on each prompt's mean."""
+        pairs, match, kinds = self._null_pairs(idx_all)
+        A, C = pu[:, :, :, None, :], pv[:, :, None, :, :]
+        valid = qvalid[:, 0]  # (batch, pos): real tokens
+        mean_a = context_mean(A, valid[:, None, :, None], dims=(-3,)) if self.null_center else None
+        mean_c = context_mean(C, valid[:, None, None, :], dims=(-2,)) if self.null_center else None
+        res = spectrum_null(A, C, basis.S[None, :, None, None, :], pairs, basis.O, mask=mask, eligible=eligible,
+                            match=match, mean_a=mean_a, mean_c=mean_c, relative=self.relative, frac=self.frac,
+                            merge_tol=self.degenerate_tol)
+        return self._split(res, kinds)
+
+    def _null_rotary(self, idx_all, qf, kf, basis, mask, eligible, qvalid) -> dict[str, dict[str, Tensor]]:
+        """The spectrum null of rotary heads: per-offset projections ``(x~ A) XA_o``, ``(y~ B) XB_o``
+        and values ``S_o`` laid out as ``(prompt, query, key, r)`` grids (pair ``(q, k)`` at offset
+        ``q - k``), one head and a block of prompts at a time (:data:`NULL_GRID_BYTES`)."""
+        pairs, match, kinds = self._null_pairs(idx_all)
+        B, H, _, _ = qf.shape
+        n = int(pairs[:, 2].max()) + 1  # queries up to the last measured one (and their keys) suffice
+        dev = qf.device
+        qpos = torch.arange(n, device=dev)
+        off = (qpos[:, None] - qpos[None, :]).clamp_min(0)  # (query, key) offset; future keys are masked
+        w = qvalid[:, 0].to(qf.dtype)
+        w = w / w.sum(-1, keepdim=True).clamp_min(1)  # each prompt's mean over its real tokens
+        block = max(1, NULL_GRID_BYTES // max(1, 6 * n * n * basis.r * qf.element_size()))
+        out = {name: torch.full((len(pairs),), float("nan"), dtype=torch.float64, device=dev)
+               for name in ("rolls_tovee", "n_recon")}
+        out["draws"] = torch.zeros(len(pairs), dtype=torch.int64, device=dev)
+        for hh in range(H):
+            XA, XB, S = basis.rot.factored(hh, n, self.check_tol)  # (offset, d_head, r), (offset, r)
+            for b0 in range(0, B, block):
+                sel = (pairs[:, 1] == hh) & (pairs[:, 0] >= b0) & (pairs[:, 0] < b0 + block)
+                if not bool(sel.any()):
+                    continue
+                bb = slice(b0, b0 + block)
+                Aall = torch.einsum("bnd,odr->bnor", qf[bb, hh, :n], XA)  # query q at offset o
+                Call = torch.einsum("bnd,odr->bnor", kf[bb, hh, :n], XB)  # key k at offset o
+                A, C = Aall[:, qpos[:, None], off], Call[:, qpos[None, :], off]  # (prompt, query, key, r)
+                qh, kh = qf[bb, hh, :n], kf[bb, hh, :n]
+                zero = torch.zeros((), dtype=qf.dtype, device=dev)
+                mean_a = mean_c = zero
+                qbar = kbar = zero
+                if self.null_center:  # the prompt's mean input: its projection at each offset is kept
+                    qbar = torch.einsum("bn,bnd->bd", w[bb], qf[bb, hh])[:, None]
+                    kbar = torch.einsum("bn,bnd->bd", w[bb], kf[bb, hh])[:, None]
+                    mean_a = torch.einsum("bxd,odr->bor", qbar, XA)[:, off]
+                    mean_c = torch.einsum("bxd,odr->bor", kbar, XB)[:, off]
+                    if self.degenerate_tol is not None:  # basis-free inside degenerate groups
+                        mean_a, mean_c = canonical_means(mean_a, mean_c, S[off], self.degenerate_tol)
+                N_A, N_B = basis.N[0][:, hh], basis.N[1][:, hh]
+
+                def projections(d: int, qh=qh, kh=kh, qbar=qbar, kbar=kbar, mean_a=mean_a, mean_c=mean_c,
+                                N_A=N_A, N_B=N_B) -> tuple[Tensor, Tensor]:
+                    return (mean_a + ((qh - qbar) @ N_A[d])[:, :, None, :],
+                            mean_c + ((kh - kbar) @ N_B[d])[:, None, :, :])
+
+                p = pairs[sel]
+                res = spectrum_null(A, C, S[off], torch.stack([p[:, 0] - b0, p[:, 2], p[:, 3]], -1),
+                                    projections=projections, draws=N_A.shape[0], mask=mask[bb, 0, :n, :n],
+                                    eligible=eligible[bb, 0, :n, :n], match=match[sel],
+                                    relative=self.relative, frac=self.frac, merge_tol=self.degenerate_tol)
+                for name, v in res.items():
+                    out[name][sel] = v.to(out[name].dtype)
+        return self._split(out, kinds)

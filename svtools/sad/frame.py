@@ -25,22 +25,23 @@ __all__ = ["COLUMNS", "pair_measures"]
 
 #: Columns every :func:`head_sparsity` frame has (acceptance checks read these names).
 COLUMNS = ("layer", "head", "prompt", "query", "key", "attention", "score", "n_recon", "rolls_tovee",
-           "n_recon_rotated", "rolls_tovee_rotated", "dominant_k", "dominant_k_rotated",
-           "dominant_sigma", "r", "used", "query_token", "key_token", "kind")
+           "n_recon_null", "rolls_tovee_null", "n_recon_rotated", "rolls_tovee_rotated", "dominant_k",
+           "dominant_k_rotated", "dominant_sigma", "r", "used", "query_token", "key_token", "kind")
 
 
 #: dtype of each :data:`COLUMNS` entry in a :func:`head_sparsity` frame (also when it is empty)
 _COLUMN_DTYPES = {"layer": np.int64, "head": np.int64, "prompt": np.int64, "query": np.int64, "key": np.int64,
                   "attention": np.float32, "score": np.float64, "n_recon": np.int64, "rolls_tovee": np.float64,
+                  "n_recon_null": np.float64, "rolls_tovee_null": np.float64,
                   "n_recon_rotated": np.int64, "rolls_tovee_rotated": np.float64, "dominant_k": np.int64,
                   "dominant_k_rotated": np.int64, "dominant_sigma": np.float64, "r": np.int64, "used": object,
                   "query_token": np.int64, "key_token": np.int64, "kind": str}
 
 
-def _empty_frame(control: Optional[str] = "rotated") -> pd.DataFrame:
+def _empty_frame(controls: Sequence[str] = ("spectrum",)) -> pd.DataFrame:
     """A frame with no rows and the same columns and dtypes as a non-empty one."""
     dt = dict(_COLUMN_DTYPES)
-    if control is None:  # no control: the rotated columns are NaN, hence float
+    if "rotated" not in controls:  # no rotated control: its columns are NaN, hence float
         dt.update(n_recon_rotated=np.float64, dominant_k_rotated=np.float64)
     return pd.DataFrame({c: pd.Series(dtype=dt[c]) for c in COLUMNS})
 
@@ -68,16 +69,20 @@ def used_tuples(order: np.ndarray, n: np.ndarray) -> list[tuple[int, ...]]:
 
 def pair_rows(layer: int, heads: Sequence[int], idx: Int[Tensor, "pair 4"], t: Float[Tensor, "pair r"],
                rot: Optional[Float[Tensor, "pair r"]], attn: Float[Tensor, "pair"], sigma: Float[Tensor, "pair r"],
-               tokens: Int[Tensor, "batch pos"], start: int, kind: str, frac: float) -> Optional[dict[str, Any]]:
+               tokens: Int[Tensor, "batch pos"], start: int, kind: str, frac: float,
+               null: Optional[dict[str, Tensor]] = None) -> Optional[dict[str, Any]]:
     """The :data:`COLUMNS` of the pairs ``idx`` = (batch row, head slot, query, key) of one chunk.
 
-    ``t``, ``rot``: each pair's terms in the singular basis and in the control; ``sigma``: the
-    singular values they use. Pairs with NaN terms (no relative score) are dropped.
+    ``t``, ``rot``: each pair's terms in the singular basis and in the rotated control; ``sigma``:
+    the singular values they use; ``null``: the spectrum null's per-pair ``rolls_tovee`` and
+    ``n_recon`` (:func:`svtools.sad.null.spectrum_null`), or None. Pairs with NaN terms (no
+    relative score) are dropped.
     """
     keep = ~torch.isnan(t).any(-1)
     if not bool(keep.all()):
         t, idx, attn, sigma = t[keep], idx[keep], attn[keep], sigma[keep]
         rot = None if rot is None else rot[keep]
+        null = None if null is None else {k: v[keep] for k, v in null.items()}
     if not len(t):
         return None
     b, hi, qi, ki = idx.unbind(-1)
@@ -98,6 +103,11 @@ def pair_rows(layer: int, heads: Sequence[int], idx: Int[Tensor, "pair 4"], t: F
         "used": used_tuples(m["order"].cpu().numpy(), m["n_recon"].cpu().numpy()),
         "query_token": tokens[b, qi].cpu().numpy(), "key_token": tokens[b, ki].cpu().numpy(),
         "kind": np.full(len(t), kind, dtype=object)}
+    if null is not None:
+        cols.update(n_recon_null=null["n_recon"].double().cpu().numpy(),
+                    rolls_tovee_null=null["rolls_tovee"].double().cpu().numpy())
+    else:
+        cols.update(n_recon_null=np.full(len(t), np.nan), rolls_tovee_null=np.full(len(t), np.nan))
     if rot is not None:
         mr = pair_measures(rot, frac, order=False)
         cols.update(n_recon_rotated=mr["n_recon"].cpu().numpy().astype(np.float64),
@@ -109,12 +119,12 @@ def pair_rows(layer: int, heads: Sequence[int], idx: Int[Tensor, "pair 4"], t: F
     return cols
 
 
-def assemble_frame(frames: list[dict[str, Any]], control: Optional[str]) -> pd.DataFrame:
+def assemble_frame(frames: list[dict[str, Any]], controls: Sequence[str]) -> pd.DataFrame:
     """One frame from the per-chunk columns, typed and ordered (kind, layer, head, prompt, query, key)."""
     if not frames:
-        return _empty_frame(control)
+        return _empty_frame(controls)
     df = pd.concat([pd.DataFrame(c) for c in frames], ignore_index=True)
-    if control == "rotated":
+    if "rotated" in controls:
         df["n_recon_rotated"] = df["n_recon_rotated"].astype(np.int64)
         df["dominant_k_rotated"] = df["dominant_k_rotated"].astype(np.int64)
     df["_kind"] = df["kind"].map({k: i for i, k in enumerate(KINDS)})

@@ -1,4 +1,4 @@
-"""``head_sparsity``: per-pair sparseness of the chosen heads, with the rotated control and the nulls.
+"""``head_sparsity``: per-pair sparseness of the chosen heads, with the spectrum null, the baselines and the rotated control.
 
 The entry point of SAD at scale: it checks the arguments, resolves which heads of which layers
 to measure, cuts the prompts into chunks whose attention fits :data:`CHUNK_BYTES`, runs the
@@ -17,14 +17,19 @@ from torch import Tensor
 
 from svtools._checks import SVToolsError, as_dtype, as_float, as_indices, as_int, is_index_sequence
 from svtools.bridge import check_bridge, check_heads, check_layer, prepare_tokens
-from svtools.decomposition import decomposition_dtype
+from svtools.decomposition import decomposition_dtype, layer_qk
 from svtools.models import resolve_check_tol
 from svtools.runtime import tqdm
+from svtools.qk import DEGENERATE_TOL, degenerate_groups
 from svtools.sad.engine import PairEngine
 from svtools.sad.frame import assemble_frame
+from svtools.sad.null import DRAWS
 from svtools.sad.selection import Select, check_baseline
 
-__all__ = ["head_sparsity", "CHUNK_BYTES"]
+__all__ = ["head_sparsity", "CHUNK_BYTES", "CONTROLS", "control_names", "degeneracy"]
+
+#: The controls :func:`head_sparsity` can compute beside the singular basis.
+CONTROLS = ("spectrum", "rotated")
 
 #: Prompts per forward pass are cut so that one layer's ``(batch, head, query, key)`` tensor of the
 #: decomposition dtype stays under this many bytes (the model's own attention, the scores of the
@@ -81,8 +86,11 @@ def head_sparsity(
     threshold: float = 0.5,
     exclude_first: bool = True,
     attention: Literal["absolute", "relative"] = "absolute",
-    control: Optional[Literal["rotated"]] = "rotated",
+    control: Optional[str | Sequence[str]] = "spectrum",
     seed: int = 0,
+    null_draws: int = DRAWS,
+    null_center: bool = True,
+    degenerate_tol: Optional[float] = DEGENERATE_TOL,
     frac: float = 1.0,
     attention_mask: Optional[Tensor] = None,
     batch_size: int = 32,
@@ -100,8 +108,8 @@ def head_sparsity(
     inputs and attention pattern over as soon as they exist and stops after the last layer
     needed. In each layer the pattern chooses the pairs (:func:`select_pairs`, padding queries
     excluded, plus the baseline samples); only those pairs' terms are formed, from per-head
-    projections ``x~ U S`` and ``y~ V`` (rotated control: the same projections times
-    ``S^-1/2 Q``, an ``r x r`` product); relative terms use each query's sum of key
+    projections ``x~ U S`` and ``y~ V`` (the spectrum null: the same projections times random
+    ``r x r`` rotations; the rotated control: times ``S^-1/2 Q``); relative terms use each query's sum of key
     projections (:func:`svtools.terms.relative_pair_terms`). Rotary heads are decomposed only
     at the (head, offset) items the measured pairs use (:mod:`svtools.rotary`: one
     ``d_head x d_head`` eigendecomposition per item, from a factorisation shared by all offsets),
@@ -118,8 +126,10 @@ def head_sparsity(
         ``layer, head, prompt`` (row of ``tokens``), ``query, key`` (positions), ``attention``
         (the model's own weight), ``score`` (sum of the terms: unscaled score, or relative score
         with ``attention="relative"``), ``n_recon, rolls_tovee`` of the terms over the singular
-        basis, ``n_recon_rotated, rolls_tovee_rotated`` of the same score over a random rotation
-        of it (NaN with ``control=None``), ``dominant_k`` (singular index of the largest term in
+        basis, ``n_recon_null, rolls_tovee_null`` the same measures of the spectrum null (means
+        over ``null_draws`` null heads; NaN without ``"spectrum"`` in ``control``),
+        ``n_recon_rotated, rolls_tovee_rotated`` of the same score over a random rotation of the
+        basis (NaN without ``"rotated"``), ``dominant_k`` (singular index of the largest term in
         the direction of the score; singular values are descending, so 0 = largest sigma),
         ``dominant_k_rotated``, ``dominant_sigma`` (``sigma_dominant / sigma_0``), ``r``
         (number of terms), ``used`` (tuple: the ``n_recon`` indices that reconstruct the score,
@@ -130,13 +140,25 @@ def head_sparsity(
     attended rows are the same whether or not baselines are asked for.
 
     Controls and nulls, and what each can and cannot rule out:
-        * the **rotated control** (columns ``*_rotated``, every row): the same score split over
-          ``U S^1/2 Q``, ``V S^1/2 Q`` with ``Q`` Haar-random. It rules out that the sparsity is
-          an artefact of the score being a sum of few *large-norm* directions in any basis
-          (e.g. a nearly rank-one head read in a random basis). It cannot separate alignment
-          from an uneven spectrum: the rotation mixes large and small singular values, so a head
-          whose ``sigma_k`` fall off steeply looks sparse in its singular basis for *every* pair,
-          attended or not (see PAPER.md, part 3, caution).
+        * the **spectrum null** (``control="spectrum"``, the default; columns ``*_null``, every
+          row): the same head with its singular values kept and its singular vectors replaced by
+          Haar-random orthonormal bases of the spans of its own left and right singular vectors,
+          ``null_draws`` times (seeded by ``seed`` per layer and head); attended and non-attended
+          pairs are compared with the null head's pair of the same rank for the same query,
+          random pairs with themselves; with ``null_center`` each prompt's mean projection is
+          kept and only the token-specific part rotated. Definition, reasons and calibration:
+          :mod:`svtools.sad.null`. Summarise with :func:`svtools.sad.null_ratio` (real / null,
+          1 = no alignment beyond the spectrum). It is calibrated: on featureless inputs the
+          ratio is 1 for flat, random and rank-one spectra. It cannot say *which* features align,
+          nor that the head uses them (that needs interventions).
+        * the **rotated control** (``control="rotated"``; columns ``*_rotated``): the same score
+          split over ``U S^1/2 Q``, ``V S^1/2 Q`` with ``Q`` Haar-random, as in the earlier SAD
+          work; kept for comparison only. It is **not evidence of alignment**: the rotation mixes
+          large and small singular values, so it flattens the spectrum, and a head whose
+          ``sigma_k`` fall off looks sparser in its own basis for *every* pair, with no features
+          at all (featureless Gaussian inputs, Rolls-Tovee real / rotated: 0.89-0.93 for a
+          random-initialisation spectrum, 0.13-0.18 for rank one; the spectrum null gives
+          0.98-1.00 on the same inputs, :func:`svtools.sad.null.featureless_calibration`).
         * ``baseline="non-attended"`` (``kind="non-attended"``): a seeded sample of the same
           heads' pairs on the same prompts that the head does *not* select (attention below
           ``baseline_bound`` when given, else simply not selected by the rule; visible keys,
@@ -153,7 +175,15 @@ def head_sparsity(
           typical pair of this head?"; it cannot say why (a head sparse for every pair is sparse
           for random pairs too, and attended pairs differ from random ones in score as well).
 
-        ``baseline`` may list both. Baseline rows carry the rotated control too.
+        ``baseline`` may list both. Baseline rows carry the controls too. Kinds of pairs differ
+        in score; :func:`svtools.sad.compare_matched` compares them at matched scores.
+
+    Degenerate singular values: where singular values are equal to within
+    ``degenerate_tol * sigma_0`` their singular vectors, hence their individual terms, are
+    fixed only up to a rotation inside the group; the group's terms are summed into its first
+    index (:func:`svtools.terms.merge_degenerate`), so N_recon and Rolls-Tovee do not depend on
+    the SVD routine (``degenerate_tol=None``: no merging; the rotated control is never merged).
+    :func:`svtools.sad.degeneracy` reports the groups per head.
 
     Identities: terms sum to the score in both bases, so the score column is basis-free (and the
     same for a pair whatever its kind); the rows agree with :func:`svtools.sad_terms` /
@@ -175,10 +205,15 @@ def head_sparsity(
         attention: ``"absolute"`` decomposes scores; ``"relative"`` decomposes relative scores
             (each term minus its mean over the query's other visible keys,
             :func:`svtools.relative_terms`); pairs whose query sees a single key are dropped.
-        control: ``"rotated"`` (default) or None.
-        seed: seed of the rotated control: one Haar rotation per ``(seed, layer, head)``, and
-            per offset for rotary heads (:func:`svtools.rotary.rotation_seed`), the same whatever
-            other heads, offsets or prompts are measured.
+        control: ``"spectrum"`` (default), ``"rotated"``, a list of both, or None.
+        seed: seed of the controls: the null's rotations come from one stream per
+            ``(seed, layer, head)``; the rotated control's one Haar rotation per ``(seed, layer,
+            head)``, and per offset for rotary heads (:func:`svtools.rotary.rotation_seed`), the
+            same whatever other heads, offsets or prompts are measured.
+        null_draws: null heads per head (Monte Carlo draws of the spectrum null).
+        null_center: keep each prompt's mean projection in the null (True) or rotate it too.
+        degenerate_tol: merge the terms of singular values closer than this fraction of the
+            largest (None: do not merge).
         frac: N_recon fraction (paper: 1.0).
         batch_size: at most this many prompts per forward pass; fewer when prompts are long, so
             that one layer's ``(batch, head, query, key)`` tensor stays under :data:`CHUNK_BYTES`
@@ -195,8 +230,11 @@ def head_sparsity(
     Memory and time: the model's own attention for one chunk (bounded by ``CHUNK_BYTES``), the
     per-head projections ``(batch, head, pos, r)``, and the measured pairs' terms; rotary layers
     add each used (head, offset) item's ``V`` and rotation (``2 * r * r`` numbers), kept across
-    calls up to :data:`svtools.factor_cache.CACHE_BYTES` (an eighth of the machine's memory).
-    Rotary, measured on two quiet cores of a 16-core Xeon (``taskset -c 0,1
+    calls up to :data:`svtools.factor_cache.CACHE_BYTES` (an eighth of the machine's memory). The
+    spectrum null adds, per draw, the null head's ``(batch, head, query, key)`` scores and key
+    ranks (rotary heads: per-offset grids of ``(prompts, query, key, r)`` numbers, one head and
+    :data:`svtools.sad.engine.NULL_GRID_BYTES` at a time); its time grows with ``null_draws``.
+    Rotary, ``control="rotated"``, measured on two quiet cores of a 16-core Xeon (``taskset -c 0,1
     python benchmarks/head_sparsity_rotary.py``: Pythia-160M-shaped random model, peaked attention,
     4 x 256 tokens, 141,993 pairs using 28,442 (head, offset) items at 254 offsets): a cold call
     (empty cache) 5.2-7.5x the HF forward pass over four repeats (best times: 5.7x), a repeated
@@ -204,7 +242,8 @@ def head_sparsity(
     (``benchmarks/``, ``OMP_WAIT_POLICY=PASSIVE``): MiniLM, 32 prompts x 256 tokens, peak
     memory above the model 0.23 GB in a fresh process (the HF forward with
     ``output_attentions=True`` alone: 1.6 GB), time 0.67x that forward pass (128 x 20: 0.90x);
-    time grows with the number of prompts as prompts^0.90. See benchmarks/ for the figures. CUDA: the code
+    time grows with the number of prompts as prompts^0.90 (these figures: ``control="rotated"``).
+    See benchmarks/ for the figures. CUDA: the code
     is device-agnostic but untested on a GPU.
 
     Returns:
@@ -214,8 +253,12 @@ def head_sparsity(
     check_bridge(model)
     if attention not in ("absolute", "relative"):
         raise SVToolsError(f"unknown attention {attention!r}: use 'absolute' or 'relative'")
-    if control not in ("rotated", None):
-        raise SVToolsError(f"unknown control {control!r}: use 'rotated' or None")
+    controls = control_names(control)
+    null_draws = as_int(null_draws, "null_draws", min_value=1)
+    if not isinstance(null_center, bool):
+        raise SVToolsError(f"null_center must be True or False, got {null_center!r}")
+    if degenerate_tol is not None:
+        degenerate_tol = as_float(degenerate_tol, "degenerate_tol", lo=0.0)
     batch_size = as_int(batch_size, "batch_size", min_value=1)
     if select not in ("threshold", "acc"):
         raise SVToolsError(f"unknown pair selection {select!r}: use 'threshold' or 'acc'")
@@ -232,9 +275,10 @@ def head_sparsity(
     dtype = decomposition_dtype(dtype)
     pattern_tol = resolve_check_tol(model, "auto")
     engine = PairEngine(model, plan, select=select, threshold=threshold, exclude_first=exclude_first,
-                         attention=attention, control=control, seed=seed, frac=frac, dtype=dtype, kinds=kinds,
+                         attention=attention, controls=controls, seed=seed, frac=frac, dtype=dtype, kinds=kinds,
                          baseline_fraction=baseline_fraction, baseline_bound=baseline_bound,
-                         baseline_seed=baseline_seed, pattern_tol=pattern_tol)
+                         baseline_seed=baseline_seed, pattern_tol=pattern_tol, null_draws=null_draws,
+                         null_center=null_center, degenerate_tol=degenerate_tol)
     # prompts per forward pass: at most batch_size, and few enough that one layer's
     # (batch, head, query, key) tensor stays under CHUNK_BYTES
     per_prompt = model.cfg.n_heads * ids.shape[1] ** 2 * max(torch.finfo(dtype).bits // 8, 4)
@@ -244,4 +288,48 @@ def head_sparsity(
     for start in starts:
         engine.run_chunk(ids[start:start + chunk], am[start:start + chunk], start, bar)
     bar.close()
-    return assemble_frame(engine.frames, control)
+    return assemble_frame(engine.frames, controls)
+
+
+def control_names(control: Any) -> tuple[str, ...]:
+    """``control`` of :func:`head_sparsity` as a tuple of known names."""
+    if control is None:
+        return ()
+    items = (control,) if isinstance(control, str) else tuple(control) if isinstance(control, (list, tuple)) else None
+    if items is None or any(c not in CONTROLS for c in items):
+        raise SVToolsError(f"unknown control {control!r}: use 'spectrum', 'rotated', a list of them, or None")
+    return tuple(dict.fromkeys(items))
+
+
+def degeneracy(model: Any, *, layers: int | Sequence[int] | None = None,
+               heads: int | Sequence[int] | Sequence[tuple[int, int]] | None = None,
+               tol: float = DEGENERATE_TOL, n_pos: int = 32) -> pd.DataFrame:
+    """(Near-)degenerate singular values of each head: the groups :func:`head_sparsity` merges.
+
+    For each chosen head (``layers``/``heads`` as in :func:`head_sparsity`; rotary heads at every
+    offset ``0..n_pos-1``): ``min_gap``, the smallest gap between consecutive non-zero singular
+    values as a fraction of the largest (``(S[k-1] - S[k]) / S[0]``); ``groups``, the number of
+    groups of two or more values closer than ``tol * S[0]``
+    (:func:`svtools.qk.degenerate_groups`; groups of exact zeros are left out: their terms are 0
+    in any basis); ``largest_group``; ``offsets`` (rotary: at how many offsets a group occurs).
+
+    Returns one row per head: ``layer, head, r, min_gap, groups, largest_group, offsets``.
+    """
+    check_bridge(model)
+    tol = as_float(tol, "tol", lo=0.0)
+    rows = []
+    for layer, hs in _heads_by_layer(model, layers, heads).items():
+        qk = layer_qk(model, layer, hs, n_pos=as_int(n_pos, "n_pos", min_value=1), dtype=torch.float64)
+        S = qk.S if qk.rotary is not None else qk.S[:, None, :]  # (head, offset, r)
+        first = degenerate_groups(S, tol)
+        k = torch.arange(S.shape[-1])
+        nonzero = S > tol * S[..., :1]
+        size = torch.zeros(S.shape, dtype=torch.int64).scatter_add_(-1, first, nonzero.to(torch.int64))
+        multi = (size >= 2) & (first == k)  # first index of each group of >= 2 non-zero values
+        gaps = (S[..., :-1] - S[..., 1:]) / S[..., :1].clamp_min(torch.finfo(S.dtype).tiny)
+        gaps = torch.where(nonzero[..., 1:], gaps, torch.full_like(gaps, float("inf")))
+        for i, h in enumerate(hs):
+            rows.append({"layer": layer, "head": h, "r": S.shape[-1], "min_gap": float(gaps[i].min()),
+                         "groups": int(multi[i].sum()), "largest_group": int(size[i].max()),
+                         "offsets": int(multi[i].any(-1).sum())})
+    return pd.DataFrame(rows, columns=["layer", "head", "r", "min_gap", "groups", "largest_group", "offsets"])

@@ -134,14 +134,36 @@ class RotaryLayer:
     seed: int
     control: bool
 
-    def bases(self, item_h: Tensor, item_o: Tensor) -> tuple[Entries, Tensor, Optional[Entries]]:
-        """Cached entries ``V`` of the items, their ``S (n, r)``, and the control's ``Q`` entries."""
+    def bases(self, item_h: Tensor, item_o: Tensor, control: Optional[bool] = None
+              ) -> tuple[Entries, Tensor, Optional[Entries]]:
+        """Cached entries ``V`` of the items, their ``S (n, r)``, and the control's ``Q`` entries
+        (None without the rotated control, or with ``control=False``)."""
         F = FACTOR_CACHE.factors(self.heads, item_h, item_o)
         Q = None
-        if self.control:
+        if self.control and control is not False:
             Q = FACTOR_CACHE.rotations(self.seed, self.layer, [self.head_ids[i] for i in item_h.tolist()],
                                        item_o.tolist(), self.heads.r, self.heads.dtype, self.heads.A.device)
         return F, F.full(1), Q
+
+    def factored(self, head: int, n: int, tol: float) -> tuple[Tensor, Tensor, Tensor]:
+        """Head slot ``head``'s decompositions at offsets ``0..n-1`` in the factored form of
+        :class:`~svtools.rotary.RotaryFactors`: ``XA, XB (n, d_head, r)``, ``S (n, r)`` (the layer's
+        dtype and device), with ``U_o = A XA_o = A M_o R_B^T V_o / S_o`` and ``V_o = B XB_o = B R_B^-1 V_o``
+        (full-rank heads; the spectrum null needs no other). Bases checked as in :meth:`pair_terms`."""
+        o = torch.arange(n)
+        ih = torch.full((n,), head)
+        F, S, _ = self.bases(ih, o, control=False)
+        V = F.full(0)
+        z, gz = gram_z(self.heads, ih, o)
+        check_items(torch.einsum("r,ors->os", z.to(V), V), torch.einsum("or,ors->os", gz.to(V), V), S.to(V),
+                    self.layer, tol)
+        c, s = cos_sin(self.heads.spec, o)
+        RBt = self.heads.RB[head].to(V).mT
+        XB = self.heads.key_map[head].to(V) @ V
+        XA = rotate_right((RBt @ V).mT, c[:, None, :], -s[:, None, :], self.heads.spec).mT  # M R_B^T V
+        S = S.to(V)
+        XA = XA / torch.where(S > 0, S, torch.ones_like(S))[:, None, :] * (S > 0)[:, None, :]
+        return XA, XB, S
 
     def pair_terms(self, idx: Int[Tensor, "pair 4"], qa: Tensor, bhat: Tensor, tol: float
                    ) -> tuple[Tensor, Optional[Tensor], Tensor]:

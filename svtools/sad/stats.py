@@ -6,6 +6,9 @@
   different singular vectors, against a permutation null.
 * :func:`bootstrap` — summaries with confidence intervals from resampling whole prompts;
   :func:`compare_kinds` — two kinds compared group by group on such a summary.
+* :func:`null_ratio` — the calibrated ratio real / spectrum null (:mod:`svtools.sad.null`) per
+  group, with intervals over prompts.
+* :func:`compare_matched` — two kinds of pairs compared raw and at matched scores, with intervals.
 """
 
 from __future__ import annotations
@@ -14,11 +17,13 @@ from typing import Literal, Optional, Sequence
 
 import numpy as np
 import pandas as pd
+from scipy import sparse
 
 from svtools._checks import SVToolsError
 from svtools.sad.frame import check_columns
 
-__all__ = ["singular_vector_usage", "usage_difference", "reuse", "bootstrap", "compare_kinds"]
+__all__ = ["singular_vector_usage", "usage_difference", "reuse", "bootstrap", "compare_kinds", "null_ratio",
+           "compare_matched"]
 
 
 # ----------------------------------------------------------------------------- usage across prompts
@@ -186,13 +191,14 @@ def reuse(df: pd.DataFrame, *, by: Sequence[str] = ("layer", "head")) -> pd.Data
 
     ``top_share``: fraction of the group's pairs whose dominant term is the group's most common
     dominant index (1 = every prompt uses the same singular vector); ``top_share_rotated``: the
-    same in the rotated basis (the control: a fixed random basis per head); ``top_k``: that most
-    common singular index; ``pairs``, ``prompts``.
+    same in the rotated basis (a fixed random basis per head; NaN when the frame was made without
+    ``control="rotated"``); ``top_k``: that most common singular index; ``pairs``, ``prompts``.
     """
     by = list(by)
     check_columns(df, by + ["prompt", "dominant_k", "dominant_k_rotated"], "reuse")
 
     def share(s: pd.Series) -> float:
+        s = s.dropna()
         return float(s.value_counts().iloc[0] / len(s)) if len(s) else float("nan")
 
     g = df.groupby(by)
@@ -293,3 +299,148 @@ def compare_kinds(summary: pd.DataFrame, a: str = "attended", b: str = "non-atte
         pd.concat([A[keep].add_suffix("_a").reset_index(drop=True), B[keep].add_suffix("_b").reset_index(drop=True)], axis=1)
     m["verdict"] = np.where(m["hi_a"] < m["lo_b"], "lower", np.where(m["lo_a"] > m["hi_b"], "higher", "overlap"))
     return m.rename(columns={"estimate_a": a, "estimate_b": f"{b} ({column_b})" if column_b != column else b})
+
+
+# ----------------------------------------------------------------------------- calibrated comparisons
+
+def compare_matched(
+    df: pd.DataFrame,
+    a: str = "attended",
+    b: str = "random",
+    *,
+    column: str = "rolls_tovee",
+    by=("layer",),
+    within=("layer", "head"),
+    score: str = "score",
+    bins: int = 10,
+    unit: str = "prompt",
+    n_boot: int = 500,
+    ci: float = 0.95,
+    seed: int = 0,
+) -> pd.DataFrame:
+    """Kind ``a`` minus kind ``b`` of ``column``, raw and at matched scores, with bootstrap intervals.
+
+    A pair's Rolls-Tovee sparseness and N_recon depend on its score's size and sign, and kinds of
+    pairs differ in score (attended pairs have large positive scores, non-attended pairs mostly
+    large negative ones). The *matched* comparison stratifies: within each group of ``within``
+    (default: each head), the pooled scores of both kinds are cut into ``bins`` quantile bins;
+    in each stratum (group, bin) holding both kinds the difference of the kinds' means is taken,
+    and the strata are averaged with the weights of kind ``a`` (kind ``b`` reweighted to ``a``'s
+    score distribution). Strata without ``b`` pairs drop out; ``coverage`` is the share of
+    ``a``'s pairs in strata that remain. The *raw* comparison is the plain difference of means.
+
+    Intervals: percentile bootstrap over ``unit`` (prompts; the pairs of a prompt are not
+    independent), ``n_boot`` replicates, the same replicates for raw and matched.
+
+    What each can show: the raw difference mixes what the pairs are with how large their scores
+    are; the matched difference compares pairs of equal score, so a difference left there is
+    not the score's size. Neither says why the kinds differ: matched kinds are a control, not a
+    test of alignment (even the aligned toy shows no gap at matched scores).
+
+    Returns one row per ``by`` group: ``by...``, ``pairs_a, pairs_b``, ``raw_a, raw_b, raw_diff,
+    raw_lo, raw_hi``, ``matched_a, matched_b`` (``b`` reweighted), ``matched_diff, matched_lo,
+    matched_hi``, ``coverage``.
+    """
+    by, within = list(by), list(within)
+    if not set(by) <= set(within):
+        raise SVToolsError(f"by={by} must be a subset of within={within} (strata nest inside the groups)")
+    check_columns(df, within + ["kind", column, score, unit], "compare_matched")
+    if isinstance(bins, bool) or not isinstance(bins, int) or bins < 1:
+        raise SVToolsError(f"bins must be a positive int, got {bins!r}")
+    if isinstance(n_boot, bool) or not isinstance(n_boot, int) or n_boot < 1:
+        raise SVToolsError(f"n_boot must be a positive int, got {n_boot!r}")
+    if not (0.0 < ci < 1.0):
+        raise SVToolsError(f"ci must be in (0, 1), got {ci}")
+    sub = df[df["kind"].isin([a, b]) & df[column].notna()].copy()
+    # strata: quantile bins of the pooled score within each `within` group
+    def cut(s: pd.Series) -> pd.Series:
+        if len(s) == 0:
+            return s.astype(np.int64)
+        edges = np.unique(np.quantile(s.to_numpy(dtype=float), np.linspace(0, 1, bins + 1)))
+        return pd.Series(np.clip(np.searchsorted(edges, s.to_numpy(dtype=float), side="right") - 1, 0,
+                                 max(len(edges) - 2, 0)), index=s.index)
+    sub["_bin"] = sub.groupby(within, sort=False)[score].transform(cut) if within else cut(sub[score])
+    rng = np.random.default_rng(seed)
+    q = [(1 - ci) / 2, (1 + ci) / 2]
+    rows = []
+    for key, g in (sub.groupby(by, sort=True) if by else [((), sub)]):
+        key = key if isinstance(key, tuple) else (key,)
+        is_a = (g["kind"] == a).to_numpy()
+        if is_a.all() or not is_a.any():
+            continue
+        strat = g.groupby(within + ["_bin"], sort=False).ngroup().to_numpy()
+        n_s = int(strat.max()) + 1
+        v = g[column].to_numpy(dtype=float)
+        units, inv = np.unique(g[unit].to_numpy(), return_inverse=True)
+        counts = np.vstack([np.ones((1, len(units))),
+                            rng.multinomial(len(units), np.full(len(units), 1.0 / len(units)), size=n_boot)])
+        W = counts[:, inv]  # (1 + B, rows): first row = the data
+        col = strat + n_s * (~is_a)  # a strata first, then b strata
+        M = sparse.csr_matrix((np.ones(len(g)), (np.arange(len(g)), col)), shape=(len(g), 2 * n_s))
+        Mv = sparse.csr_matrix((v, (np.arange(len(g)), col)), shape=(len(g), 2 * n_s))
+        wsum = np.asarray((M.T @ W.T).T)  # (1 + B, 2 S)
+        vsum = np.asarray((Mv.T @ W.T).T)
+        na, nb = wsum[:, :n_s], wsum[:, n_s:]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            ma, mb = vsum[:, :n_s] / na, vsum[:, n_s:] / nb
+            both = (na > 0) & (nb > 0)
+            wts = np.where(both, na, 0.0)
+            matched_a = np.nansum(np.where(both, ma, 0.0) * wts, 1) / wts.sum(1)
+            matched_b = np.nansum(np.where(both, mb, 0.0) * wts, 1) / wts.sum(1)
+            raw_a = vsum[:, :n_s].sum(1) / na.sum(1)
+            raw_b = vsum[:, n_s:].sum(1) / nb.sum(1)
+        md, rd = matched_a - matched_b, raw_a - raw_b
+        rows.append(dict(zip(by, key)) | {
+            "pairs_a": int(is_a.sum()), "pairs_b": int((~is_a).sum()),
+            "raw_a": raw_a[0], "raw_b": raw_b[0], "raw_diff": rd[0],
+            "raw_lo": np.nanquantile(rd[1:], q[0]), "raw_hi": np.nanquantile(rd[1:], q[1]),
+            "matched_a": matched_a[0], "matched_b": matched_b[0], "matched_diff": md[0],
+            "matched_lo": np.nanquantile(md[1:], q[0]), "matched_hi": np.nanquantile(md[1:], q[1]),
+            "coverage": float(wts[0].sum() / na[0].sum())})
+    return pd.DataFrame(rows)
+
+
+def null_ratio(
+    df: pd.DataFrame,
+    *,
+    by=("layer", "head", "kind"),
+    measure: str = "rolls_tovee",
+    unit: str = "prompt",
+    n_boot: int = 1000,
+    ci: float = 0.95,
+    seed: int = 0,
+) -> pd.DataFrame:
+    """The calibrated ratio real / null of ``measure`` per group, with a bootstrap interval over prompts.
+
+    ``ratio = mean(measure) / mean(measure + "_null")`` over the group's pairs that have a null
+    value (a ratio of means: pairs with large and small values weigh by their values, not by
+    their ratios). 1 = no sparser than a head with the same singular values and random singular
+    vectors; below 1 = sparser, the trace of alignment. The interval resamples whole prompts
+    (column ``unit``) with replacement, ``n_boot`` times (percentile interval at level ``ci``).
+
+    Returns ``by...``, ``real``, ``null`` (the two means), ``ratio``, ``lo``, ``hi``, ``pairs``,
+    ``prompts``.
+    """
+    by = list(by)
+    null_col = f"{measure}_null"
+    check_columns(df, by + [measure, null_col, unit], "null_ratio")
+    if isinstance(n_boot, bool) or not isinstance(n_boot, int) or n_boot < 1:
+        raise SVToolsError(f"n_boot must be a positive int, got {n_boot!r}")
+    if not (0.0 < ci < 1.0):
+        raise SVToolsError(f"ci must be in (0, 1), got {ci}")
+    rng = np.random.default_rng(seed)
+    sub = df[df[measure].notna() & df[null_col].notna()]
+    rows = []
+    for key, g in (sub.groupby(by, sort=True) if by else [((), sub)]):
+        key = key if isinstance(key, tuple) else (key,)
+        units, inv = np.unique(g[unit].to_numpy(), return_inverse=True)
+        counts = rng.multinomial(len(units), np.full(len(units), 1.0 / len(units)), size=n_boot)
+        W = counts[:, inv].astype(np.float64)
+        v, n0 = g[measure].to_numpy(dtype=float), g[null_col].to_numpy(dtype=float)
+        real, null = v.mean(), n0.mean()
+        with np.errstate(invalid="ignore", divide="ignore"):
+            reps = (W @ v) / (W @ n0)
+        lo, hi = np.nanquantile(reps, [(1 - ci) / 2, (1 + ci) / 2])
+        rows.append(dict(zip(by, key)) | {"real": real, "null": null, "ratio": real / null, "lo": lo, "hi": hi,
+                                           "pairs": len(g), "prompts": len(units)})
+    return pd.DataFrame(rows, columns=by + ["real", "null", "ratio", "lo", "hi", "pairs", "prompts"])

@@ -3,14 +3,14 @@
 * :func:`toy_tokens` — toy examples ``r = W f``: query and key tokens, the head's attention and
   the planted key;
 * :func:`toy_sparsity` — SAD of the toy head's attended pairs (the toy analogue of
-  :func:`svtools.sad.head_sparsity`), with the rotated control;
+  :func:`svtools.sad.head_sparsity`), with the spectrum null (and the rotated control on request);
 * :func:`toy_pair_sad` — SAD of each template pair's clean score beside its measured alignment;
 * :func:`toy_sparsity_over_training` — :func:`toy_sparsity` at several points of one run.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal, Sequence
+from typing import Any, Literal, Optional, Sequence
 
 import numpy as np
 import pandas as pd
@@ -22,9 +22,11 @@ from svtools._checks import SVToolsError
 from svtools.qk import rotary_matrices
 from svtools.runtime import tqdm
 from svtools.sad.frame import pair_measures, used_tuples
-from svtools.sad.selection import Select, select_pairs
+from svtools.sad.measure import control_names
+from svtools.sad.null import DRAWS, context_mean, null_gaussians, null_rotations, spectrum_null
+from svtools.sad.selection import Select, check_baseline, select_pairs
 from svtools.sparsity import n_recon, rolls_tovee
-from svtools.terms import relative_terms, rotated_terms, sad_terms
+from svtools.terms import homogeneous, relative_terms, rotated_terms, sad_terms
 from svtools.toy.model import sample_batch, template_matrix
 from svtools.toy.training import train
 
@@ -95,59 +97,108 @@ def toy_sparsity(
     threshold: float = 0.5,
     attention: Literal["absolute", "relative"] = "absolute",
     seed: int = 0,
+    control: Optional[str | Sequence[str]] = "spectrum",
     control_seed: int = 0,
+    null_draws: int = DRAWS,
+    null_center: bool = True,
+    baseline: Optional[str] = None,
+    baseline_fraction: float = 0.1,
     frac: float = 1.0,
 ) -> pd.DataFrame:
     """SAD of the toy head's attended pairs (the toy analogue of :func:`svtools.sad.head_sparsity`).
 
     Draws ``n`` toy examples (:func:`toy_tokens`), selects the (query, key ``j``) pairs the head
     attends (:func:`~svtools.sad.select_pairs`; ``"acc"`` means ``>= 1/m``; no key is excluded: the toy has no
-    attention sink), splits each pair's score ``r^T Omega s_j`` over the singular vectors
-    (:func:`svtools.sad_terms`) and over a random rotation of them (:func:`svtools.rotated_terms`).
-    ``attention="relative"``: each pair's terms minus their mean over the example's other keys.
+    attention sink) and splits each pair's score ``r^T Omega s_j`` over the singular vectors
+    (:func:`svtools.sad_terms`). ``attention="relative"``: each pair's terms minus their mean over
+    the example's other keys. ``baseline="random"`` adds a seeded sample (``baseline_fraction``)
+    of all (example, key) pairs, whatever their attention (``kind="random"``).
 
-    Returns a DataFrame with one row per selected pair: ``prompt`` (example), ``key``,
+    Controls (``control``: ``"spectrum"``, ``"rotated"``, both, or None):
+
+    * ``"spectrum"`` (default): the calibrated null of :mod:`svtools.sad.null` with
+      ``null_draws`` null heads seeded by ``control_seed``; attended pairs are compared with the
+      null head's key of the same rank in the same example, random pairs with themselves. With
+      ``null_center`` the mean projection over *all* examples is kept (each example has a single
+      query, so the context of the centring is the data set; for rotary heads one mean per offset).
+    * ``"rotated"``: the score over a Haar rotation of the singular basis
+      (:func:`svtools.rotated_terms`); not evidence of alignment (it flattens the spectrum).
+
+    Returns a DataFrame with one row per pair: ``prompt`` (example), ``key``, ``kind``,
     ``attention``, ``planted`` (the key holds the query's template partner), ``score``,
-    ``n_recon, rolls_tovee, n_recon_rotated, rolls_tovee_rotated, dominant_k, dominant_k_rotated,
-    dominant_sigma, r, used``.
+    ``n_recon, rolls_tovee, n_recon_null, rolls_tovee_null, n_recon_rotated, rolls_tovee_rotated,
+    dominant_k, dominant_k_rotated, dominant_sigma, r, used`` (NaN for a control not computed).
     """
     if attention not in ("absolute", "relative"):
         raise SVToolsError(f"unknown attention {attention!r}: use 'absolute' or 'relative'")
+    controls = control_names(control)
+    if baseline not in (None, "random"):
+        raise SVToolsError(f"unknown baseline {baseline!r}: the toy has None or 'random'")
     xq, xk, attn, planted = toy_tokens(run, n, seed=seed)
     m = xk.shape[1]
     sel = select_pairs(attn[:, None, :], torch.ones(1, 1, m, dtype=torch.bool), select=select,
                        threshold=threshold, exclude_first=False)[:, 0]
-    b, j = sel.nonzero().unbind(-1)
-    # terms of every (example, key) pair: (n, m, r); rotary heads have one basis per offset m - j
+    picks = {"attended": sel}
+    if baseline == "random":
+        check_baseline("random", baseline_fraction, None)
+        g = torch.Generator().manual_seed(int(seed) * 7919 + 17)
+        picks["random"] = torch.rand(sel.shape, generator=g) < float(baseline_fraction)
+    idx = {k: p.nonzero() for k, p in picks.items()}
+    b = torch.cat([i[:, 0] for i in idx.values()])
+    j = torch.cat([i[:, 1] for i in idx.values()])
+    kinds = np.concatenate([np.full(len(i), k, dtype=object) for k, i in idx.items()])
+    # projections of every example and key: a (n, 1, key, r), c (n, 1, key, r), S (1, key, r);
+    # rotary heads have one basis per offset m - j, so a and S vary along the key axis
     if run.cfg.rotary:
-        qk_rot = run.qk_rotary
-        per_key = [(sad_terms(qk_rot, xq, xk[:, jj], offset=m - jj),
-                    rotated_terms(qk_rot, xq, xk[:, jj], offset=m - jj, seed=control_seed),
-                    qk_rot.at_offset(m - jj).S) for jj in range(m)]  # m is small
-        T_all = torch.stack([p[0] for p in per_key], 1)
-        R_all = torch.stack([p[1] for p in per_key], 1)
-        sig = torch.stack([p[2] for p in per_key], 0)[j]
+        qks = [run.qk_rotary.at_offset(m - jj) for jj in range(m)]  # m is small
+        a = torch.stack([homogeneous(xq, q) @ q.U for q in qks], 1)[:, None]
+        c = torch.stack([homogeneous(xk[:, jj], q) @ q.V for jj, q in enumerate(qks)], 1)[:, None]
+        S = torch.stack([q.S for q in qks], 0)[None]
+        U, V = torch.stack([q.U for q in qks])[None], torch.stack([q.V for q in qks])[None]  # (1, key, d_in, r)
+        R_all = torch.stack([rotated_terms(q, xq, xk[:, jj], seed=control_seed) for jj, q in enumerate(qks)], 1) \
+            if "rotated" in controls else None
     else:
-        T_all = sad_terms(run.qk, xq[:, None, :], xk)
-        R_all = rotated_terms(run.qk, xq[:, None, :], xk, seed=control_seed)
-        sig = run.qk.S.expand(len(b), -1)
+        qk = run.qk
+        a = (homogeneous(xq, qk) @ qk.U)[:, None, None, :]
+        c = (homogeneous(xk, qk) @ qk.V)[:, None, :, :]
+        S = qk.S[None, None, :]
+        U, V = qk.U, qk.V
+        R_all = rotated_terms(qk, xq[:, None, :], xk, seed=control_seed) if "rotated" in controls else None
+    T_all = (a * S * c)[:, 0]  # (n, key, r)
     if attention == "relative":
         T_all = relative_terms(T_all[:, None])[:, 0]
-        R_all = relative_terms(R_all[:, None])[:, 0]
-    t, tr = T_all[b, j], R_all[b, j]
-    cols = {"prompt": b.numpy(), "key": j.numpy(), "attention": attn[b, j].double().numpy(),
+        R_all = None if R_all is None else relative_terms(R_all[:, None])[:, 0]
+    t = T_all[b, j]
+    sig = S.expand(1, m, S.shape[-1])[0][j]
+    cols = {"prompt": b.numpy(), "key": j.numpy(), "kind": kinds, "attention": attn[b, j].double().numpy(),
             "planted": (planted[b] == j).numpy()}
     if len(b) == 0:
         return pd.DataFrame(cols)
-    mr, mc = pair_measures(t, frac), pair_measures(tr, frac)
+    mr = pair_measures(t, frac)
     dom = mr["dominant_k"]
+    nan = np.full(len(b), np.nan)
     cols.update(score=mr["score"].double().numpy(), n_recon=mr["n_recon"].numpy(),
-                rolls_tovee=mr["rolls_tovee"].double().numpy(), n_recon_rotated=mc["n_recon"].numpy(),
-                rolls_tovee_rotated=mc["rolls_tovee"].double().numpy(), dominant_k=dom.numpy(),
-                dominant_k_rotated=mc["dominant_k"].numpy(),
+                rolls_tovee=mr["rolls_tovee"].double().numpy(), n_recon_null=nan, rolls_tovee_null=nan,
+                n_recon_rotated=nan, rolls_tovee_rotated=nan, dominant_k=dom.numpy(), dominant_k_rotated=nan,
                 dominant_sigma=(sig.gather(-1, dom[:, None])[:, 0] / sig[:, 0]).double().numpy(),
                 r=np.full(len(b), t.shape[-1]),
                 used=used_tuples(mr["order"].numpy(), mr["n_recon"].numpy()))
+    if R_all is not None:
+        mc = pair_measures(R_all[b, j], frac)
+        cols.update(n_recon_rotated=mc["n_recon"].numpy(), rolls_tovee_rotated=mc["rolls_tovee"].double().numpy(),
+                    dominant_k_rotated=mc["dominant_k"].numpy())
+    if "spectrum" in controls:
+        mask = torch.ones(len(xq), 1, m, dtype=torch.bool)
+        pairs = torch.stack([b, torch.zeros_like(b), j], -1)
+        G_q, G_k = null_gaussians(control_seed, null_draws, U.shape[-2], U.shape[-1], dtype=U.dtype)
+        rot = (null_rotations(U, G_q[:, 0][:, None, None] if U.ndim == 4 else G_q[:, 0]),
+               null_rotations(V, G_k[:, 0][:, None, None] if V.ndim == 4 else G_k[:, 0]))
+        res = spectrum_null(a, c, S, pairs, rot, mask=mask,
+                            match=torch.as_tensor(kinds != "random"), relative=attention == "relative",
+                            mean_a=context_mean(a, dims=(0, 1)) if null_center else None,
+                            mean_c=context_mean(c, dims=(0, 1) if run.cfg.rotary else (0, 1, 2)) if null_center else None,
+                            frac=frac)
+        cols.update(n_recon_null=res["n_recon"].numpy(), rolls_tovee_null=res["rolls_tovee"].numpy())
     return pd.DataFrame(cols)
 
 
