@@ -30,6 +30,7 @@ while this was written); the benchmarks in ``benchmarks/`` take ``--device cuda`
 
 from __future__ import annotations
 
+import re
 from typing import Any, Iterable, Literal, Optional, Sequence
 
 import numpy as np
@@ -39,7 +40,8 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from svtools.runtime import tqdm
 
-from svtools._checks import SVToolsError, as_float, as_tensor
+from svtools._checks import (SVToolsError, as_bool, as_choice, as_float, as_indices, as_int, as_names, as_seed,
+                             as_tensor, check_columns, check_numeric_columns)
 from svtools.qk import QKSVD
 from svtools.sparsity import n_recon, rolls_tovee
 from svtools.terms import relative_pair_terms, relative_terms, rotated_terms, sad_terms
@@ -93,6 +95,7 @@ def select_pairs(
         raise SVToolsError(f"unknown pair selection {select!r}: use 'threshold' or 'acc'")
     if select == "threshold":
         threshold = as_float(threshold, "threshold", lo=0.0, hi=1.0, lo_open=True)
+    exclude_first = as_bool(exclude_first, "exclude_first")
     pattern = as_tensor(pattern, "pattern")
     if pattern.ndim < 2:
         raise SVToolsError(f"pattern must have shape (..., query, key), got {tuple(pattern.shape)}")
@@ -163,7 +166,7 @@ def _heads_by_layer(model: Any, layers, heads) -> dict[int, list[int]]:
     layer of ``layers``) or a list of ``(layer, head)`` pairs. A bare *tuple* of two ints with no
     ``layers`` (``heads=(9, 6)``) could mean either, so it is an error that names both spellings.
     """
-    from svtools._checks import as_indices, is_index_sequence
+    from svtools._checks import is_index_sequence
     from svtools.decomposition import _check_heads, _check_layer
     from svtools.models import check_bridge
 
@@ -246,20 +249,26 @@ def pair_uniform(seed: int, stream: int, layer: int, head: Int[Tensor, "..."], p
     return ((h >> 11) & ((1 << 52) - 1)).to(torch.float64) / float(1 << 52)
 
 
-def _check_baseline(baseline: Any, fraction: float, bound: Optional[float]) -> tuple[str, ...]:
+def _check_fraction_bound(fraction: Any, bound: Any, prefix: str) -> tuple[float, Optional[float]]:
+    """The sampling probability (in (0, 1]) and the optional attention bound (in (0, 1]) of a baseline."""
+    fraction = as_float(fraction, f"{prefix}fraction", lo=0.0, hi=1.0, lo_open=True)
+    bound = None if bound is None else as_float(bound, f"{prefix}bound", lo=0.0, hi=1.0, lo_open=True)
+    return fraction, bound
+
+
+def _check_baseline(baseline: Any, fraction: float, bound: Optional[float]
+                    ) -> tuple[tuple[str, ...], float, Optional[float]]:
+    """``(kinds, fraction, bound)`` of :func:`head_sparsity`'s baseline arguments, checked."""
+    fraction, bound = _check_fraction_bound(fraction, bound, "baseline_")
     if baseline is None:
-        return ()
-    kinds = (baseline,) if isinstance(baseline, str) else tuple(baseline)
-    bad = [k for k in kinds if k not in KINDS[1:]]
+        return (), fraction, bound
+    kinds = (baseline,) if isinstance(baseline, str) else tuple(baseline) if isinstance(baseline, (list, tuple)) \
+        else None
+    bad = [k for k in kinds if k not in KINDS[1:]] if kinds is not None else [baseline]
     if bad or not kinds:
         raise SVToolsError(f"unknown baseline {bad or baseline!r}: use None, 'non-attended', 'random' "
                            "or a list of them")
-    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not (0.0 < float(fraction) <= 1.0):
-        raise SVToolsError(f"baseline_fraction must be in (0, 1], got {fraction!r}")
-    if bound is not None and (isinstance(bound, bool) or not isinstance(bound, (int, float))
-                              or not (0.0 < float(bound) <= 1.0)):
-        raise SVToolsError(f"baseline_bound must be None or in (0, 1], got {bound!r}")
-    return tuple(dict.fromkeys(kinds))
+    return tuple(dict.fromkeys(kinds)), fraction, bound
 
 
 def baseline_pairs(
@@ -289,6 +298,16 @@ def baseline_pairs(
     :func:`pair_uniform` of ``(seed, kind, layer, head, prompt0 + batch row, query, key)``: the
     sample does not depend on chunking or on the other heads measured.
     """
+    kind = as_choice(kind, "kind", KINDS[1:])
+    fraction, bound = _check_fraction_bound(fraction, bound, "")
+    seed, layer = as_int(seed, "seed"), as_int(layer, "layer", min_value=0)
+    prompt0 = as_int(prompt0, "prompt0", min_value=0)
+    exclude_first = as_bool(exclude_first, "exclude_first")
+    heads = as_indices(heads, "heads")
+    pattern = as_tensor(pattern, "pattern")
+    if pattern.ndim != 4 or pattern.shape[1] != len(heads) or pattern.shape[-1] != pattern.shape[-2]:
+        raise SVToolsError(f"pattern must have shape (batch, head={len(heads)}, query, key) with query = key, "
+                           f"got {tuple(pattern.shape)}")
     B, H, n, _ = pattern.shape
     dev = pattern.device
     ok = mask & query_mask[..., None]
@@ -299,13 +318,11 @@ def baseline_pairs(
         ok = ok & ~selected
         if bound is not None:
             ok = ok & (pattern < float(bound))
-    elif kind != "random":
-        raise SVToolsError(f"unknown baseline kind {kind!r}")
     ok = ok.expand(B, H, n, n)
     b, h, q, k = ok.nonzero().unbind(-1)
     head_t = torch.as_tensor(list(heads), device=dev)
-    u = pair_uniform(seed, 1 if kind == "non-attended" else 2, layer, head_t[h], b + int(prompt0), q, k)
-    keep = u < float(fraction)
+    u = pair_uniform(seed, 1 if kind == "non-attended" else 2, layer, head_t[h], b + prompt0, q, k)
+    keep = u < fraction
     out = torch.zeros_like(ok)
     out[b[keep], h[keep], q[keep], k[keep]] = True
     return out
@@ -783,7 +800,7 @@ def head_sparsity(
     Returns:
         ``pandas.DataFrame`` with the columns above (integers as int64).
     """
-    from svtools._checks import as_dtype, as_float, as_int
+    from svtools._checks import as_dtype
     from svtools.decomposition import _decomposition_dtype, _prepare
     from svtools.models import check_bridge, resolve_check_tol
 
@@ -799,8 +816,11 @@ def head_sparsity(
         threshold = as_float(threshold, "threshold", lo=0.0, hi=1.0, lo_open=True)
     frac = as_float(frac, "frac", lo=0.0, hi=1.0, lo_open=True)
     seed = as_int(seed, "seed")
+    exclude_first = as_bool(exclude_first, "exclude_first")
+    baseline_seed = as_int(baseline_seed, "baseline_seed")
     as_dtype(dtype)
-    kinds = ("attended",) + _check_baseline(baseline, baseline_fraction, baseline_bound)
+    kinds, baseline_fraction, baseline_bound = _check_baseline(baseline, baseline_fraction, baseline_bound)
+    kinds = ("attended",) + kinds
     plan = _heads_by_layer(model, layers, heads)
     # the same input checks as decompose (supported model, eval mode, 0/1 mask, max positions),
     # the same dtype rule (half precision decomposed in float32) and the same exactness tolerance
@@ -1006,11 +1026,26 @@ def toy_sparsity(
 # ----------------------------------------------------------------------------- usage across prompts
 
 def _check_columns(df: pd.DataFrame, cols: Iterable[str], what: str) -> None:
-    if not isinstance(df, pd.DataFrame):
-        raise SVToolsError(f"{what} needs a pandas DataFrame (from head_sparsity), got {type(df).__name__}")
-    missing = [c for c in cols if c not in df.columns]
-    if missing:
-        raise SVToolsError(f"{what}: the frame lacks column(s) {missing}; it has {list(df.columns)}")
+    check_columns(df, cols, what)
+
+
+def _used_tuples_of(df: pd.DataFrame, what: str) -> pd.DataFrame:
+    """``df`` with its ``used`` column as tuples of ints. A frame read back from a CSV file holds
+    their text (``"(3, 0)"``, ``"(5,)"``, ``"()"``): parsed back; anything else is an error."""
+    col = df["used"]
+    if all(isinstance(u, (tuple, list)) for u in col):
+        return df
+    out = []
+    for u in col:
+        if isinstance(u, (tuple, list)):
+            out.append(tuple(int(k) for k in u))
+            continue
+        text = u.strip() if isinstance(u, str) else None
+        if text is None or not re.fullmatch(r"[(\[]\s*(\d+\s*(,\s*\d+\s*)*,?\s*)?[)\]]", text):
+            raise SVToolsError(f"{what}: column 'used' must hold tuples of singular indices (as head_sparsity "
+                               f"writes them, or their text read back from a CSV file), got {u!r}")
+        out.append(tuple(int(k) for k in re.findall(r"\d+", text)))
+    return df.assign(used=out)
 
 
 def singular_vector_usage(df: pd.DataFrame, *, by: Sequence[str] = ("layer", "head")) -> pd.DataFrame:
@@ -1025,8 +1060,9 @@ def singular_vector_usage(df: pd.DataFrame, *, by: Sequence[str] = ("layer", "he
     prompts has a few ``k`` with ``frac_prompts`` near 1. With baselines, group by
     ``("layer", "head", "kind")`` to compare attended and non-attended pairs.
     """
-    by = list(by)
+    by = as_names(by, "by")
     _check_columns(df, by + ["prompt", "used", "dominant_k"], "singular_vector_usage")
+    df = _used_tuples_of(df, "singular_vector_usage")
     if df.empty:
         return pd.DataFrame(columns=by + ["k", "n_pairs", "frac_pairs", "n_prompts", "frac_prompts",
                                           "frac_dominant", "mass"])
@@ -1119,17 +1155,16 @@ def usage_difference(
         pairs_b, distance, null_mean, null_q95, p_value, top_k_a, top_k_b`` (the index with
         the largest usage mass in each kind), ``measure``, ``on``.
     """
-    by = list(by)
+    by = as_names(by, "by")
     _check_columns(df, by + ["kind", "used", "dominant_k"], "usage_difference")
-    if on not in ("used", "dominant"):
-        raise SVToolsError(f"unknown on={on!r}: use 'used' or 'dominant'")
-    if measure not in ("js", "tv"):
-        raise SVToolsError(f"unknown measure {measure!r}: use 'js' or 'tv'")
-    if isinstance(n_perm, bool) or not isinstance(n_perm, int) or n_perm < 1:
-        raise SVToolsError(f"n_perm must be a positive int, got {n_perm!r}")
-    kinds = tuple(kinds)
+    on = as_choice(on, "on", ("used", "dominant"))
+    measure = as_choice(measure, "measure", ("js", "tv"))
+    n_perm = as_int(n_perm, "n_perm", min_value=1)
+    seed = as_seed(seed, "seed")
+    kinds = tuple(as_names(kinds, "kinds"))
     if len(kinds) != 2 or kinds[0] == kinds[1]:
         raise SVToolsError(f"kinds must name two different kinds, got {kinds!r}")
+    df = _used_tuples_of(df, "usage_difference")
     present = set(df["kind"].unique())
     missing = [k for k in kinds if k not in present]
     if missing:
@@ -1179,7 +1214,7 @@ def reuse(df: pd.DataFrame, *, by: Sequence[str] = ("layer", "head")) -> pd.Data
     same in the rotated basis (the control: a fixed random basis per head); ``top_k``: that most
     common singular index; ``pairs``, ``prompts``.
     """
-    by = list(by)
+    by = as_names(by, "by")
     _check_columns(df, by + ["prompt", "dominant_k", "dominant_k_rotated"], "reuse")
 
     def share(s: pd.Series) -> float:
@@ -1225,15 +1260,18 @@ def bootstrap(
     Returns a long DataFrame: ``by...``, ``column``, ``estimate`` (on the data), ``lo``, ``hi``
     (the ``(1 - ci)/2`` and ``(1 + ci)/2`` quantiles of the replicates), ``pairs``, ``prompts``.
     """
-    columns = [columns] if isinstance(columns, str) else list(columns)
-    by = list(by)
+    columns = as_names(columns, "columns", allow_empty=False)
+    by = as_names(by, "by")
+    if not isinstance(unit, str):
+        raise SVToolsError(f"unit must be a column name, got {unit!r}")
     _check_columns(df, by + columns + [unit], "bootstrap")
-    if stat not in ("mean", "median"):
-        raise SVToolsError(f"unknown stat {stat!r}: use 'mean' or 'median'")
-    if not (0.0 < ci < 1.0):
-        raise SVToolsError(f"ci must be in (0, 1), got {ci}")
-    if isinstance(n_boot, bool) or not isinstance(n_boot, int) or n_boot < 1:
-        raise SVToolsError(f"n_boot must be a positive int, got {n_boot!r}")
+    check_numeric_columns(df, columns, "bootstrap")
+    stat = as_choice(stat, "stat", ("mean", "median"))
+    ci = as_float(ci, "ci", lo=0.0, hi=1.0, lo_open=True, hi_open=True)
+    n_boot = as_int(n_boot, "n_boot", min_value=1)
+    seed = as_seed(seed, "seed")
+    if df.empty:
+        raise SVToolsError("bootstrap: the frame has no rows (no pairs were selected?): nothing to summarise")
     rng = np.random.default_rng(seed)
     rows = []
     groups = df.groupby(by, sort=True) if by else [((), df)]
@@ -1424,6 +1462,7 @@ def format_summary(summary: pd.DataFrame, *, digits: int = 2) -> pd.DataFrame:
     """A :func:`bootstrap` result as a readable wide table: one row per group, one column per
     measure, cells ``"estimate [lo, hi]"``, plus the number of pairs and prompts."""
     _check_columns(summary, ["column", "estimate", "lo", "hi", "pairs", "prompts"], "format_summary")
+    digits = as_int(digits, "digits", min_value=0, max_value=15)
     by = [c for c in summary.columns if c not in ("column", "stat", "estimate", "lo", "hi", "pairs", "prompts")]
     cell = summary.apply(lambda r: f"{r.estimate:.{digits}f} [{r.lo:.{digits}f}, {r.hi:.{digits}f}]", axis=1)
     wide = summary.assign(cell=cell).pivot_table(index=by or None, columns="column", values="cell",
@@ -1446,8 +1485,18 @@ def compare_kinds(summary: pd.DataFrame, a: str = "attended", b: str = "non-atte
     N_recon, "lower" means sparser.
     """
     _check_columns(summary, ["kind", "column", "estimate", "lo", "hi"], "compare_kinds")
-    column_b = column_b or column
-    by = [c for c in summary.columns if c not in ("kind", "column", "stat", "estimate", "lo", "hi", "pairs", "prompts")]
+    column_b = column if column_b is None else column_b
+    kinds, cols = sorted(map(str, summary["kind"].unique())), sorted(map(str, summary["column"].unique()))
+    for arg, value in (("a", a), ("b", b)):
+        if value not in kinds:
+            raise SVToolsError(f"compare_kinds: {arg}={value!r} is not a kind of this summary; it has {kinds}")
+    for arg, value in (("column", column), ("column_b", column_b)):
+        if value not in cols:
+            raise SVToolsError(f"compare_kinds: {arg}={value!r} is not a column of this summary; it has {cols}")
+    if (a, column) == (b, column_b):
+        raise SVToolsError(f"compare_kinds: a and b are the same ({a!r}, {column!r}); compare two kinds or two columns")
+    # groups: the summary's other columns, and the statistic (a mean is compared with a mean only)
+    by = [c for c in summary.columns if c not in ("kind", "column", "estimate", "lo", "hi", "pairs", "prompts")]
     A = summary[(summary["kind"] == a) & (summary["column"] == column)]
     B = summary[(summary["kind"] == b) & (summary["column"] == column_b)]
     keep = by + ["estimate", "lo", "hi"]

@@ -53,7 +53,8 @@ def count_training(monkeypatch):
 def _weights(path: Path) -> dict:
     from safetensors.torch import load_file
 
-    return load_file(str(path / LAST))
+    # copies: safetensors may map the file, and the tests then truncate it (a bus error on read)
+    return {k: v.clone() for k, v in load_file(str(path / LAST)).items()}
 
 
 def _same(a: dict, b: dict) -> bool:
@@ -105,8 +106,8 @@ def test_damaged_entry_is_detected_and_rebuilt(cache, count_training, damage):
     assert again.path == first.path and sorted(os.listdir(cache)) == [first.path.name]
     assert _same(_weights(again.path), good)  # training is deterministic: the same run again
     assert again.history.equals(first.history)
-    model = again.hf_model(TINY.steps, "cpu")  # and it loads
-    assert torch.equal(model.transformer.wte.weight.detach(), good["transformer.wte.weight"])
+    sd = again.hf_model(TINY.steps, "cpu").state_dict()  # and it loads
+    assert all(torch.equal(sd[k], v) for k, v in good.items())
     third = ioi_lm.train(TINY, seed=0, progress=False)  # healed: a plain hit now
     assert len(count_training) == 2 and third.path == first.path
 
