@@ -479,8 +479,13 @@ def name_codes(cfg: IOILMConfig, seed: int, step: Optional[int] = None) -> tuple
     return ids, codes.float()
 
 
+def _key_config(cfg: IOILMConfig) -> dict:
+    """The config as the cache key hashes it (the seed is the run's, not the config's default)."""
+    return dataclasses.asdict(cfg.replace(seed=0))
+
+
 def _key(cfg: IOILMConfig, seed: int) -> str:
-    blob = json.dumps({"cfg": dataclasses.asdict(cfg.replace(seed=0)), "seed": int(seed),
+    blob = json.dumps({"cfg": _key_config(cfg), "seed": int(seed),
                        "code": CODE_VERSION, "vocab": _vocabulary(), "text": [TRAIN_TEMPLATES, TEST_TEMPLATES,
                                                                               TRAIN_NAMES, FILLER_TEMPLATES]},
                       sort_keys=True)
@@ -620,9 +625,9 @@ def _check_entry(path: Path, cfg: IOILMConfig, seed: int) -> tuple[Optional[dict
     meta, problem = _cache.read_meta(path)
     if problem:
         return None, problem
-    want = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "seed"}
+    want = _key_config(cfg)
     got = meta.get("config")
-    got = {k: v for k, v in got.items() if k != "seed"} if isinstance(got, dict) else got
+    got = {k: v for k, v in got.items() if k in want} | {"seed": 0} if isinstance(got, dict) else got
     if got != want:
         diff = [k for k in want if not isinstance(got, dict) or got.get(k) != want[k]] or ["its fields"]
         return None, f"meta.json is of another config ({', '.join(diff[:3])} differ)"
@@ -634,9 +639,9 @@ def _check_entry(path: Path, cfg: IOILMConfig, seed: int) -> tuple[Optional[dict
     if meta.get("checkpoints") != steps:
         return None, "meta.json lists other checkpoints than the config's"
     hist = meta.get("history")
-    if not isinstance(hist, list) or len(hist) != cfg.steps or not all(
+    if not isinstance(hist, list) or not hist or not all(
             isinstance(h, dict) and isinstance(h.get("loss"), (int, float)) and math.isfinite(h["loss"]) for h in hist):
-        return None, "its training history is incomplete or not finite (a diverged run)"
+        return None, "its training history is missing or not finite (a diverged run)"
     sizes = meta.get("files")
     problem = _cache.files_problem(path, [_ckpt_name(s) for s in steps], sizes if isinstance(sizes, dict) else None)
     return (None, problem) if problem else (meta, None)

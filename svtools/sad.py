@@ -1313,8 +1313,14 @@ def ioi_tokens(model: Any, dataset: Any) -> tuple[Int[Tensor, "batch pos"], Int[
 
     Returns ``(ids, attention_mask, positions)`` (an :class:`~svtools.data.IOIPositions`).
     """
+    from svtools.data.ioi import IOIDataset
     from svtools.decomposition import prepends_bos, tokenize
+    from svtools.models import check_bridge
 
+    check_bridge(model)
+    if not isinstance(dataset, IOIDataset):
+        raise SVToolsError(f"dataset must be an IOIDataset (svtools.data.ioi_prompts, or run.prompts for the IOI "
+                           f"language model), got {type(dataset).__name__}")
     tok = getattr(model, "tokenizer", None)
     if tok is None:
         raise SVToolsError("this model has no tokenizer; IOI prompts need one")
