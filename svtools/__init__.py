@@ -19,6 +19,8 @@ from svtools.terms import relative_terms, rotated_terms, sad_terms
 
 __version__ = "0.1.0"
 
+# Deliberately lazy: loading models/decomposition (and the study modules below) on first use keeps
+# `import svtools` to the light linear-algebra modules above.
 _LAZY = {
     "load_model": "svtools.models",
     "HubUnavailableError": "svtools.models",
@@ -32,7 +34,7 @@ _LAZY = {
     "HeadDecomposition": "svtools.decomposition",
 }
 _SUBMODULES = {"toy", "alignment", "theory", "data", "sad", "plots", "models", "decomposition", "runtime",
-               "sae", "activations"}
+               "sae", "activations", "bridge", "ioi", "report"}
 
 __all__ = [
     "QKSVD", "RotarySpec", "SVToolsError", "qk_svd", "random_rotation", "rotary_matrices",

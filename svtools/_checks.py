@@ -1,5 +1,9 @@
 """Input validation shared by every public function: clear errors, never silent wrong answers.
 
+The package's two error classes live here, at the bottom of the package: :class:`SVToolsError`
+(bad input) and :class:`UnsupportedModelError` (a model whose attention svtools does not
+decompose exactly; published as ``svtools.models.UnsupportedModelError``).
+
 One helper per kind of argument, so every module rejects the same mistakes with the same words
 (each takes the value and the argument's name, returns the value in its canonical Python type and
 raises :class:`SVToolsError` naming the argument; a new module calls them on every public
@@ -33,6 +37,10 @@ from torch import Tensor
 
 class SVToolsError(ValueError):
     """Raised for bad input: wrong shapes, non-finite values, unknown layers or heads."""
+
+
+class UnsupportedModelError(SVToolsError):
+    """The model's attention has a mechanism svtools does not decompose exactly."""
 
 
 def as_tensor(x, name: str) -> Tensor:

@@ -19,6 +19,9 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from svtools._checks import SVToolsError, as_bool, as_int
+from svtools.bridge import check_bridge, prepare_tokens
+from svtools.data.ioi import ioi_prompts
+from svtools.data.text import PLAIN_SENTENCES
 from svtools.runtime import tqdm
 
 __all__ = ["residual_activations", "sample_texts"]
@@ -42,7 +45,7 @@ def residual_activations(model: Any, texts: Sequence[str] | Int[Tensor, "batch p
     Args:
         model: a bridge from :func:`svtools.load_model`.
         texts: strings (tokenised with the model's tokenizer and special tokens, as
-            :func:`svtools.decomposition.tokenize` does) or ``(batch, pos)`` token ids.
+            :func:`svtools.bridge.tokenize` does) or ``(batch, pos)`` token ids.
         attention_mask: with token ids only: ``(batch, pos)``, 1 for real tokens, right-padded
             (default: all real).
         layer: ``0 .. n_layers - 1``: the input of block ``layer`` (see module doc).
@@ -57,9 +60,6 @@ def residual_activations(model: Any, texts: Sequence[str] | Int[Tensor, "batch p
         (and the index if asked). Identity: the rows of text ``b`` equal the model's
         ``hidden_states[layer][b, :len_b]``.
     """
-    from svtools.decomposition import _prepare
-    from svtools.models import check_bridge
-
     check_bridge(model)
     batch_size = as_int(batch_size, "batch_size", min_value=1)
     skip_first = as_bool(skip_first, "skip_first")
@@ -70,7 +70,7 @@ def residual_activations(model: Any, texts: Sequence[str] | Int[Tensor, "batch p
     # the same input checks as decompose: a supported model in eval mode (dropout would make two
     # identical calls differ), ids in the vocabulary, a 0/1 right-padded mask, no more positions
     # than the model has
-    ids, am = _prepare(model, texts, attention_mask)
+    ids, am = prepare_tokens(model, texts, attention_mask)
     rows, index = [], []
     starts = range(0, ids.shape[0], batch_size)
     for s in tqdm(starts, desc=f"residual stream, layer {layer}", disable=not progress):
@@ -106,9 +106,6 @@ def sample_texts(n_doc: int = 400, n_ioi: int = 100, *, seed: int = 0) -> list[s
     import re
 
     from pydoc_data.topics import topics
-
-    from svtools.data.ioi import ioi_prompts
-    from svtools.data.text import PLAIN_SENTENCES
 
     n_doc = as_int(n_doc, "n_doc", min_value=0)
     n_ioi = as_int(n_ioi, "n_ioi", min_value=0)

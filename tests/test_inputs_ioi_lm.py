@@ -6,14 +6,18 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 
 import numpy as np
 import pytest
 import torch
 
-from svtools import SVToolsError, ioi_lm, sad
+from svtools import SVToolsError, ioi_lm
+from svtools.ioi import ioi_tokens
 from svtools.data import ioi_prompts
 
+#: the module that holds train and the cache key (ioi_lm itself, or its training submodule)
+_training = sys.modules[ioi_lm.train.__module__]
 TINY = ioi_lm.IOILMConfig(n_layers=2, n_heads=2, d_model=16, steps=12, n_checkpoints=5, batch=8, warmup=2)
 
 
@@ -70,19 +74,19 @@ def test_unknown_words_in_ioi_prompts(tiny_run):
     model = tiny_run.load(tiny_run.checkpoints[-1], device="cpu")
     strangers = ioi_prompts(4, seed=0, names=["Zorblax", "Quimbly"], templates=[ioi_lm.TRAIN_TEMPLATES[0]])
     with pytest.raises(SVToolsError, match="vocabulary"):
-        sad.ioi_tokens(model, strangers)
+        ioi_tokens(model, strangers)
     with pytest.raises(SVToolsError, match="vocabulary"):
         tiny_run.logits(tiny_run.checkpoints[-1], strangers)
     default = ioi_prompts(32)
     with pytest.warns(UserWarning, match="of 32 IOI prompts hold words") as caught:
-        sad.ioi_tokens(model, default)
+        ioi_tokens(model, default)
     assert any(type(w.message).__name__ == "UnknownWordsWarning" for w in caught)
     # the model's own prompts are all in its vocabulary: no warning
     import warnings
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        sad.ioi_tokens(model, tiny_run.prompts(32, seed=1))
+        ioi_tokens(model, tiny_run.prompts(32, seed=1))
     assert not [w for w in caught if "IOI prompts hold words" in str(w.message)]
 
 
@@ -120,11 +124,11 @@ def test_config_accepts_numpy_scalars_with_the_same_key():
     cfg = TINY.replace(**{k: np.int64(v) for k, v in ints.items()}, lr=np.float64(TINY.lr),
                        answer_weight=np.float64(TINY.answer_weight))
     assert cfg == TINY and all(type(getattr(cfg, k)) is int for k in ints)
-    assert type(cfg.lr) is float and ioi_lm._key(cfg, 0) == ioi_lm._key(TINY, 0)
+    assert type(cfg.lr) is float and _training._key(cfg, 0) == _training._key(TINY, 0)
     # integers where a float is meant are the same run as the float
-    assert ioi_lm._key(TINY.replace(answer_weight=4), 0) == ioi_lm._key(TINY.replace(answer_weight=4.0), 0)
+    assert _training._key(TINY.replace(answer_weight=4), 0) == _training._key(TINY.replace(answer_weight=4.0), 0)
     # the default runs every chapter uses keep their cache entries (a changed key would retrain them)
-    assert [ioi_lm._key(ioi_lm.IOILMConfig(), s) for s in (0, 1, 2)] == \
+    assert [_training._key(ioi_lm.IOILMConfig(), s) for s in (0, 1, 2)] == \
         ["dc15d1d14085f70f", "92b5ae2d0844d16c", "13b450ba0c58e321"]
     assert dataclasses.asdict(ioi_lm.IOILMConfig(**dataclasses.asdict(cfg))) == dataclasses.asdict(TINY)
 

@@ -2,16 +2,19 @@
 the ``_checks`` helpers, ``sae.train``, ``residual_activations``, ``IOILMConfig``, and the
 statistics ``bootstrap``, ``usage_difference``, ``compare_kinds``, ``over_seeds``.
 
-Every argument is drawn from a pool of values of every kind a careless user might pass (ints,
-floats with NaN and infinities, bools, None, strings, numpy scalars, 0-d tensors, lists). On every
-draw either the documented identity holds or an :class:`SVToolsError` is raised: never another
-exception, never a NaN the docstrings do not promise, and inputs are never modified.
+Each draw keeps every argument valid but (mostly) one, drawn from a pool of values of every kind a
+careless user might pass (ints, floats with NaN and infinities, bools, None, strings, numpy scalars,
+0-d tensors, lists), so that each argument's checks are reached. On every draw either the
+documented identity holds, from arguments of the right kinds (a float that "worked" as a seed would
+be a silent truncation), or an :class:`SVToolsError` is raised: never another exception, never a
+NaN the docstrings do not promise, and inputs are never modified.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 
 import numpy as np
 import pandas as pd
@@ -22,11 +25,12 @@ from hypothesis import strategies as st
 
 from svtools import SVToolsError, sad, sae
 from svtools._checks import as_bool, as_float, as_int, as_names, as_seed
-from svtools.ioi_lm import IOILMConfig, _key, over_seeds
+from svtools.ioi_lm import IOILMConfig, over_seeds, train
 
+_key = sys.modules[train.__module__]._key  # the cache key (ioi_lm, or its training submodule)
 SETTINGS = settings(max_examples=60, deadline=None, derandomize=True,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
-FEW = settings(SETTINGS, max_examples=25)
+FEW = settings(SETTINGS, max_examples=40)
 
 
 def _cast(t, v):
@@ -86,27 +90,63 @@ def test_helpers_accept_or_name_the_argument(x):
         assert isinstance(x, (str, list, tuple)) and all(isinstance(n, str) for n in names)
 
 
+def _int_like(x) -> bool:
+    if isinstance(x, (bool, np.bool_)):
+        return False
+    return isinstance(x, (int, np.integer)) or (isinstance(x, torch.Tensor) and x.ndim == 0 and not
+                                                x.is_floating_point() and x.dtype != torch.bool)
+
+
+def _real(x) -> bool:
+    if isinstance(x, (bool, np.bool_, str)) or x is None:
+        return False
+    try:
+        return math.isfinite(float(x)) and not (isinstance(x, torch.Tensor) and x.dtype == torch.bool)
+    except (TypeError, ValueError):
+        return False
+
+
+@st.composite
+def one_bad(draw, valid: dict, wild: dict):
+    """Valid values for every argument, then (mostly) one of them replaced by a value of any kind:
+    each argument's checks are reached, whatever the order the function checks them in."""
+    args = {k: draw(v) for k, v in valid.items()}
+    name = draw(st.sampled_from([None, *wild]))
+    if name is not None:
+        args[name] = draw(wild[name])
+    return args
+
+
 # ------------------------------------------------------------------ sae.train
 
 _X = torch.randn(60, 5, generator=torch.Generator().manual_seed(0))
+_SAE_KINDS = {"n_features": _int_like, "steps": _int_like, "batch": _int_like, "seed": _int_like, "l1": _real,
+              "lr": _real, "held_out": _real}
 
 
 @FEW
-@given(n_features=anything(ints=st.integers(-2, 12)), l1=anything(floats=st.floats(-1, 2)),
-       steps=anything(ints=st.integers(-1, 4)), batch=anything(ints=st.integers(-1, 40)),
-       lr=anything(floats=st.floats(-1, 0.1)), held_out=anything(floats=st.floats(-0.5, 1.5)),
-       seed=anything(ints=st.integers(-2, 2**70)))
-def test_sae_train_argument_space(n_features, l1, steps, batch, lr, held_out, seed):
+@given(one_bad(valid=dict(n_features=st.integers(1, 12), l1=st.floats(0, 1), steps=st.integers(1, 3),
+                          batch=st.integers(1, 40), lr=st.floats(1e-4, 0.1), held_out=st.floats(0, 0.3),
+                          seed=st.integers(0, 2**40)),
+               wild=dict(n_features=anything(ints=st.integers(-2, 12)), l1=anything(floats=st.floats(-1, 2)),
+                         steps=anything(ints=st.integers(-1, 4)), batch=anything(ints=st.integers(-1, 40)),
+                         lr=anything(floats=st.floats(-1, 0.1)), held_out=anything(floats=st.floats(-0.5, 1.5)),
+                         seed=anything(ints=st.integers(-2, 2**70)))))
+def test_sae_train_argument_space(args):
+    """Either a dictionary with its identities, from arguments of the right kinds (a float seed or
+    step count that "worked" would be a silent truncation), or an SVToolsError; the data untouched."""
     x = _X.clone()
     try:
-        model = sae.train(x, n_features, l1=l1, steps=steps, batch=batch, lr=lr, held_out=held_out, seed=seed,
-                          progress=False)
+        model = sae.train(x, progress=False, **args)
     except SVToolsError:
         assert torch.equal(x, _X)
         return
     assert torch.equal(x, _X)
-    assert model.W_dec.shape == (5, int(n_features)) and model.W_enc.shape == (int(n_features), 5)
-    torch.testing.assert_close(model.W_dec.norm(dim=0), torch.ones(int(n_features)), rtol=0, atol=1e-5)
+    for k, ok in _SAE_KINDS.items():
+        assert ok(args[k]), f"{k}={args[k]!r} was accepted"
+    n = int(args["n_features"])
+    assert model.W_dec.shape == (5, n) and model.W_enc.shape == (n, 5)
+    torch.testing.assert_close(model.W_dec.norm(dim=0), torch.ones(n), rtol=0, atol=1e-5)
     assert math.isfinite(model.scale) and model.scale > 0
     for k, v in model.held_out.items():
         assert math.isfinite(v), k
@@ -116,25 +156,28 @@ def test_sae_train_argument_space(n_features, l1, steps, batch, lr, held_out, se
 # ------------------------------------------------------------------ residual_activations
 
 @FEW
-@given(layer=anything(ints=st.integers(-2, 3)), batch_size=anything(ints=st.integers(-1, 5)),
-       skip_first=anything())
-def test_residual_activations_argument_space(random_models, batch_tokens, layer, batch_size, skip_first):
+@given(one_bad(valid=dict(layer=st.integers(0, 1), batch_size=st.integers(1, 5), skip_first=st.booleans()),
+               wild=dict(layer=anything(ints=st.integers(-2, 3)), batch_size=anything(ints=st.integers(-1, 5)),
+                         skip_first=anything())))
+def test_residual_activations_argument_space(random_models, batch_tokens, args):
     from svtools.activations import residual_activations
 
     model = random_models["gpt2"]
     ids, am = batch_tokens
     ids0, am0 = ids.clone(), am.clone()
     try:
-        acts = residual_activations(model, ids, layer, attention_mask=am, batch_size=batch_size,
-                                    skip_first=skip_first, progress=False)
+        acts = residual_activations(model, ids, args["layer"], attention_mask=am, batch_size=args["batch_size"],
+                                    skip_first=args["skip_first"], progress=False)
     except SVToolsError:
         assert torch.equal(ids, ids0) and torch.equal(am, am0)
         return
     assert torch.equal(ids, ids0) and torch.equal(am, am0)
-    ref = residual_activations(model, ids, int(layer), attention_mask=am, batch_size=len(ids),
-                               skip_first=bool(skip_first), progress=False)
+    assert _int_like(args["layer"]) and _int_like(args["batch_size"])
+    assert isinstance(args["skip_first"], (bool, np.bool_))
+    ref = residual_activations(model, ids, int(args["layer"]), attention_mask=am, batch_size=len(ids),
+                               skip_first=bool(args["skip_first"]), progress=False)
     torch.testing.assert_close(acts, ref, rtol=1e-5, atol=1e-5)
-    assert acts.shape == (int(am.sum()) - (len(ids) if skip_first else 0), model.cfg.d_model)
+    assert acts.shape == (int(am.sum()) - (len(ids) if args["skip_first"] else 0), model.cfg.d_model)
 
 
 # ------------------------------------------------------------------ IOILMConfig
@@ -187,44 +230,53 @@ FRAME = _frame()
 
 
 @FEW
-@given(columns=st.one_of(st.sampled_from(["rolls_tovee", "n_recon", "used", "kind", "nope"]),
-                         st.lists(st.sampled_from(["rolls_tovee", "rolls_tovee_rotated", "n_recon"]), max_size=3)),
-       by=st.one_of(st.sampled_from(["layer", "kind", "", "lyer"]), st.lists(st.sampled_from(["layer", "kind"]),
-                                                                              max_size=2, unique=True)),
-       stat=st.sampled_from(["mean", "median", "max", None]), n_boot=anything(ints=st.integers(-1, 60)),
-       ci=anything(floats=st.floats(-0.5, 1.5)), seed=anything(ints=st.integers(-2, 2**40)))
-def test_bootstrap_argument_space(columns, by, stat, n_boot, ci, seed):
+@given(one_bad(valid=dict(columns=st.sampled_from(["rolls_tovee", ["rolls_tovee", "n_recon"]]),
+                          by=st.sampled_from(["layer", ["layer", "kind"], []]), stat=st.sampled_from(["mean", "median"]),
+                          n_boot=st.integers(1, 60), ci=st.floats(0.5, 0.99), seed=st.integers(0, 2**40)),
+               wild=dict(columns=st.one_of(st.sampled_from(["used", "kind", "nope", "", []]),
+                                           st.lists(st.sampled_from(["rolls_tovee", "n_recon", "kind"]), max_size=3)),
+                         by=st.one_of(st.sampled_from(["", "lyer", ("layer",)]),
+                                      st.lists(st.sampled_from(["layer", "kind"]), max_size=2)),
+                         stat=st.sampled_from(["max", None, "MEAN"]), n_boot=anything(ints=st.integers(-1, 60)),
+                         ci=anything(floats=st.floats(-0.5, 1.5)), seed=anything(ints=st.integers(-2, 2**40)))))
+def test_bootstrap_argument_space(args):
     df = FRAME.copy()
     try:
-        out = sad.bootstrap(df, columns, by=by, stat=stat, n_boot=n_boot, ci=ci, seed=seed)
+        out = sad.bootstrap(df, args["columns"], by=args["by"], stat=args["stat"], n_boot=args["n_boot"],
+                            ci=args["ci"], seed=args["seed"])
     except SVToolsError:
         pd.testing.assert_frame_equal(df, FRAME)
         return
     pd.testing.assert_frame_equal(df, FRAME)
+    assert _int_like(args["n_boot"]) and _int_like(args["seed"]) and _real(args["ci"])
     assert len(out) and (out["lo"] <= out["hi"]).all()
     assert np.isfinite(out[["estimate", "lo", "hi"]].to_numpy()).all()
-    by_cols = [by] if isinstance(by, str) else list(by)
+    by_cols = [args["by"]] if isinstance(args["by"], str) else list(args["by"])
     assert list(out.columns[:len(by_cols)]) == by_cols
+    cols = [args["columns"]] if isinstance(args["columns"], str) else list(args["columns"])
+    assert list(dict.fromkeys(out["column"])) == cols
 
 
 @FEW
-@given(by=st.one_of(st.sampled_from(["layer", "head"]), st.lists(st.sampled_from(["layer", "head"]), max_size=2,
-                                                                 unique=True)),
-       kinds=st.sampled_from([("attended", "non-attended"), ("non-attended", "attended"), ("attended", "attended"),
-                              ("attended", "random"), ("attended",)]),
-       on=st.sampled_from(["used", "dominant", "other"]), measure=st.sampled_from(["js", "tv", "kl"]),
-       n_perm=anything(ints=st.integers(-1, 40)), seed=anything(ints=st.integers(-2, 2**40)))
-def test_usage_difference_argument_space(by, kinds, on, measure, n_perm, seed):
+@given(one_bad(valid=dict(by=st.sampled_from(["layer", ["layer", "head"], []]), kinds=st.sampled_from(
+                   [("attended", "non-attended"), ("non-attended", "attended")]), on=st.sampled_from(["used", "dominant"]),
+                   measure=st.sampled_from(["js", "tv"]), n_perm=st.integers(1, 40), seed=st.integers(0, 2**40)),
+               wild=dict(by=st.sampled_from(["lyer", ("layer", "layer"), 3]),
+                         kinds=st.sampled_from([("attended", "attended"), ("attended", "random"), ("attended",), "attended"]),
+                         on=st.sampled_from(["other", None]), measure=st.sampled_from(["kl", None]),
+                         n_perm=anything(ints=st.integers(-1, 40)), seed=anything(ints=st.integers(-2, 2**40)))))
+def test_usage_difference_argument_space(args):
     df = FRAME.copy()
     try:
-        out = sad.usage_difference(df, by=by, kinds=kinds, on=on, measure=measure, n_perm=n_perm, seed=seed)
+        out = sad.usage_difference(df, **args)
     except SVToolsError:
         pd.testing.assert_frame_equal(df, FRAME)
         return
     pd.testing.assert_frame_equal(df, FRAME)
+    assert _int_like(args["n_perm"]) and _int_like(args["seed"])
     assert len(out)
     assert out["distance"].between(0, 1).all() and out["p_value"].between(0, 1, inclusive="right").all()
-    assert (out["p_value"] >= 1 / (1 + int(n_perm)) - 1e-12).all()
+    assert (out["p_value"] >= 1 / (1 + int(args["n_perm"])) - 1e-12).all()
 
 
 @FEW

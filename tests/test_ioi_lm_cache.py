@@ -182,7 +182,7 @@ def test_killed_run_is_cleaned_up_by_the_next_call(cache, count_training):
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     left = os.listdir(cache)
-    assert len(left) == 1 and left[0] != ioi_lm._key(TINY, 0)  # the killed run's partial directory
+    assert len(left) == 1 and left[0] != _train_module()._key(TINY, 0)  # the killed run's partial directory
     run = ioi_lm.train(TINY, seed=0, progress=False)
     assert os.listdir(cache) == [run.path.name] and len(count_training) == 1
 
@@ -259,7 +259,7 @@ def test_two_processes_training_one_key_end_with_one_good_entry(cache):
         assert p.returncode == 0, err[-2000:]
     lines = [out.strip().splitlines()[-1] for out, _ in outs]
     assert lines[0] == lines[1]
-    key = ioi_lm._key(TINY, 3)
+    key = _train_module()._key(TINY, 3)
     assert lines[0].split()[0] == str(cache / key) and os.listdir(cache) == [key]
     run = ioi_lm.train(TINY, seed=3, progress=False)  # a verified hit
     assert run.path == cache / key

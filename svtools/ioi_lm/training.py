@@ -1,83 +1,22 @@
-"""A small causal language model trained here on IOI text: a real IOI circuit on every machine.
+"""The IOI language model itself: config, model, training, the on-disk cache, a run and its accuracy.
 
-The paper's real-model results use GPT-2 small and Pythia-160M, which need the model hub. This
-module trains, offline and on a CPU, a GPT-2-architecture model
-(``transformers.GPT2LMHeadModel`` built from a local ``GPT2Config``: 3 layers x 4 heads,
-``d_model`` 64 by default, 2.5-4 minutes per seed on one CPU core) on a small language of
-our own:
-
-* indirect-object-identification (IOI) sentences (:func:`svtools.data.ioi_prompts` on the
-  templates :data:`TRAIN_TEMPLATES`, compositions of an opening and an action) followed by their
-  answer ("When Mary and John went to the store, John gave a drink to Mary ."), and
-* filler sentences that are not IOI ("Kate bought a pen at the market .", "It was a quiet day at
-  the park ."), some with one name, some with two, some with the same name twice, so the model
-  has to learn names as words of a language rather than a lookup from the IOI templates.
-
-Tokens are whole words and punctuation marks (a ``tokenizers`` ``WordLevel`` model, built from
-the word lists below, wrapped in ``PreTrainedTokenizerFast``; the tokenizer adds a ``<bos>`` at
-position 0, the attention sink). Names and templates are split: the *test* split uses names
-that never appear in a training IOI sentence (they do appear in filler sentences, so the model
-knows them as words) and templates never used in training.
-
-**Names are random codes, never learnt** (``freeze_names``, the default). Each of the 300 names'
-embedding rows (tied to the unembedding) is a shared "name" direction plus an independent
-Gaussian code (:func:`name_codes`); with ``resample_names`` (the default) every training step
-draws fresh codes, and the saved checkpoints hold one fixed draw per seed. So nothing in the
-model belongs to one name, and every name, held out or not, is to the model a draw it has never
-seen: the model has to learn circuits that compare and copy *whatever* code sits in a name's
-place. Filler sentences draw held-out names 70% of the time (``filler_test_share``), so held-out
-and training names are about equally frequent.
-
-**Training choices** (``answer_weight`` 4: the loss at an IOI sentence's answer token counts four
-times; ``attn_dropout`` 0.1 while training; 3 layers). Why, from our exploration while building
-this module (single runs, seeds 0-2, 128-256 held-out prompts, not re-run by the book):
-
-* learnt name embeddings did not generalise to held-out names (100 names: top-1 0.4-21%; 300
-  names: the IO name beat the subject on 96-100% of held-out prompts but top-1 was 2-70%);
-* one fixed draw of codes, 2 layers (version 3 of this module): held-out top-1 0.996 / 0.879 /
-  0.984 while training names scored 0.996-1.0;
-* re-drawn codes removed that gap (in the runs that learnt the task, held-out top-1 within 0.08
-  of training top-1, within 0.02 in most; 3 layers, plain language modelling: 0.92-0.996 in 5
-  runs); weighting the answer 4x brought
-  the task forward (learnt by about step 1,800; 0.996-1.0 in 3 runs), but with 2 layers two of
-  three seeds still stalled at 0.5 (IO and S alike);
-* without attention dropout, 7 of our 13 3-layer runs with re-drawn codes and 3,000 steps
-  (answer weight 1-8, other settings varied) solved the task *symmetrically*: their
-  heads attend IO and S1 alike (about 0.5 each) and add both names, and other heads, attending
-  S2, subtract the subject. Dropout on the attention makes that cancellation unreliable; with
-  it the three default runs grew heads that attend END -> IO selectively. Which solution a run
-  finds is fragile: the same config with GPT-2's GELU computed by another kernel (equal to
-  2e-7) gave a symmetric run for seed 1, and dropout 0.2 stalled seed 1 at 0.53.
-
-``train(cfg, seed=s)`` returns an :class:`IOILMRun` with log-spaced checkpoints (step 0
-included). Runs are cached on disk (safetensors, one file per checkpoint) under
-``$SVTOOLS_CACHE/ioi_lm/<key>`` (default ``~/.cache/svtools``), where the key hashes the
-config, the seed and :data:`CODE_VERSION`; a second call with the same arguments loads instead
-of training. ``run.load(step)`` gives a TransformerLens bridge (via :func:`svtools.load_model`)
-that :func:`svtools.decompose` and :func:`svtools.sad.head_sparsity` accept, with the word-level
-tokenizer attached; ``run.prompts(n, seed, split)`` gives an :class:`svtools.data.IOIDataset` in
-the model's vocabulary, so ``svtools.sad.ioi_tokens(model, dataset)`` returns ids and the IO,
-S1, S2 and END positions.
-
-Determinism: with the same config and seed a CPU run reproduces the same weights bit for bit
-(one thread or several: the model is small enough that torch's CPU kernels are deterministic);
-CUDA runs are deterministic up to floating-point reduction order.
+:func:`train` trains a GPT-2-architecture model on :mod:`svtools.ioi_lm.language` (or loads the
+cached run with the same config, seed and :data:`CODE_VERSION` from :func:`cache_dir`) and
+returns an :class:`IOILMRun`: log-spaced checkpoints as safetensors, loadable as a
+TransformerLens bridge, with prompts in the model's vocabulary and :func:`ioi_accuracy`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import hashlib
 import json
 import math
-import os
-import random
 import time
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 import numpy as np
 import pandas as pd
@@ -86,108 +25,18 @@ from jaxtyping import Float
 from torch import Tensor
 
 from svtools import _cache
-from svtools._checks import (SVToolsError, as_bool, as_float, as_int, as_names, as_seed, check_columns,
-                             check_numeric_columns)
-from svtools.data.ioi import NAMES, OBJECTS, PLACES, IOIDataset, ioi_prompts
+from svtools._checks import SVToolsError, as_bool, as_float, as_int, as_seed
+from svtools.data.ioi import IOIDataset, ioi_prompts
+from svtools.ioi_lm.language import (FILLER_TEMPLATES, TEST_NAMES, TEST_TEMPLATES, TRAIN_NAMES, TRAIN_TEMPLATES,
+                                     build_tokenizer, encode, name_ids, training_batch, vocabulary)
+from svtools.models import load_model
 from svtools.runtime import default_device, tqdm
 
-__all__ = ["IOILMConfig", "IOILMRun", "train", "CODE_VERSION", "cache_dir", "TRAIN_TEMPLATES",
-           "TEST_TEMPLATES", "TRAIN_NAMES", "TEST_NAMES", "LM_NAMES", "OPENINGS", "ACTIONS", "FILLER_TEMPLATES", "build_tokenizer",
-           "filler_sentences", "training_texts", "name_ids", "name_codes", "role_attention", "ROLE_PAIRS", "ioi_accuracy",
-           "top_heads", "over_checkpoints", "over_seeds"]
+__all__ = ["IOILMConfig", "IOILMRun", "train", "CODE_VERSION", "cache_dir", "name_codes", "ioi_accuracy"]
 
 #: Bumped whenever a change to this module changes what ``train`` produces (it is part of the
 #: cache key, so old cached runs are not reused after such a change).
 CODE_VERSION = 4
-
-#: The LM's IOI templates are compositions: an opening that names {A} and {B}, then an action
-#: of the subject {S} that ends with "to" (10 x 8 = 80 templates). Held out: 12 of them, each a
-#: combination never seen in training of an opening and an action that are seen (in others).
-OPENINGS: tuple[str, ...] = (
-    "When {A} and {B} went to the {PLACE},", "After {A} and {B} arrived at the {PLACE},",
-    "While {A} and {B} were working at the {PLACE},", "Yesterday {A} and {B} met at the {PLACE}, and",
-    "Once {A} and {B} got back from the {PLACE},", "Since {A} and {B} were both at the {PLACE},",
-    "Before {A} and {B} left the {PLACE},", "As {A} and {B} were leaving the {PLACE},",
-    "Then, {A} and {B} had a long talk at the {PLACE}.", "Last week {A} and {B} stayed late at the {PLACE}, so",
-)
-ACTIONS: tuple[str, ...] = (
-    "{S} gave a {OBJECT} to", "{S} handed a {OBJECT} to", "{S} passed the {OBJECT} to", "{S} offered a {OBJECT} to",
-    "{S} showed the {OBJECT} to", "{S} sent a {OBJECT} to", "{S} threw the {OBJECT} to", "{S} lent a {OBJECT} to",
-)
-_ALL = [(i, j, f"{o} {a}") for i, o in enumerate(OPENINGS) for j, a in enumerate(ACTIONS)]
-#: Templates used in training, and the held-out ones (``(8 i + j) % 7 == 3`` for opening i, action j).
-TRAIN_TEMPLATES: tuple[str, ...] = tuple(t for i, j, t in _ALL if (8 * i + j) % 7 != 3)
-TEST_TEMPLATES: tuple[str, ...] = tuple(t for i, j, t in _ALL if (8 * i + j) % 7 == 3)
-#: 300 names, far more than :data:`svtools.data.NAMES` (a word-level vocabulary has no single-token
-#: constraint): with more training names (240) than model dimensions the circuits that compare and
-#: copy names have to work on the whole space of name codes, so they cannot be specific to the
-#: training names.
-LM_NAMES: tuple[str, ...] = NAMES + (
-    "Oliver", "Sophie", "Lucas", "Chloe", "Noah", "Ella", "Leo", "Grace", "Oscar", "Ruby", "Hugo", "Ivy",
-    "Felix", "Maya", "Owen", "Clara", "Isaac", "Nora", "Theo", "Lucy", "Adrian", "Julia", "Victor", "Rachel",
-    "Andrew", "Hannah", "Thomas", "Olivia", "Carl", "Diana", "Frank", "Irene", "Harry", "Megan", "Patrick",
-    "Naomi", "Steven", "Wendy", "Brian", "Fiona", "Colin", "Tina", "Dennis", "Vera", "Gordon", "Paula",
-    "Keith", "Sally", "Wayne", "Tessa", "Bruce", "Karen", "Louis", "Holly", "Ralph", "Monica", "Albert",
-    "Esther", "Gavin", "Jenny", "Nathan", "Rita", "Walter", "Zoe",
-    "Aaron", "Abigail", "Agnes", "Alan", "Amber", "Amelia", "Andrea", "Angela", "Arthur", "Audrey",
-    "Barbara", "Beatrice", "Benjamin", "Bernard", "Beth", "Betty", "Billy", "Blake", "Bonnie", "Brandon",
-    "Brenda", "Calvin", "Carla", "Carmen", "Caroline", "Carter", "Cecil", "Charles", "Charlotte", "Cheryl",
-    "Chris", "Christine", "Cindy", "Claire", "Clifford", "Connor", "Craig", "Crystal", "Curtis", "Cynthia",
-    "Dale", "Dana", "Daphne", "Darren", "Dean", "Debbie", "Denise", "Derek", "Dorothy", "Douglas", "Dylan",
-    "Edgar", "Edith", "Edward", "Eileen", "Elaine", "Eleanor", "Eli", "Elijah", "Elise", "Ellen", "Emily",
-    "Emmett", "Ethan", "Eugene", "Evan", "Evelyn", "Faith", "Felicity", "Flora", "Floyd", "Frances",
-    "Gabriel", "Gary", "Gemma", "Gerald", "Gilbert", "Gina", "Glenn", "Gloria", "Greg", "Gwen", "Harold",
-    "Harvey", "Hazel", "Heidi", "Herbert", "Howard", "Ian", "Ingrid", "Iris", "Isabel", "Jacob", "Janet",
-    "Jasmine", "Jeffrey", "Jeremy", "Jerry", "Jessica", "Joan", "Joel", "Jordan", "Joseph", "Joyce",
-    "Judith", "Justin", "Kathy", "Keira", "Kelly", "Kenneth", "Kyle", "Lance", "Larry", "Leah", "Leonard",
-    "Leslie", "Lillian", "Lionel", "Lloyd", "Logan", "Lorna", "Luke", "Lydia", "Mabel", "Marcus", "Margaret",
-    "Marion", "Mark", "Marvin", "Matthew", "Maurice", "Melanie", "Melvin", "Mia", "Miles", "Miriam", "Molly",
-    "Morgan", "Nancy", "Neil", "Nicole", "Nigel", "Nina", "Norman", "Olga", "Oswald", "Pamela", "Percy",
-    "Philip", "Phoebe", "Priscilla", "Quentin", "Ramona", "Randy", "Raymond", "Rebecca", "Rex", "Richard",
-    "Roger", "Roland", "Ronald", "Rosa", "Rose", "Roy", "Russell", "Ruth", "Sabrina", "Samuel", "Sandra",
-    "Scott", "Selma", "Seth", "Sharon", "Sheila", "Shirley", "Sidney", "Sophia", "Stanley", "Stella",
-    "Stuart", "Sylvia", "Ted", "Terry", "Tiffany", "Timothy", "Todd", "Tracy", "Travis", "Trevor", "Ursula",
-    "Valerie", "Vanessa", "Vernon", "Vincent", "Viola", "Violet", "Warren", "Wesley", "Willa", "William",
-)
-#: Every fifth name is held out of the training IOI sentences (it still occurs in filler).
-TEST_NAMES: tuple[str, ...] = LM_NAMES[4::5]
-TRAIN_NAMES: tuple[str, ...] = tuple(n for n in LM_NAMES if n not in TEST_NAMES)
-
-#: Non-IOI sentences of our own. ``{N}``/``{M}`` are names, ``{PLACE}``/``{OBJECT}`` fillers.
-#: They use the words of the held-out templates too, so those words are not unseen at test.
-FILLER_TEMPLATES: tuple[str, ...] = (
-    "{N} went to the {PLACE} .",
-    "{N} bought a {OBJECT} at the {PLACE} .",
-    "It was a quiet day at the {PLACE} .",
-    "The {OBJECT} was on the table in the {PLACE} .",
-    "{N} likes the {PLACE} very much .",
-    "{N} and {M} live near the {PLACE} .",
-    "{N} was tired , so {N} went home early .",
-    "Last week {N} stayed late at the {PLACE} .",
-    "Earlier today {N} ate lunch at the {PLACE} .",
-    "Afterwards the {PLACE} was closed .",
-    "As the rain started , {N} was leaving the {PLACE} .",
-    "{N} quietly read a {OBJECT} at the {PLACE} .",
-    "{N} mailed a {OBJECT} to the {PLACE} .",
-    "{N} tossed the {OBJECT} back into the box .",
-    "{N} met {M} at the {PLACE} , and they talked for a while .",
-    "On Friday the {PLACE} was busy .",
-    "The {OBJECT} from the {PLACE} was new .",
-    "{N} said that {M} had found the {OBJECT} .",
-    "{N} gave the {OBJECT} to a friend .",
-    "Then {N} walked to the {PLACE} with {M} .",
-    # one name, copied after "to": every name (held-out ones too) is seen as a word that can be
-    # repeated from the context, without the IOI structure (two names, one repeated)
-    "{N} was happy , and everyone waved to {N} .",
-    "When {N} came back , the dog ran to {N} .",
-    "{N} found the {OBJECT} , so it went back to {N} .",
-    "The {OBJECT} at the {PLACE} was given to {N} .",
-    "Everyone at the {PLACE} was kind to {N} , and {N} was glad .",
-)
-
-_NAMELESS = tuple(t for t in FILLER_TEMPLATES if "{N}" not in t)
-
-_BOS, _PAD, _UNK = "<bos>", "<pad>", "<unk>"
 
 
 def cache_dir() -> Path:
@@ -296,128 +145,6 @@ class IOILMConfig:
             k += 1
 
 
-# ----------------------------------------------------------------------------- text and tokenizer
-
-def _words(texts: Sequence[str]) -> list[str]:
-    from tokenizers.pre_tokenizers import Whitespace
-
-    pre = Whitespace()
-    return [w for t in texts for w, _ in pre.pre_tokenize_str(t)]
-
-
-@functools.lru_cache(maxsize=1)
-def _vocabulary() -> tuple[str, ...]:
-    fill = {"N": "x", "M": "x", "A": "x", "B": "x", "S": "x", "PLACE": "x", "OBJECT": "x"}
-    texts = [t.format(**fill) for t in (*TRAIN_TEMPLATES, *TEST_TEMPLATES, *FILLER_TEMPLATES)]
-    words = set(_words(texts)) | set(LM_NAMES) | set(PLACES) | set(OBJECTS) | {"."}
-    words.discard("x")
-    return (_PAD, _BOS, _UNK, *sorted(words))
-
-
-def build_tokenizer() -> Any:
-    """The word-level tokenizer (a ``PreTrainedTokenizerFast``), built offline from the word lists.
-
-    Splits on whitespace and punctuation (``\\w+|[^\\w\\s]+``), one id per word, adds ``<bos>`` in
-    front of every text, pads with ``<pad>`` (id 0) on the right; unknown words map to
-    ``<unk>``. The same vocabulary on every machine (sorted word list).
-    """
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {w: i for i, w in enumerate(_vocabulary())}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=_UNK))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.post_processor = processors.TemplateProcessing(single=f"{_BOS} $A", special_tokens=[(_BOS, vocab[_BOS])])
-    # name_or_path / add_bos_token: TransformerLens reads them and would otherwise try to reload
-    # the tokenizer from the hub under its name to make it add a BOS (this one already does).
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=_BOS, eos_token=_BOS, pad_token=_PAD,
-                                   unk_token=_UNK, name_or_path="svtools-ioi-lm", add_bos_token=True)
-    fast.padding_side = "right"
-    return fast
-
-
-def filler_sentences(n: int, *, seed: int = 0, names: Sequence[str] = LM_NAMES,
-                     test_share: Optional[float] = None) -> list[str]:
-    """``n`` filler (non-IOI) sentences from :data:`FILLER_TEMPLATES`, deterministic in ``seed``.
-
-    Names are drawn uniformly from ``names``; with ``test_share`` (a probability), each name slot
-    is instead a held-out name (:data:`TEST_NAMES`) with that probability and a training name
-    otherwise (two slots of one sentence never get the same name).
-    """
-    n = as_int(n, "n", min_value=0)
-    seed = as_int(seed, "seed")
-    if test_share is not None:
-        test_share = as_float(test_share, "test_share (a probability, or None)", lo=0.0, hi=1.0)
-    if isinstance(names, str) or not all(isinstance(v, str) for v in names) or len(set(names)) < 2:
-        raise SVToolsError(f"names must be a list of at least 2 different names (a sentence may hold two), "
-                           f"got {names!r}")
-    rng = random.Random(seed)
-
-    def pick() -> str:
-        return rng.choice(TEST_NAMES if rng.random() < test_share else TRAIN_NAMES)
-
-    out = []
-    for _ in range(n):
-        t = rng.choice(FILLER_TEMPLATES)
-        if test_share is None:
-            a, b = rng.sample(list(names), 2)
-        else:
-            a = pick()
-            b = pick()
-            while b == a:
-                b = pick()
-        out.append(t.format(N=a, M=b, PLACE=rng.choice(PLACES), OBJECT=rng.choice(OBJECTS)))
-    return out
-
-
-def training_texts(n: int, *, seed: int = 0, ioi_fraction: float = 0.5,
-                   test_share: Optional[float] = None) -> list[str]:
-    """``n`` training sequences: IOI sentences with their answer, or one/two filler sentences.
-
-    An IOI sequence is a prompt of the training split (:data:`TRAIN_TEMPLATES`,
-    :data:`TRAIN_NAMES`) followed by `` IO .``; a filler sequence is one or two sentences of
-    :func:`filler_sentences` (``test_share`` as there; :class:`IOILMConfig` trains with its
-    ``filler_test_share``); half of the IOI sentences follow a filler sentence without names (so
-    names move around). Which is which is drawn with ``random.Random(seed)``.
-    """
-    n = as_int(n, "n", min_value=0)
-    seed = as_int(seed, "seed")
-    ioi_fraction = as_float(ioi_fraction, "ioi_fraction", lo=0.0, hi=1.0)
-    if test_share is not None:
-        test_share = as_float(test_share, "test_share (a probability, or None)", lo=0.0, hi=1.0)
-    return _training_batch(n, seed, ioi_fraction, test_share)[0]
-
-
-def _training_batch(n: int, seed: int, ioi_fraction: float,
-                    test_share: Optional[float] = None) -> tuple[list[str], list[bool]]:
-    rng = random.Random(seed)
-    is_ioi = [rng.random() < ioi_fraction for _ in range(n)]
-    n_ioi = sum(is_ioi)
-    ioi = ioi_prompts(max(n_ioi, 1), seed=rng.randrange(2**31), templates=TRAIN_TEMPLATES, names=TRAIN_NAMES)
-    fill = filler_sentences(2 * n, seed=rng.randrange(2**31), test_share=test_share)
-    out, i, j = [], 0, 0
-    for flag in is_ioi:
-        if flag:
-            p = ioi[i]
-            # half of the IOI sentences follow a short sentence without names, so the names sit
-            # at varying positions and position alone cannot solve the task
-            pre = ""
-            if rng.random() < 0.5:
-                pre = rng.choice(_NAMELESS).format(PLACE=rng.choice(PLACES), OBJECT=rng.choice(OBJECTS)) + " "
-            out.append(f"{pre}{p.text} {p.io} .")
-            i += 1
-        else:
-            k = 1 + (rng.random() < 0.5)
-            out.append(" ".join(fill[j:j + k]))
-            j += k
-    return out, is_ioi
-
-
-def _encode(tok: Any, texts: Sequence[str]) -> tuple[Tensor, Tensor]:
-    enc = tok(list(texts), padding=True, return_tensors="pt")
-    return enc["input_ids"], enc["attention_mask"]
-
-
 # ----------------------------------------------------------------------------- model
 
 def _gpt2_config(cfg: IOILMConfig, vocab_size: int, n_positions: int = 64, training: bool = False) -> Any:
@@ -443,12 +170,6 @@ def _new_model(cfg: IOILMConfig, vocab_size: int, seed: int, training: bool = Fa
         with torch.no_grad():
             model.transformer.wte.weight[ids] = codes
     return model
-
-
-def name_ids() -> Tensor:
-    """The token ids of :data:`LM_NAMES` in :func:`build_tokenizer`'s vocabulary, ``(300,)``."""
-    vocab = {w: i for i, w in enumerate(_vocabulary())}
-    return torch.tensor([vocab[n] for n in LM_NAMES])
 
 
 def name_codes(cfg: IOILMConfig, seed: int, step: Optional[int] = None) -> tuple[Tensor, Tensor]:
@@ -486,7 +207,7 @@ def _key_config(cfg: IOILMConfig) -> dict:
 
 def _key(cfg: IOILMConfig, seed: int) -> str:
     blob = json.dumps({"cfg": _key_config(cfg), "seed": int(seed),
-                       "code": CODE_VERSION, "vocab": _vocabulary(), "text": [TRAIN_TEMPLATES, TEST_TEMPLATES,
+                       "code": CODE_VERSION, "vocab": vocabulary(), "text": [TRAIN_TEMPLATES, TEST_TEMPLATES,
                                                                               TRAIN_NAMES, FILLER_TEMPLATES]},
                       sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
@@ -532,7 +253,6 @@ class IOILMRun:
     def load(self, step: int, *, device: str | torch.device | None = None, dtype: torch.dtype = torch.float32) -> Any:
         """The model at checkpoint ``step`` as a TransformerLens bridge (:func:`svtools.load_model`)
         with the word-level tokenizer; ``cfg.model_name`` reads ``ioi-lm seed S step T``."""
-        from svtools.models import load_model
 
         bridge = load_model(self.hf_model(step, device), tokenizer=self.tokenizer, device=device, dtype=dtype)
         bridge.cfg.model_name = f"ioi-lm seed {self.seed} step {step}"
@@ -748,9 +468,9 @@ def _train_loop(model, opt, tok, cfg: IOILMConfig, seed: int, ckpts: list[int], 
             if cfg.resample_names:  # this step's names: fresh codes (the checkpoints hold the fixed ones)
                 with torch.no_grad():
                     wte[frozen[0]] = name_codes(cfg, seed, step)[1].to(dev)
-            texts, is_ioi = _training_batch(cfg.batch, seed * 1_000_003 + step, cfg.ioi_fraction,
+            texts, is_ioi = training_batch(cfg.batch, seed * 1_000_003 + step, cfg.ioi_fraction,
                                              cfg.filler_test_share)
-            ids, am = _encode(tok, texts)
+            ids, am = encode(tok, texts)
             # weight of each target token: 1, answer_weight at an IOI sentence's answer (the
             # target two before the end: "... to IO ."), 0 at padding
             w = am[:, 1:].to(torch.float32)
@@ -794,135 +514,3 @@ def _loss_backward(model: Any, ids: Tensor, am: Tensor, w: Tensor, buckets: int,
         part.backward()
         loss += float(part.detach())
     return loss
-
-
-# ----------------------------------------------------------------------------- heads by role
-
-#: (query role, key role) pairs whose attention :func:`role_attention` measures.
-ROLE_PAIRS: tuple[tuple[str, str], ...] = (("END", "IO"), ("END", "S1"), ("END", "S2"), ("S2", "S1"),
-                                           ("S2", "IO"))
-
-
-def role_attention(model: Any, dataset: IOIDataset, *, batch_size: int = 64) -> pd.DataFrame:
-    """Mean attention of every head between the IOI roles, over the prompts of ``dataset``.
-
-    For each (layer, head) and each (query role, key role) of :data:`ROLE_PAIRS`: the mean over
-    prompts of ``pattern[prompt, head, pos[query role], pos[key role]]``, with a 95% interval
-    over prompts (normal approximation). Heads "that move the IO name" are those with a large
-    END -> IO weight (name movers, Wang et al. 2022); ``S2 -> S1`` marks duplicate-token heads.
-    Works on any model :func:`svtools.load_model` gives (with a tokenizer).
-
-    Returns a long frame: ``layer, head, query_role, key_role, mean, lo, hi, prompts``.
-    """
-    from svtools.decomposition import _run_once
-    from svtools.models import check_bridge
-    from svtools.sad import ioi_tokens
-
-    check_bridge(model)
-    batch_size = as_int(batch_size, "batch_size", min_value=1)
-    ids, am, pos = ioi_tokens(model, dataset)
-    dev = next(model.original_model.parameters()).device if hasattr(model, "original_model") else ids.device
-    layers = list(range(model.cfg.n_layers))
-    sums: dict[tuple[str, str], list[Tensor]] = {rp: [] for rp in ROLE_PAIRS}
-    roles = {"IO": pos.io, "S1": pos.s1, "S2": pos.s2, "END": pos.end}
-    for start in range(0, len(ids), batch_size):
-        sl = slice(start, start + batch_size)
-        cached = _run_once(model, ids[sl].to(dev), am[sl].to(dev), layers)
-        pat = torch.stack([cached[f"blocks.{l}.attn.hook_pattern"] for l in layers], 1).float().cpu()
-        r = torch.arange(pat.shape[0])
-        for q, k in ROLE_PAIRS:
-            qi, ki = roles[q][sl].cpu(), roles[k][sl].cpu()
-            sums[(q, k)].append(pat[r, :, :, qi, ki])  # (batch, layer, head)
-    rows = []
-    for (q, k), chunks in sums.items():
-        a = torch.cat(chunks).double()  # (prompts, layer, head)
-        m, sd = a.mean(0), a.std(0) if len(a) > 1 else torch.zeros_like(a[0])
-        half = 1.96 * sd / math.sqrt(len(a))
-        for layer in layers:
-            for h in range(a.shape[2]):
-                rows.append({"layer": layer, "head": h, "query_role": q, "key_role": k,
-                             "mean": float(m[layer, h]), "lo": float(m[layer, h] - half[layer, h]),
-                             "hi": float(m[layer, h] + half[layer, h]), "prompts": len(a)})
-    return pd.DataFrame(rows)
-
-
-def top_heads(roles: pd.DataFrame, *, query_role: str = "END", key_role: str = "IO", k: int = 1,
-              by: Sequence[str] = ()) -> pd.DataFrame:
-    """The ``k`` heads with the largest mean ``query_role -> key_role`` attention in a
-    :func:`role_attention` frame (per group of ``by``, e.g. ``("seed",)``): the heads found *by
-    their role*, e.g. the heads that move the IO name to END (name movers)."""
-    by = as_names(by, "by")
-    k = as_int(k, "k", min_value=1)
-    check_columns(roles, ["layer", "head", "query_role", "key_role", "mean", *by], "top_heads (a role_attention frame)")
-    sel = roles[(roles["query_role"] == query_role) & (roles["key_role"] == key_role)]
-    if sel.empty:
-        raise SVToolsError(f"no rows for {query_role} -> {key_role}; roles measured: {ROLE_PAIRS}")
-    if by:
-        return sel.sort_values("mean", ascending=False).groupby(list(by), sort=True).head(k) \
-            .sort_values([*by, "mean"], ascending=[True] * len(by) + [False]).reset_index(drop=True)
-    return sel.nlargest(k, "mean").reset_index(drop=True)
-
-
-def over_checkpoints(run: IOILMRun, steps: Sequence[int], dataset: IOIDataset, *, heads: Any = None,
-                     sad_kwargs: Optional[dict] = None, progress: bool = True) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Role attention and SAD of one run at several checkpoints, on one set of prompts.
-
-    For each step: :func:`role_attention` of every head, and, unless ``sad_kwargs`` is None,
-    :func:`svtools.sad.head_sparsity` of ``heads`` (``(layer, head)`` pairs; None = all) on the
-    same prompts with ``sad_kwargs`` (e.g. ``baseline=["non-attended", "random"]``), its rows
-    labelled by IOI role (:func:`svtools.sad.label_ioi_roles`). Both frames get ``seed`` and
-    ``step`` columns. Returns ``(roles, pairs)`` (``pairs`` empty when ``sad_kwargs`` is None).
-    """
-    from svtools import sad
-
-    if not isinstance(run, IOILMRun):
-        raise SVToolsError(f"run must be an IOILMRun (from ioi_lm.train), got {type(run).__name__}")
-    steps = [run._check_step(s) for s in (steps if isinstance(steps, (list, tuple, range)) else [steps])]
-    if not steps:
-        raise SVToolsError(f"steps is empty: give checkpoint steps of the run ({run.checkpoints})")
-    frames_r, frames_p = [], []
-    for step in tqdm(steps, desc=f"ioi_lm seed {run.seed} checkpoints", disable=not progress):
-        model = run.load(step)
-        ra = role_attention(model, dataset)
-        frames_r.append(ra.assign(seed=run.seed, step=int(step)))
-        if sad_kwargs is not None:
-            ids, am, pos = sad.ioi_tokens(model, dataset)
-            df = sad.head_sparsity(model, ids, attention_mask=am, heads=heads, progress=False, **sad_kwargs)
-            frames_p.append(sad.label_ioi_roles(df, pos).assign(seed=run.seed, step=int(step)))
-        del model
-    pairs = pd.concat(frames_p, ignore_index=True) if frames_p else pd.DataFrame()
-    return pd.concat(frames_r, ignore_index=True), pairs
-
-
-def over_seeds(frame: pd.DataFrame, value: str, *, by: Sequence[str], seed: str = "seed",
-               ci: float = 0.95) -> pd.DataFrame:
-    """Mean of ``value`` over seeds per group of ``by``, with a t interval over seeds.
-
-    ``frame`` holds one row per (seed, group), e.g. per-seed estimates. Returns ``by...``,
-    ``mean``, ``lo``, ``hi`` (``mean -+ t_{(1+ci)/2, n-1} sd / sqrt(n)``; equal to the mean with
-    one seed), ``seed_min``, ``seed_max``, ``seeds``.
-    """
-    from scipy import stats
-
-    by = as_names(by, "by")
-    ci = as_float(ci, "ci", lo=0.0, hi=1.0, lo_open=True, hi_open=True)
-    for arg, name in (("seed", seed), ("value", value)):
-        if not isinstance(name, str):
-            raise SVToolsError(f"{arg} must be a column name, got {name!r}")
-    check_columns(frame, [*by, seed, value], "over_seeds")
-    check_numeric_columns(frame, [value], "over_seeds")
-    dup = frame.duplicated(subset=[*by, seed], keep=False)
-    if dup.any():
-        first = frame.loc[dup, [*by, seed]].iloc[0].to_dict()
-        raise SVToolsError(f"over_seeds needs one row per ({', '.join([seed, *by])}); {int(dup.sum())} rows repeat "
-                           f"a seed within a group (e.g. {first}): average them per seed first")
-    rows = []
-    kept = frame.dropna(subset=[value])
-    for key, g in (kept.groupby(by, sort=True) if by else [((), kept)]):
-        key = key if isinstance(key, tuple) else (key,)
-        v = g[value].to_numpy(dtype=float)
-        m = float(v.mean())
-        half = float(stats.t.ppf((1 + ci) / 2, len(v) - 1) * v.std(ddof=1) / math.sqrt(len(v))) if len(v) > 1 else 0.0
-        rows.append(dict(zip(by, key)) | {"mean": m, "lo": m - half, "hi": m + half, "seed_min": float(v.min()),
-                                           "seed_max": float(v.max()), "seeds": int(g[seed].nunique())})
-    return pd.DataFrame(rows)
