@@ -22,12 +22,11 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
-from svtools._checks import SVToolsError
+from svtools._checks import SVToolsError, check_columns
 from svtools.bridge import check_bridge, prepends_bos, tokenize
 from svtools.data.ioi import IOIDataset
 from svtools.models import load_model
 from svtools.runtime import tqdm
-from svtools.sad.frame import check_columns
 from svtools.sad.measure import head_sparsity
 
 __all__ = ["ioi_tokens", "label_ioi_roles", "IOI_HEADS", "ioi_heads", "sparsity_over_checkpoints"]

@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from svtools._checks import as_int
-from svtools.sad.frame import check_columns
+from svtools._checks import as_int, check_columns
 
 __all__ = ["format_summary"]
 

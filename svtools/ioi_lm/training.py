@@ -397,6 +397,17 @@ def train(cfg: Optional[IOILMConfig] = None, *, seed: Optional[int] = None, prog
         device: default cuda when available, else cpu.
         cache: read and write the on-disk cache (``$SVTOOLS_CACHE``, see :func:`cache_dir`).
             With ``cache=False`` the run is written to a fresh temporary directory.
+
+    The cache (:mod:`svtools._cache`): an entry is built in a temporary directory and moved into
+    place in one step; on every read its ``meta.json`` is compared with the request (config,
+    seed, :data:`CODE_VERSION`, checkpoint steps, a finite history) and every checkpoint with its
+    recorded size and safetensors header. A damaged entry is removed with a warning and the run
+    retrained; a failed or killed run leaves nothing behind (a killed one is removed by the next
+    call). Two processes training one key end with one entry.
+
+    Raises:
+        SVToolsError: a bad argument; training diverged (the loss or the weights became
+            non-finite: nothing is cached); ``SVTOOLS_CACHE`` is a file or cannot be written.
     """
     cfg = IOILMConfig() if cfg is None else cfg
     if not isinstance(cfg, IOILMConfig):

@@ -3,13 +3,13 @@
 :func:`pair_measures` turns each pair's per-singular-vector terms into N_recon, Rolls-Tovee
 sparseness, the dominant index and the N_recon set; :func:`pair_rows` and
 :func:`assemble_frame` make the typed, ordered frame with the :data:`COLUMNS` that
-:func:`svtools.sad.head_sparsity` returns; :func:`check_columns` is the check every function
-that reads such a frame starts with.
+:func:`svtools.sad.head_sparsity` returns; :func:`svtools._checks.check_columns` is the check
+every function that reads such a frame starts with.
 """
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import pandas as pd
@@ -17,7 +17,6 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from svtools._checks import SVToolsError, check_columns  # check_columns: published here too
 from svtools.sad.selection import KINDS
 from svtools.sparsity import n_recon, rolls_tovee
 

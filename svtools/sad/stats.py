@@ -16,9 +16,8 @@ from typing import Literal, Optional, Sequence
 import numpy as np
 import pandas as pd
 
-from svtools._checks import (SVToolsError, as_choice, as_float, as_int, as_names, as_seed, check_memory,
-                             check_numeric_columns)
-from svtools.sad.frame import check_columns
+from svtools._checks import (SVToolsError, as_choice, as_float, as_int, as_names, as_seed, check_columns,
+                             check_memory, check_numeric_columns)
 
 __all__ = ["singular_vector_usage", "usage_difference", "reuse", "bootstrap", "compare_kinds", "MAX_PERMUTATIONS"]
 
