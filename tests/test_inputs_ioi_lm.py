@@ -5,7 +5,6 @@ faults are in test_ioi_lm_cache.py. Each test names the issue's item it covers."
 from __future__ import annotations
 
 import dataclasses
-import os
 import sys
 
 import numpy as np
@@ -15,6 +14,7 @@ import torch
 from svtools import SVToolsError, ioi_lm
 from svtools.ioi import ioi_tokens
 from svtools.data import ioi_prompts
+from conftest import svtools_cache_at
 
 #: the module that holds train and the cache key (ioi_lm itself, or its training submodule)
 _training = sys.modules[ioi_lm.train.__module__]
@@ -29,15 +29,8 @@ def cache(tmp_path, monkeypatch):
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    old = os.environ.get("SVTOOLS_CACHE")
-    os.environ["SVTOOLS_CACHE"] = str(tmp_path_factory.mktemp("svtools_cache_inputs"))
-    try:
+    with svtools_cache_at(tmp_path_factory.mktemp("svtools_cache_inputs")):
         yield ioi_lm.train(TINY, seed=0, progress=False)
-    finally:
-        if old is None:
-            os.environ.pop("SVTOOLS_CACHE")
-        else:
-            os.environ["SVTOOLS_CACHE"] = old
 
 
 def _entries(cache_root):
