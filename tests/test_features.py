@@ -7,7 +7,6 @@ default model).
 
 from __future__ import annotations
 
-import os
 
 import numpy as np
 import pandas as pd

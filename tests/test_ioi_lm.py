@@ -7,7 +7,6 @@ accuracy, END -> IO attention) are measured in the emergence chapter, not here.
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 
