@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from svtools.sad.frame import check_columns
+from svtools._checks import as_int, check_columns
 
 __all__ = ["format_summary"]
 
@@ -19,6 +19,7 @@ def format_summary(summary: pd.DataFrame, *, digits: int = 2) -> pd.DataFrame:
     """A :func:`svtools.sad.bootstrap` result as a readable wide table: one row per group, one column per
     measure, cells ``"estimate [lo, hi]"``, plus the number of pairs and prompts."""
     check_columns(summary, ["column", "estimate", "lo", "hi", "pairs", "prompts"], "format_summary")
+    digits = as_int(digits, "digits", min_value=0, max_value=15)
     by = [c for c in summary.columns if c not in ("column", "stat", "estimate", "lo", "hi", "pairs", "prompts")]
     cell = summary.apply(lambda r: f"{r.estimate:.{digits}f} [{r.lo:.{digits}f}, {r.hi:.{digits}f}]", axis=1)
     wide = summary.assign(cell=cell).pivot_table(index=by or None, columns="column", values="cell",

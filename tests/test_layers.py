@@ -32,7 +32,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1] / "svtools"
 
 LAYERS: dict[str, int] = {
-    "svtools._checks": 0, "svtools.runtime": 0,
+    "svtools._checks": 0, "svtools._cache": 0, "svtools.runtime": 0,
     "svtools.qk": 1, "svtools.terms": 1, "svtools.sparsity": 1, "svtools.alignment": 1, "svtools.geometry": 1,
     "svtools.data": 1,
     "svtools.bridge": 2, "svtools.models": 2, "svtools.decomposition": 2,
@@ -44,6 +44,7 @@ LAYERS: dict[str, int] = {
 
 #: Imports between two rooms of the same layer that are allowed: (importer, imported) -> why.
 SAME_LAYER: dict[tuple[str, str], str] = {
+    ("svtools._cache", "svtools._checks"): "a cache location that cannot be used is an SVToolsError",
     ("svtools.terms", "svtools.qk"): "terms are formed from a head's QKSVD",
     ("svtools.alignment", "svtools.qk"): "alignment compares a QKSVD's singular vectors with features",
     ("svtools.models", "svtools.bridge"): "the loader checks models and reads their patterns through the bridge",

@@ -15,7 +15,7 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from svtools._checks import SVToolsError, as_dtype, as_float, as_indices, as_int, is_index_sequence
+from svtools._checks import SVToolsError, as_bool, as_dtype, as_float, as_indices, as_int, is_index_sequence
 from svtools.bridge import check_bridge, check_heads, check_layer, prepare_tokens
 from svtools.decomposition import decomposition_dtype, layer_qk
 from svtools.models import resolve_check_tol
@@ -257,8 +257,11 @@ def head_sparsity(
         threshold = as_float(threshold, "threshold", lo=0.0, hi=1.0, lo_open=True)
     frac = as_float(frac, "frac", lo=0.0, hi=1.0, lo_open=True)
     seed = as_int(seed, "seed")
+    exclude_first = as_bool(exclude_first, "exclude_first")
+    baseline_seed = as_int(baseline_seed, "baseline_seed")
     as_dtype(dtype)
-    kinds = ("attended",) + check_baseline(baseline, baseline_fraction, baseline_bound)
+    kinds, baseline_fraction, baseline_bound = check_baseline(baseline, baseline_fraction, baseline_bound)
+    kinds = ("attended",) + kinds
     plan = _heads_by_layer(model, layers, heads)
     # the same input checks as decompose (supported model, eval mode, 0/1 mask, max positions),
     # the same dtype rule (half precision decomposed in float32) and the same exactness tolerance

@@ -20,7 +20,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from svtools._checks import SVToolsError, as_float, as_int, as_tensor, check_finite
+from svtools._checks import SVToolsError, as_float, as_int, as_seed, as_tensor, check_finite
 from svtools.qk import QKSVD, qk_svd
 from svtools.runtime import default_device, tqdm
 from svtools.theory.closed_forms import (Activation, ActivationLike, TemplateLike, alignment_floor, as_frame,
@@ -166,11 +166,12 @@ def train_bilinear(X: Float[Tensor, "D N"], Y: Float[Tensor, "Dk M"], template: 
     key_activation = activation if key_activation is None else key_activation
     if loss not in ("mse", "ce"):
         raise SVToolsError(f"loss must be 'mse' or 'ce', got {loss!r}")
+    n_keys = as_int(n_keys, "n_keys", min_value=1)
     if loss == "ce" and n_keys < 2:
         raise SVToolsError("loss='ce' needs n_keys >= 2 (softmax over one key is constant)")
-    for nm, v in (("steps", steps), ("batch", batch)):
-        if int(v) < 1:
-            raise SVToolsError(f"{nm} must be a positive integer, got {v}")
+    steps, batch = as_int(steps, "steps", min_value=1), as_int(batch, "batch", min_value=1)
+    lr, seed = as_float(lr, "lr", lo=0.0, lo_open=True), as_seed(seed, "seed")
+    target_scale = as_float(target_scale, "target_scale")
     dev = default_device(device)
     dt = X.dtype
     D, Dk = X.shape[0], Y.shape[0]
@@ -197,6 +198,9 @@ def train_bilinear(X: Float[Tensor, "D N"], Y: Float[Tensor, "Dk M"], template: 
             logits = torch.einsum("bh,bmh->bm", f @ Xd.T @ W_Q, k @ Yd.T @ W_K)
             p_star = torch.einsum("bn,nk,bmk->bm", f, T, k).softmax(-1)
             l = (p_star * (p_star.clamp_min(1e-30).log() - logits.log_softmax(-1))).sum(-1).mean()
+        if not math.isfinite(float(l.detach())):  # the finite-loss guard: never return NaN weights
+            raise SVToolsError(f"training diverged at step {s} (loss {float(l.detach())}); lower lr (now {lr}) or "
+                               "target_scale")
         opt.zero_grad(set_to_none=True)
         l.backward()
         opt.step()
@@ -335,7 +339,11 @@ def train_frame(init: Float[Tensor, "D N"], omega: Float[Tensor, "D D"], pair: t
     check_finite(om, "omega")
     if recon not in ("relu", "linear", "none"):
         raise SVToolsError(f"recon must be 'relu', 'linear' or 'none', got {recon!r}")
-    i, j = (int(p) for p in pair)
+    if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+        raise SVToolsError(f"pair must be two feature indices (i, j), got {pair!r}")
+    i, j = (as_int(p, "pair") for p in pair)
+    steps, batch = as_int(steps, "steps", min_value=1), as_int(batch, "batch", min_value=1)
+    lr, seed, lam = as_float(lr, "lr", lo=0.0, lo_open=True), as_seed(seed, "seed"), as_float(lam, "lam")
     if not (0 <= i < N and 0 <= j < N):
         raise SVToolsError(f"pair {pair} out of range for {N} features")
     dev = default_device(device)
@@ -365,6 +373,8 @@ def train_frame(init: Float[Tensor, "D N"], omega: Float[Tensor, "D D"], pair: t
             l_r = torch.zeros((), dtype=dt, device=dev)
         l_a = attention_loss(W, W, om, T, activation, relative=True)
         loss = l_r + lam * l_a
+        if not math.isfinite(float(loss.detach())):  # the finite-loss guard: never return NaN weights
+            raise SVToolsError(f"training diverged at step {s} (loss {float(loss.detach())}); lower lr (now {lr})")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
