@@ -19,6 +19,11 @@ What it does, all in the build only (readers running a chapter themselves are un
   ("Franco et al., 2026"), instead of ``alpha``'s "[FLC26]".
 - writes each script of a page once: sphinx-thebe registers its inline configuration twice under
   Jupyter Book, and the second ``const THEBE_JS_URL`` is a JavaScript SyntaxError on every page.
+- adds the ``{result-box}`` directive, the box at the top of every chapter (see
+  :class:`ResultBox`): the chapter's question and headline numbers (its content, with myst-nb
+  ``{glue:text}`` roles), then a footer the directive writes itself: the run time the chapter
+  glued (``svtools.tables.glue_run_time``) and an "Open in Colab" badge linking to the same
+  notebook as the theme's launch button (``repository.url`` and ``branch`` of ``_config.yml``).
 """
 
 from __future__ import annotations
@@ -27,10 +32,14 @@ import os
 from pathlib import Path
 
 import pybtex.plugin
+from docutils import nodes
+from docutils.parsers.rst import directives
+from docutils.statemachine import StringList
 from pybtex.style.formatting.unsrt import Style as UnsrtStyle
 from pybtex.style.labels import BaseLabelStyle
 from sphinx.application import Sphinx
 from sphinx.config import Config
+from sphinx.util.docutils import SphinxDirective
 
 HERE = Path(__file__).resolve().parent
 
@@ -80,10 +89,59 @@ def _unique_scripts(app: Sphinx, pagename: str, templatename: str, context: dict
     context["script_files"] = unique
 
 
+def colab_url(repository_url: str, branch: str, path: str,
+              colab: str = "https://colab.research.google.com") -> str:
+    """The Colab link of a notebook of the repository, as sphinx-book-theme's launch button builds it:
+    ``{colab}/github/{owner}/{repo}/blob/{branch}/{path}`` (``path`` relative to the repository)."""
+    owner_repo = repository_url.strip().rstrip("/").removeprefix("https://github.com/")
+    if owner_repo.count("/") != 1:
+        raise ValueError(f"repository url {repository_url!r} is not https://github.com/<owner>/<repo>")
+    return f"{colab.rstrip('/')}/github/{owner_repo}/blob/{branch}/{path.lstrip('/')}"
+
+
+#: The footer of a result box: the run time a chapter glued with ``svtools.tables.glue_run_time``.
+RUN_TIME_LINE = ("**Run time** {glue:text}`run_time` at the {glue:text}`run_scale`, on "
+                 "{glue:text}`run_hardware`, when this page was built.")
+
+
+class ResultBox(SphinxDirective):
+    """``{result-box}``: the box at the top of a chapter.
+
+    Content (MyST): the question and the answer with the run's numbers (``{glue:text}`` roles).
+    The directive adds a footer: :data:`RUN_TIME_LINE` (the chapter must call
+    ``svtools.tables.glue_run_time()``; a missing key fails the build) and, on a notebook page,
+    an "Open in Colab" badge. Option ``:title:`` (default "In brief").
+    """
+
+    has_content = True
+    option_spec = {"title": directives.unchanged}
+
+    def run(self) -> list[nodes.Node]:
+        box = nodes.admonition(classes=["result-box"])
+        box += nodes.title("", self.options.get("title", "In brief"))
+        self.state.nested_parse(self.content, self.content_offset, box)
+        footer = nodes.container(classes=["result-box-footer"])
+        self.state.nested_parse(StringList([RUN_TIME_LINE], source=self.get_source_info()[0]),
+                                self.content_offset, footer)
+        path = self.env.doc2path(self.env.docname, False)
+        if str(path).endswith(".ipynb"):
+            opts = self.config.html_theme_options
+            url = colab_url(opts.get("repository_url", ""), opts.get("repository_branch", "main"),
+                            f"{opts.get('path_to_docs', '').strip('/')}/{path}".lstrip("/"),
+                            opts.get("launch_buttons", {}).get("colab_url", "https://colab.research.google.com"))
+            up = "../" * self.env.docname.count("/")
+            footer += nodes.raw("", f'<p class="colab-badge"><a href="{url}" class="colab-link">'
+                                    f'<img src="{up}_static/colab-badge.svg" alt="Open in Colab" '
+                                    'width="117" height="20"></a></p>', format="html")
+        box += footer
+        return [box]
+
+
 def setup(app: Sphinx) -> dict:
     pybtex.plugin.register_plugin("pybtex.style.formatting", "authoryear", AuthorYearStyle, force=True)
     os.environ["TQDM_DISABLE"] = "1"
     app.connect("config-inited", _add_paths)
     app.connect("html-page-context", _unique_scripts, priority=900)  # after those that add scripts
     app.add_css_file("svtools-book.css")
+    app.add_directive("result-box", ResultBox)
     return {"parallel_read_safe": True, "parallel_write_safe": True}

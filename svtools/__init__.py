@@ -9,7 +9,13 @@ Light modules (pure torch) are imported eagerly; those that need transformers/Tr
 
 from __future__ import annotations
 
-import importlib
+import time
+
+#: When svtools was first imported (``time.perf_counter``): a chapter's run time counts from here
+#: (:func:`svtools.tables.elapsed`).
+_IMPORTED_AT = time.perf_counter()
+
+import importlib  # noqa: E402
 from typing import Any
 
 from svtools._checks import SVToolsError
@@ -31,7 +37,7 @@ _LAZY = {
     "decompose": "svtools.decomposition",
     "HeadDecomposition": "svtools.decomposition",
 }
-_SUBMODULES = {"toy", "alignment", "theory", "data", "sad", "plots", "models", "decomposition", "runtime",
+_SUBMODULES = {"tables", "toy", "alignment", "theory", "data", "sad", "plots", "models", "decomposition", "runtime",
                "sae", "activations"}
 
 __all__ = [

@@ -59,6 +59,9 @@ COLUMN_IN = COLUMN_PX / DPI
 MAX_WIDTH_PX = round(1.1 * COLUMN_PX)
 #: The smallest font size allowed, in points (8 pt = 11.1 px at ``DPI``).
 MIN_FONT_PT = 8
+#: The smallest figure text allowed on screen, in CSS px, at every width the browser check tries
+#: (``scripts/screenshots.py``, 1400 and 400 px).
+MIN_TEXT_PX = 8
 
 #: rcParams every figure of the book is drawn with (``@book_figure`` applies them).
 STYLE: dict[str, Any] = {
