@@ -24,6 +24,9 @@ What it does, all in the build only (readers running a chapter themselves are un
   ``{glue:text}`` roles), then a footer the directive writes itself: the run time the chapter
   glued (``svtools.tables.glue_run_time``) and an "Open in Colab" badge linking to the same
   notebook as the theme's launch button (``repository.url`` and ``branch`` of ``_config.yml``).
+- adds the ``{chapter-figure}`` directive: a figure that a chapter glued (``svtools.tables.glue``,
+  SVG), shown on another page (the landing page) with its own number and caption, without
+  computing it twice (see :class:`ChapterFigure`).
 """
 
 from __future__ import annotations
@@ -39,7 +42,11 @@ from pybtex.style.formatting.unsrt import Style as UnsrtStyle
 from pybtex.style.labels import BaseLabelStyle
 from sphinx.application import Sphinx
 from sphinx.config import Config
+from sphinx.transforms.post_transforms import SphinxPostTransform
+from sphinx.util import logging as sphinx_logging
 from sphinx.util.docutils import SphinxDirective
+
+LOGGER = sphinx_logging.getLogger(__name__)
 
 HERE = Path(__file__).resolve().parent
 
@@ -137,6 +144,83 @@ class ResultBox(SphinxDirective):
         return [box]
 
 
+class pending_chapter_figure(nodes.General, nodes.Element):
+    """Where a :class:`ChapterFigure`'s image goes once the chapter's glued data can be read."""
+
+
+class ChapterFigure(SphinxDirective):
+    """``{chapter-figure} part1/02_many_pairs.ipynb::fig-pairs``: a chapter's glued figure on this page.
+
+    The argument is the notebook (relative to this page) and the key the notebook glued its figure
+    under (SVG, :func:`svtools.tables.glue`); the content is the caption; ``:name:`` labels the
+    figure for ``{numref}``. The image is read from the glue cache myst-nb writes when it reads the
+    notebook, after every page is read (a missing key fails the build).
+    """
+
+    required_arguments = 1
+    final_argument_whitespace = False
+    has_content = True
+    option_spec = {"name": directives.unchanged, "alt": directives.unchanged}
+
+    def run(self) -> list[nodes.Node]:
+        doc, sep, key = self.arguments[0].partition("::")
+        if not sep:
+            raise self.error("chapter-figure: the argument is <notebook>::<key>")
+        _, filepath = self.env.relfn2path(doc, self.env.docname)
+        refdoc = self.env.path2doc(filepath)
+        if refdoc is None:
+            raise self.error(f"chapter-figure: no document {doc!r}")
+        self.env.note_dependency(filepath)
+        figure = nodes.figure(classes=["chapter-figure"])
+        figure += pending_chapter_figure(refdoc=refdoc, key=key, alt=self.options.get("alt", key))
+        if self.content:
+            body = nodes.Element()
+            self.state.nested_parse(self.content, self.content_offset, body)
+            first = body.children[0] if body.children else None
+            if isinstance(first, nodes.paragraph):
+                caption = nodes.caption(first.rawsource, "", *first.children)
+                caption.source, caption.line = first.source, first.line
+                figure += caption
+                rest = body.children[1:]
+            else:
+                rest = body.children
+            if rest:
+                figure += nodes.legend("", *rest)
+        self.add_name(figure)
+        return [figure]
+
+
+class ResolveChapterFigures(SphinxPostTransform):
+    """Writes each pending chapter figure's SVG into ``_images`` and points an image at it."""
+
+    default_priority = 5
+
+    def run(self, **kwargs) -> None:
+        import hashlib
+        import os
+
+        from myst_nb.ext.glue.crossref import read_glue_cache
+
+        for node in list(self.document.findall(pending_chapter_figure)):
+            data = read_glue_cache(self.env.mystnb_config.output_folder, node["refdoc"]).get(node["key"])
+            svg = (data or {}).get("data", {}).get("image/svg+xml")
+            if svg is None:
+                LOGGER.warning(f"chapter-figure: {node['refdoc']} glued no SVG figure {node['key']!r}",
+                               location=node)
+                node.parent.remove(node)
+                continue
+            raw = svg.encode("utf-8")
+            out = os.path.join(self.app.builder.outdir, self.app.builder.imagedir)
+            os.makedirs(out, exist_ok=True)
+            path = os.path.join(out, hashlib.sha256(raw).hexdigest() + ".svg")
+            with open(path, "wb") as f:
+                f.write(raw)
+            uri = os.path.relpath(path, os.path.dirname(os.path.join(self.app.builder.outdir, self.env.docname)))
+            image = nodes.image(uri=uri, alt=node["alt"])
+            image["candidates"] = {"*": uri}
+            node.replace_self(image)
+
+
 def setup(app: Sphinx) -> dict:
     pybtex.plugin.register_plugin("pybtex.style.formatting", "authoryear", AuthorYearStyle, force=True)
     os.environ["TQDM_DISABLE"] = "1"
@@ -144,4 +228,7 @@ def setup(app: Sphinx) -> dict:
     app.connect("html-page-context", _unique_scripts, priority=900)  # after those that add scripts
     app.add_css_file("svtools-book.css")
     app.add_directive("result-box", ResultBox)
+    app.add_directive("chapter-figure", ChapterFigure)
+    app.add_node(pending_chapter_figure)
+    app.add_post_transform(ResolveChapterFigures)
     return {"parallel_read_safe": True, "parallel_write_safe": True}

@@ -20,7 +20,8 @@ A chapter shows what it computed in three ways, and this module serves all three
 
 The ``format_*`` functions return strings: :func:`format_number`, :func:`format_range`,
 :func:`format_list`, :func:`format_pm`, :func:`format_interval`, :func:`format_duration`,
-:func:`format_count`; :func:`wrap` breaks a printed sentence into lines that fit the column.
+:func:`format_count`; :func:`format_settings` shows a run's settings as a two-column table;
+:func:`wrap` breaks a printed sentence into lines that fit the column.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from typing import Any, Optional, Union
 import numpy as np
 import pandas as pd
 
-__all__ = ["COLUMN_CHARS", "TABLE_CHARS", "Table", "format_table", "format_number", "format_range",
+__all__ = ["COLUMN_CHARS", "TABLE_CHARS", "Table", "format_table", "format_mean_sd", "format_settings", "format_number", "format_range",
            "format_list", "format_pm", "format_interval", "format_duration", "format_count", "wrap",
            "glue", "glue_run_time", "elapsed"]
 
@@ -286,6 +287,49 @@ def format_table(
         warnings.warn(f"format_table: the table is about {width} characters wide, more than the column "
                       f"({max_chars}); show fewer columns or shorter names", UserWarning, stacklevel=2)
     return table
+
+
+def format_mean_sd(df: pd.DataFrame, by: Union[str, Sequence[str]], columns: Mapping[Any, str], *,
+                   digits: Union[int, Mapping[Any, int]] = 3, names: Optional[Mapping[Any, str]] = None,
+                   max_chars: int = TABLE_CHARS) -> Table:
+    """Mean ± standard deviation of ``columns`` within each group of ``by`` (e.g. over seeds), as
+    a table with one row per group and cells ``"0.993 ± 0.004"``.
+
+    Args:
+        df: one row per run (e.g. per seed).
+        by: the grouping column(s), in their order of appearance.
+        columns: ``{column: name in words}``.
+        digits: decimals, for all columns or per column.
+        names: optional names in words for the ``by`` columns (and their values stay as labels).
+    """
+    by = [by] if isinstance(by, str) else list(by)
+    g = df.groupby(by, sort=False)
+    out = pd.DataFrame({words: g[c].agg(lambda v, c=c: format_pm(v.mean(), v.std(), _digits_for(c, digits)))
+                        for c, words in columns.items()})
+    out.index = out.index.set_names([(names or {}).get(n, n) for n in out.index.names])
+    return format_table(out, max_chars=max_chars)
+
+
+def format_settings(obj: Any, names: Mapping[str, str], *, digits: int = 3) -> Table:
+    """The settings of a run as a two-column table (``setting``, ``value``), instead of a
+    one-line repr.
+
+    Args:
+        obj: a dataclass or any object with the attributes, or a mapping.
+        names: ``{attribute: name in words}``, in the order to show.
+        digits: decimals of floats that are not whole numbers (``0.1``, ``1e-2``, ``10.0`` read as
+            written: ``0.1``, ``0.01``, ``10``).
+    """
+    rows = []
+    for attr, words in names.items():
+        value = obj[attr] if isinstance(obj, Mapping) else getattr(obj, attr)
+        value = _scalar(value)
+        if isinstance(value, float) and not isinstance(value, bool) and math.isfinite(value):
+            text = f"{value:.{digits}g}" if value != round(value) or abs(value) >= 1e6 else f"{value:g}"
+        else:
+            text = format_number(value, digits)
+        rows.append({"setting": words, "value": text})
+    return Table(pd.DataFrame(rows), show_index=False)
 
 
 # ------------------------------------------------------------------------------------------ glue

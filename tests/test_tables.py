@@ -143,3 +143,23 @@ def test_run_time_is_measured_from_the_import_of_svtools():
     assert T.elapsed() > 0 and math.isfinite(svtools._IMPORTED_AT)
     sentence = T.glue_run_time()
     assert "ran in" in sentence and T.GLUED["run_time"].endswith("s") and "scale" in T.GLUED["run_scale"]
+
+
+def test_format_settings_reads_attributes_in_order():
+    from svtools.toy import ToyConfig
+
+    t = T.format_settings(ToyConfig.single_pair(), {"n_features": "features N", "lr": "learning rate",
+                                                    "lam": "loss weight", "head": "head"})
+    assert list(t.data["setting"]) == ["features N", "learning rate", "loss weight", "head"]
+    assert list(t.data["value"]) == ["20", "0.003", "1", "yes"]
+    assert not t.show_index and "<table" in t._repr_html_()
+    assert list(T.format_settings({"a": 0.25}, {"a": "a"}).data["value"]) == ["0.25"]
+
+
+def test_format_mean_sd_groups_in_order_of_appearance():
+    df = pd.DataFrame({"param": ["lam"] * 4 + ["N"] * 2, "value": [0.1, 0.1, 1.0, 1.0, 10, 10],
+                       "cos": [0.9, 1.0, 0.5, 0.5, 0.2, 0.4]})
+    t = T.format_mean_sd(df, ["param", "value"], {"cos": "min |cos|"}, digits=2, names={"param": "setting"})
+    assert list(t.data["min |cos|"]) == ["0.95 ± 0.07", "0.50 ± 0.00", "0.30 ± 0.14"]
+    assert list(t.data.index) == [("lam", "0.1"), ("lam", "1"), ("N", "10")]
+    assert t.data.index.names == ["setting", "value"]

@@ -1,39 +1,45 @@
-"""Figures of the book, one module per part (``toy``, ``theory``, ``sad``).
+r"""Figures of the book, one module per part (``toy``, ``theory``, ``sad``).
 
-Every function returns a matplotlib Figure with labelled axes and units; the notebooks add the
-captions. The functions follow one convention, so that every figure is readable where the book
-shows it:
+Every function returns a matplotlib Figure with labelled axes and units (axis labels and titles
+in mathtext, ``r"$\sigma_k$"``, not ``sigma_k``); the notebooks add the numbered captions. The
+functions follow one convention, so that every figure is readable on a desktop screen and on a
+phone:
 
-**The column.** On a desktop screen (1400 px window) the book's content column is
-``COLUMN_PX = 784`` px wide (sphinx-book-theme 1.3; measured with ``scripts/screenshots.py``).
-A notebook shows a Figure as a PNG of ``DPI = 100`` pixels per inch (matplotlib's default
-``figure.dpi``; IPython saves with ``bbox_inches="tight"``). So the column is
-``COLUMN_IN = 7.84`` inches of figure, and a figure wider than that is shrunk by the browser,
-text included. Wider than the column by more than 10% (``MAX_WIDTH_PX = 862`` px) is an error:
-``scripts/check_html.py`` fails the build on such a PNG.
+**Two screens.** The book's content column is ``COLUMN_PX = 784`` CSS px wide in a 1400 px
+window and ``PHONE_COLUMN_PX = 368`` px in a 400 px window (sphinx-book-theme 1.3; measured with
+``scripts/screenshots.py``). A figure is shown at its own width, or shrunk to the column when
+wider, text included. So a figure of width ``w`` inches with ``s``-point text shows that text at
+``s * 4/3`` px on a desktop and at ``s * PHONE_COLUMN_PX / (72 w)`` px on a phone (the same for
+SVG at 96 px/in and PNG at ``DPI``). The rule: every text at least ``MIN_TEXT_PX = 8`` px on
+both screens. Hence the widest figure, ``FIGURE_IN = 6.2`` in (595 px as SVG: three quarters of
+the desktop column), and the smallest font, ``MIN_FONT_PT = 10`` pt: 10 pt in 6.2 in shows at
+8.2 px on a phone. :func:`legibility` computes a figure's smallest text on a phone; the tests of
+the plot functions require it to be at least ``MIN_TEXT_PX``, and the browser check measures it
+again on the built pages (from the SVG files).
 
-**Fonts.** Text must be at least 10 px as displayed: at 100 dpi one point is 1.39 px, so 8 pt is
-the smallest size allowed (``MIN_FONT_PT``; 11 px at 100%, still 10 px in a figure 10% too
-wide). ``STYLE`` sets 10 pt labels and titles, 9 pt ticks and legends. Do not pass smaller
-``fontsize=`` values; leave sizes to the style unless making text larger.
+**Format.** The book shows figures as SVG (``svtools.tables.glue`` writes them so; they stay
+sharp on any screen). A PNG shown directly by a cell is ``DPI = 100`` px per inch; wider than
+the desktop column by more than 10% (``MAX_WIDTH_PX = 862`` px) fails ``scripts/check_html.py``.
+
+**Fonts.** ``STYLE`` sets 11 pt labels and titles, 10 pt ticks and legends. Do not pass smaller
+``fontsize=`` values; leave sizes to the style.
 
 **How a plot function follows it.**
 
-1. Decorate it with ``@book_figure``: the body runs under ``STYLE`` (fonts, dpi), and the
-   finished figure's drawn width (tight bounding box, the PNG the reader gets) is checked; a
-   figure wider than ``MAX_WIDTH_PX`` raises a ``UserWarning`` naming the function, which the
-   build shows and ``check_html.py`` rejects.
-2. Make the figure with ``subplots(nrows, ncols, width=..., height=...)``: ``width`` is a
-   fraction of the column (default 1.0, the full column), ``height`` is in inches (default: a
-   panel aspect of 0.7, capped at 3.2 in per row). A ``figsize=`` wider than the column is
-   narrowed to the column. Three panels side by side leave each ~2.4 in: if a panel needs more,
-   stack rows instead.
+1. Decorate it with ``@book_figure``: the body runs under ``STYLE``, and a finished figure whose
+   drawn width (tight bounding box) exceeds the desktop column by more than 10% warns (the build
+   fails on the warning).
+2. Make the figure with ``subplots(nrows, ncols, width=..., height=...)``: ``width`` is a fraction
+   of ``FIGURE_IN`` (default 1.0), ``height`` is in inches (default: a panel aspect of 0.7, capped
+   at 3.2 in per row). A ``figsize=`` wider than ``FIGURE_IN`` is narrowed to it. Two panels side
+   by side leave each ~3 in; more panels are stacked in rows, which also reads better on phones.
 3. Keep what is drawn outside the axes small: a legend placed outside (``bbox_to_anchor``) or a
-   long suptitle widens the PNG beyond ``figsize``. Prefer legends inside the axes in an empty
-   corner (``loc="best"`` is slow and can cover data: name the corner), or below the axes.
+   long suptitle widens the figure. Prefer legends inside the axes in an empty corner (name the
+   corner: ``loc="best"`` is slow and can cover data), or below the axes. No titles that repeat
+   the caption: the caption says what to see.
 
 A Figure made here is detached from pyplot (see ``subplots``): make it a cell's last expression
-to display it, once.
+to display it, once, or glue it (``svtools.tables.glue``) to show it with a caption.
 """
 
 from __future__ import annotations
@@ -46,36 +52,42 @@ import matplotlib as mpl
 import matplotlib.pyplot as plt
 from matplotlib.figure import Figure
 
-__all__ = ["COLUMN_PX", "DPI", "COLUMN_IN", "MAX_WIDTH_PX", "MIN_FONT_PT", "STYLE", "book_figure",
-           "figure_width_px", "subplots"]
+__all__ = ["COLUMN_PX", "PHONE_COLUMN_PX", "DPI", "COLUMN_IN", "FIGURE_IN", "MAX_WIDTH_PX", "MIN_FONT_PT",
+           "MIN_TEXT_PX", "STYLE", "book_figure", "figure_width_px", "legibility", "subplots"]
 
-#: Width of the book's content column on a desktop screen, in CSS pixels.
+#: Width of the book's content column in a 1400 px window, in CSS pixels.
 COLUMN_PX = 784
-#: Pixels per inch of the PNG a notebook shows (matplotlib's default ``figure.dpi``).
+#: Width of the content column in a 400 px (phone) window, in CSS pixels.
+PHONE_COLUMN_PX = 368
+#: Pixels per inch of a PNG a notebook shows (matplotlib's default ``figure.dpi``).
 DPI = 100
-#: The column in figure inches.
+#: The desktop column in figure inches at ``DPI``.
 COLUMN_IN = COLUMN_PX / DPI
-#: The widest PNG allowed: the column plus 10%.
+#: The widest figure, in inches: ``MIN_FONT_PT`` text in it stays >= ``MIN_TEXT_PX`` on a phone.
+FIGURE_IN = 6.2
+#: The widest PNG allowed: the desktop column plus 10%.
 MAX_WIDTH_PX = round(1.1 * COLUMN_PX)
-#: The smallest font size allowed, in points (8 pt = 11.1 px at ``DPI``).
-MIN_FONT_PT = 8
-#: The smallest figure text allowed on screen, in CSS px, at every width the browser check tries
-#: (``scripts/screenshots.py``, 1400 and 400 px).
+#: The smallest font size allowed, in points.
+MIN_FONT_PT = 10
+#: The smallest figure text allowed on screen, in CSS px, on a desktop and on a phone (checked by
+#: the plot functions' tests through :func:`legibility` and by ``scripts/screenshots.py``).
 MIN_TEXT_PX = 8
 
 #: rcParams every figure of the book is drawn with (``@book_figure`` applies them).
 STYLE: dict[str, Any] = {
     "figure.dpi": DPI,
     "savefig.dpi": "figure",
-    "font.size": 10,
-    "axes.titlesize": 10,
-    "axes.labelsize": 10,
-    "xtick.labelsize": 9,
-    "ytick.labelsize": 9,
-    "legend.fontsize": 9,
-    "legend.title_fontsize": 9,
+    "svg.fonttype": "path",          # text as outlines: the same glyphs on every screen
+    "font.size": 11,
+    "axes.titlesize": 11,
+    "axes.labelsize": 11,
+    "xtick.labelsize": 10,
+    "ytick.labelsize": 10,
+    "legend.fontsize": 10,
+    "legend.title_fontsize": 10,
     "figure.titlesize": 11,
     "legend.framealpha": 0.85,
+    "mathtext.fontset": "dejavusans",
 }
 
 _PANEL_ASPECT = 0.7  # default panel height / width
@@ -90,11 +102,11 @@ def subplots(nrows: int = 1, ncols: int = 1, *, width: float = 1.0, height: floa
 
     Args:
         nrows, ncols: the grid of axes.
-        width: figure width as a fraction of the column (``0 < width <= 1``).
+        width: figure width as a fraction of ``FIGURE_IN`` (``0 < width <= 1``).
         height: figure height in inches; default ``nrows`` rows of panels of aspect 0.7, each row
             at most 3.2 in high.
         **kwargs: passed to ``plt.subplots`` (``sharex``, ``squeeze``, ``gridspec_kw``...). A
-            ``figsize`` is accepted for old callers; its width is narrowed to the column.
+            ``figsize`` is accepted too; its width is narrowed to ``FIGURE_IN``.
 
     Returns:
         ``(fig, axes)`` as ``plt.subplots`` returns them, with ``fig.dpi == DPI``.
@@ -104,12 +116,12 @@ def subplots(nrows: int = 1, ncols: int = 1, *, width: float = 1.0, height: floa
     open figures. Display the returned Figure (make it a cell's last expression).
     """
     if not 0 < width <= 1:
-        raise ValueError(f"width is a fraction of the column, in (0, 1]; got {width}")
+        raise ValueError(f"width is a fraction of FIGURE_IN, in (0, 1]; got {width}")
     if "figsize" in kwargs:
         w, h = kwargs.pop("figsize")
-        w = min(float(w), COLUMN_IN)
+        w = min(float(w), FIGURE_IN)
     else:
-        w = width * COLUMN_IN
+        w = width * FIGURE_IN
         h = height if height is not None else nrows * min(_MAX_ROW_IN, _PANEL_ASPECT * w / ncols)
     fig, axes = plt.subplots(nrows, ncols, figsize=(w, h), dpi=DPI, **kwargs)
     plt.close(fig)
@@ -120,6 +132,24 @@ def figure_width_px(fig: Figure) -> int:
     """Width in pixels of the PNG a notebook shows for ``fig`` (tight bounding box, ``fig.dpi``)."""
     bbox = fig.get_tightbbox()  # inches; draws with a renderer of its own if needed
     return round(bbox.width * fig.dpi + 2 * mpl.rcParams["savefig.pad_inches"] * fig.dpi)
+
+
+def legibility(fig: Figure) -> tuple[float, str]:
+    """The smallest text of ``fig`` on a phone, in CSS px, and that text.
+
+    A figure ``w`` inches wide (tight bounding box, as the reader gets it) is shown at
+    ``min(w * 96, PHONE_COLUMN_PX)`` px in a 400 px window; a text of ``s`` points then measures
+    ``s * 4/3 * shown / (w * 96)`` px. Only visible, non-empty texts count. Returns
+    ``(inf, "")`` for a figure without text.
+    """
+    from matplotlib.text import Text
+
+    fig.canvas.draw()
+    width_px = fig.get_tightbbox().width * 96
+    scale = min(1.0, PHONE_COLUMN_PX / width_px) if width_px > 0 else 1.0
+    sizes = [(t.get_fontsize() * 4 / 3 * scale, t.get_text()) for t in fig.findobj(Text)
+             if t.get_visible() and t.get_text().strip() and t.get_figure() is not None]
+    return min(sizes, default=(float("inf"), ""))
 
 
 def book_figure(fn: F) -> F:
