@@ -385,9 +385,9 @@ def one_thread():
     """Run a block with one intra-op thread (restored after).
 
     Batched decompositions of many small (``d_head x d_head``) matrices gain nothing from
-    threads inside each call and lose a lot when the machine is busy: on the project's loaded
-    2-core machine a batch of 64x64 SVDs ran 10-25x slower with 2 threads than with 1 (the
-    threads spin-wait for each other). Process-wide setting: not for use from several threads.
+    threads inside each call and lose a lot when the machine is busy: on a loaded machine with
+    two cores a batch of 64x64 SVDs ran 10-25x slower with 2 threads than with 1 (the threads
+    spin-wait for each other). Process-wide setting: not for use from several threads.
     """
     n = torch.get_num_threads()
     torch.set_num_threads(1)

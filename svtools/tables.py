@@ -26,7 +26,6 @@ The ``format_*`` functions return strings: :func:`format_number`, :func:`format_
 
 from __future__ import annotations
 
-import io
 import math
 import numbers
 import os
@@ -347,12 +346,12 @@ GLUED: dict[str, Any] = {}
 
 
 def _figure_bundle(fig) -> dict[str, str]:
-    buf = io.StringIO()
-    fig.savefig(buf, format="svg", bbox_inches="tight")
-    return {"image/svg+xml": buf.getvalue(), "text/plain": f"[figure, {len(fig.axes)} axes]"}
+    from svtools.plots import to_svg
+
+    return {"image/svg+xml": to_svg(fig), "text/plain": f"[figure, {len(fig.axes)} axes]"}
 
 
-def glue(name: str, value: Any, *, display: Optional[bool] = None) -> Any:
+def glue(name: str, value: Any, *, display: Optional[bool] = None) -> None:
     """Record ``value`` under ``name`` for the chapter's prose (myst-nb's glue format).
 
     Numbers and strings are recorded as their ``repr`` (numpy and torch scalars as Python
@@ -362,10 +361,8 @@ def glue(name: str, value: Any, *, display: Optional[bool] = None) -> Any:
     it; the book shows it where ``{glue:figure}`name``` pastes it, with a number and a caption
     (give the cell the tag ``remove-output`` so that the book does not show it twice).
 
-    Outside IPython the value is only kept in :data:`GLUED`.
-
-    Returns:
-        ``value``, unchanged.
+    Outside IPython the value is only kept in :data:`GLUED`. Returns nothing, so that a cell
+    ending with ``glue(...)`` shows nothing more.
     """
     from matplotlib.figure import Figure
 
@@ -375,7 +372,7 @@ def glue(name: str, value: Any, *, display: Optional[bool] = None) -> Any:
         display = is_figure
     shell = _ipython()
     if shell is None:
-        return value
+        return
     from IPython.display import display as ipy_display
 
     if is_figure:
@@ -386,7 +383,6 @@ def glue(name: str, value: Any, *, display: Optional[bool] = None) -> Any:
     prefix = "" if display else _GLUE_PREFIX
     ipy_display({prefix + k: v for k, v in bundle.items()}, raw=True,
                 metadata={"scrapbook": {"name": name, "mime_prefix": prefix}})
-    return value
 
 
 def elapsed() -> float:

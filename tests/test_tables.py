@@ -105,7 +105,7 @@ def test_glue_writes_myst_nb_format(monkeypatch):
     monkeypatch.setattr(T, "_ipython", lambda: _Shell())
     import IPython.display
     monkeypatch.setattr(IPython.display, "display", lambda obj, raw, metadata: shown.append((obj, metadata)))
-    assert T.glue("n", np.int64(18)) == 18
+    assert T.glue("n", np.int64(18)) is None
     T.glue("cos", torch.tensor(0.25))
     T.glue("who", "seed 0")
     (b1, m1), (b2, _), (b3, _) = shown

@@ -6,16 +6,17 @@ functions follow one convention, so that every figure is readable on a desktop s
 phone:
 
 **Two screens.** The book's content column is ``COLUMN_PX = 784`` CSS px wide in a 1400 px
-window and ``PHONE_COLUMN_PX = 368`` px in a 400 px window (sphinx-book-theme 1.3; measured with
-``scripts/screenshots.py``). A figure is shown at its own width, or shrunk to the column when
-wider, text included. So a figure of width ``w`` inches with ``s``-point text shows that text at
-``s * 4/3`` px on a desktop and at ``s * PHONE_COLUMN_PX / (72 w)`` px on a phone (the same for
-SVG at 96 px/in and PNG at ``DPI``). The rule: every text at least ``MIN_TEXT_PX = 8`` px on
-both screens. Hence the widest figure, ``FIGURE_IN = 6.2`` in (595 px as SVG: three quarters of
-the desktop column), and the smallest font, ``MIN_FONT_PT = 10`` pt: 10 pt in 6.2 in shows at
-8.2 px on a phone. :func:`legibility` computes a figure's smallest text on a phone; the tests of
-the plot functions require it to be at least ``MIN_TEXT_PX``, and the browser check measures it
-again on the built pages (from the SVG files).
+window; in a 400 px window a figure gets ``PHONE_FIGURE_PX = 352`` px (sphinx-book-theme 1.3;
+measured with ``scripts/screenshots.py``). A figure is shown at its own width, or shrunk to that
+width when wider, text included. A figure saved ``w`` inches wide (its tight bounding box plus
+``PAD_IN`` on each side) with ``s``-point text therefore shows that text at ``s * 4/3`` px on a
+desktop and at ``s * PHONE_FIGURE_PX / (72 w)`` px on a phone (the same for SVG at 96 px/in and
+PNG at ``DPI``). The rule: every text at least ``MIN_TEXT_PX = 8`` px on both screens. Hence
+the widest figure, ``FIGURE_IN = 5.8`` in (about 570 px as SVG), and the smallest font,
+``MIN_FONT_PT = 10`` pt: 10 pt in a 5.8 in figure shows at about 8.3 px on a phone.
+:func:`legibility` computes a figure's smallest text on a phone; the tests of the plot functions
+require it to be at least ``MIN_TEXT_PX``, and the browser check measures it again on the built
+pages (from the SVG files).
 
 **Format.** The book shows figures as SVG (``svtools.tables.glue`` writes them so; they stay
 sharp on any screen). A PNG shown directly by a cell is ``DPI = 100`` px per inch; wider than
@@ -45,6 +46,8 @@ to display it, once, or glue it (``svtools.tables.glue``) to show it with a capt
 from __future__ import annotations
 
 import functools
+import io
+import re
 import warnings
 from typing import Any, Callable, TypeVar
 
@@ -52,19 +55,23 @@ import matplotlib as mpl
 import matplotlib.pyplot as plt
 from matplotlib.figure import Figure
 
-__all__ = ["COLUMN_PX", "PHONE_COLUMN_PX", "DPI", "COLUMN_IN", "FIGURE_IN", "MAX_WIDTH_PX", "MIN_FONT_PT",
-           "MIN_TEXT_PX", "STYLE", "book_figure", "figure_width_px", "legibility", "subplots"]
+__all__ = ["COLUMN_PX", "PHONE_COLUMN_PX", "PHONE_FIGURE_PX", "PAD_IN", "DPI", "COLUMN_IN", "FIGURE_IN", "MAX_WIDTH_PX", "MIN_FONT_PT",
+           "MIN_TEXT_PX", "STYLE", "book_figure", "figure_width_px", "legibility", "subplots", "svg_text", "to_svg"]
 
 #: Width of the book's content column in a 1400 px window, in CSS pixels.
 COLUMN_PX = 784
 #: Width of the content column in a 400 px (phone) window, in CSS pixels.
 PHONE_COLUMN_PX = 368
+#: Width a figure is shown at in a 400 px window (the column less the figure's margins), CSS px.
+PHONE_FIGURE_PX = 352
 #: Pixels per inch of a PNG a notebook shows (matplotlib's default ``figure.dpi``).
 DPI = 100
 #: The desktop column in figure inches at ``DPI``.
 COLUMN_IN = COLUMN_PX / DPI
 #: The widest figure, in inches: ``MIN_FONT_PT`` text in it stays >= ``MIN_TEXT_PX`` on a phone.
-FIGURE_IN = 6.2
+FIGURE_IN = 5.8
+#: White margin around a saved figure, in inches (``savefig(pad_inches=...)``).
+PAD_IN = 0.05
 #: The widest PNG allowed: the desktop column plus 10%.
 MAX_WIDTH_PX = round(1.1 * COLUMN_PX)
 #: The smallest font size allowed, in points.
@@ -77,6 +84,7 @@ MIN_TEXT_PX = 8
 STYLE: dict[str, Any] = {
     "figure.dpi": DPI,
     "savefig.dpi": "figure",
+    "savefig.pad_inches": PAD_IN,
     "svg.fonttype": "path",          # text as outlines: the same glyphs on every screen
     "font.size": 11,
     "axes.titlesize": 11,
@@ -134,22 +142,44 @@ def figure_width_px(fig: Figure) -> int:
     return round(bbox.width * fig.dpi + 2 * mpl.rcParams["savefig.pad_inches"] * fig.dpi)
 
 
+# matplotlib (``svg.fonttype = "path"``) writes each text as ``<g id="text_N"><!-- the text --><g
+# transform="translate(..) [rotate(..)] scale(s -s)">``: its font size is ``100 s`` in the SVG's units.
+_SVG_WIDTH = re.compile(r'<svg\b[^>]*?\bwidth="([\d.]+)(pt|px)?"')
+_SVG_TEXT = re.compile(r'<g id="text_\d+">\s*(?:<!--((?:(?!-->).)*)-->)?\s*<g\b[^>]*?\stransform="[^"]*?'
+                       r'scale\(([\d.e-]+) -[\d.e-]+\)"', re.S)
+
+
+def to_svg(fig: Figure) -> str:
+    """``fig`` as the SVG the book shows (tight bounding box, ``PAD_IN`` margin, text as paths)."""
+    buf = io.StringIO()
+    with mpl.rc_context({"svg.fonttype": "path"}):
+        fig.savefig(buf, format="svg", bbox_inches="tight", pad_inches=PAD_IN)
+    return buf.getvalue()
+
+
+def svg_text(svg: str) -> tuple[float, list[tuple[float, str]]]:
+    """The width of a matplotlib SVG (in its units, points) and each text's ``(font size, text)``.
+
+    Raises:
+        ValueError: not an SVG with a width.
+    """
+    w = _SVG_WIDTH.search(svg)
+    if not w:
+        raise ValueError("no width on <svg>")
+    return float(w.group(1)), [(100 * float(sc), (t or "").strip()) for t, sc in _SVG_TEXT.findall(svg)]
+
+
 def legibility(fig: Figure) -> tuple[float, str]:
     """The smallest text of ``fig`` on a phone, in CSS px, and that text.
 
-    A figure ``w`` inches wide (tight bounding box, as the reader gets it) is shown at
-    ``min(w * 96, PHONE_COLUMN_PX)`` px in a 400 px window; a text of ``s`` points then measures
-    ``s * 4/3 * shown / (w * 96)`` px. Only visible, non-empty texts count. Returns
+    Measured on the SVG the book shows (:func:`to_svg`), as ``scripts/screenshots.py`` measures
+    it on the built pages: a figure ``W`` points wide is shown at ``min(W * 4/3, PHONE_FIGURE_PX)``
+    px in a 400 px window, so a text of ``s`` points measures ``s * shown / W`` px. Returns
     ``(inf, "")`` for a figure without text.
     """
-    from matplotlib.text import Text
-
-    fig.canvas.draw()
-    width_px = fig.get_tightbbox().width * 96
-    scale = min(1.0, PHONE_COLUMN_PX / width_px) if width_px > 0 else 1.0
-    sizes = [(t.get_fontsize() * 4 / 3 * scale, t.get_text()) for t in fig.findobj(Text)
-             if t.get_visible() and t.get_text().strip() and t.get_figure() is not None]
-    return min(sizes, default=(float("inf"), ""))
+    width, texts = svg_text(to_svg(fig))
+    shown = min(width * 4 / 3, PHONE_FIGURE_PX)
+    return min(((size * shown / width, text) for size, text in texts), default=(float("inf"), ""))
 
 
 def book_figure(fn: F) -> F:

@@ -83,7 +83,7 @@ def plot_theorem1(spectra: Mapping[str, torch.Tensor], table) -> Figure:
     b.set_ylim(0, 1.05)
     b.set_ylabel(r"$|\cos|$, top singular vector")
     b.set_xlabel(r"feature frame (its interference $\|E_X\|_2$)")
-    b.set_title(r"(b) agreement with the whitened direction (bars) and the raw feature ($\times$)")
+    b.set_title(r"(b) $|\cos|$ with whitened (bars) and raw ($\times$)")
     _style_legend(fig, [(color[m], m) for m in methods],
                   [(f"frame {f}", {"ls": style[f]}) for f in spectrum_frames if f], ncol=2)
     return fig
