@@ -104,7 +104,7 @@ def text_ids(model: Any, n_prompts: int, length: int, *, seed: int = 0) -> tuple
     import random
 
     from svtools.data.text import PLAIN_SENTENCES
-    from svtools.decomposition import prepends_bos
+    from svtools.bridge import prepends_bos
 
     tok = model.tokenizer
     pieces = [tok(s, add_special_tokens=False)["input_ids"] for s in PLAIN_SENTENCES]

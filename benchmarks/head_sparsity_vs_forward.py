@@ -46,14 +46,14 @@ from _common import bandwidth, describe, gb, hf_forward, parser, text_ids, timed
 def pair_loop(model, ids, am, threshold: float = 0.5, seed: int = 0) -> int:
     """The straightforward per-pair computation of the same rows (absolute scores, rotated control)."""
     import svtools
-    from svtools.decomposition import _mask, _run_once, head_rotations, layer_qk
+    from svtools.decomposition import cache_attention_inputs, head_rotations, layer_qk, visibility_mask
     from svtools.qk import rotated_factors
     from svtools.sad import select_pairs
     from svtools.terms import homogeneous
 
     L = model.cfg.n_layers
-    cache = _run_once(model, ids, am, list(range(L)))
-    mask = _mask(model, am)
+    cache = cache_attention_inputs(model, ids, am, list(range(L)))
+    mask = visibility_mask(model, am)
     rows = 0
     for layer in range(L):
         pre = f"blocks.{layer}.attn."

@@ -224,7 +224,7 @@ def check(html: Path, bib: Path) -> list[str]:
         counts["process words"] += 0 if pending else len(pg.process_words)
         if pg.bare_output_images and not pending:
             problems.append(f"{name}: {pg.bare_output_images} figure(s) shown as a bare cell output: glue them "
-                            "(svtools.tables.glue) and paste them with {glue:figure}, numbered and captioned")
+                            "(svtools.report.glue) and paste them with {glue:figure}, numbered and captioned")
             counts["uncaptioned figure"] += pg.bare_output_images
         for href in pg.result_box_colab:
             if pg.theme_colab and href not in pg.theme_colab:

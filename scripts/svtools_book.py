@@ -22,9 +22,9 @@ What it does, all in the build only (readers running a chapter themselves are un
 - adds the ``{result-box}`` directive, the box at the top of every chapter (see
   :class:`ResultBox`): the chapter's question and headline numbers (its content, with myst-nb
   ``{glue:text}`` roles), then a footer the directive writes itself: the run time the chapter
-  glued (``svtools.tables.glue_run_time``) and an "Open in Colab" badge linking to the same
+  glued (``svtools.report.glue_run_time``) and an "Open in Colab" badge linking to the same
   notebook as the theme's launch button (``repository.url`` and ``branch`` of ``_config.yml``).
-- adds the ``{chapter-figure}`` directive: a figure that a chapter glued (``svtools.tables.glue``,
+- adds the ``{chapter-figure}`` directive: a figure that a chapter glued (``svtools.report.glue``,
   SVG), shown on another page (the landing page) with its own number and caption, without
   computing it twice (see :class:`ChapterFigure`).
 """
@@ -106,7 +106,7 @@ def colab_url(repository_url: str, branch: str, path: str,
     return f"{colab.rstrip('/')}/github/{owner_repo}/blob/{branch}/{path.lstrip('/')}"
 
 
-#: The footer of a result box: the run time a chapter glued with ``svtools.tables.glue_run_time``.
+#: The footer of a result box: the run time a chapter glued with ``svtools.report.glue_run_time``.
 RUN_TIME_LINE = ("**Run time** {glue:text}`run_time` at the {glue:text}`run_scale`, on "
                  "{glue:text}`run_hardware`, when this page was built.")
 
@@ -116,7 +116,7 @@ class ResultBox(SphinxDirective):
 
     Content (MyST): the question and the answer with the run's numbers (``{glue:text}`` roles).
     The directive adds a footer: :data:`RUN_TIME_LINE` (the chapter must call
-    ``svtools.tables.glue_run_time()``; a missing key fails the build) and, on a notebook page,
+    ``svtools.report.glue_run_time()``; a missing key fails the build) and, on a notebook page,
     an "Open in Colab" badge. Option ``:title:`` (default "In brief").
     """
 
@@ -152,7 +152,7 @@ class ChapterFigure(SphinxDirective):
     """``{chapter-figure} part1/02_many_pairs.ipynb::fig-pairs``: a chapter's glued figure on this page.
 
     The argument is the notebook (relative to this page) and the key the notebook glued its figure
-    under (SVG, :func:`svtools.tables.glue`); the content is the caption; ``:name:`` labels the
+    under (SVG, :func:`svtools.report.glue`); the content is the caption; ``:name:`` labels the
     figure for ``{numref}``. The image is read from the glue cache myst-nb writes when it reads the
     notebook, after every page is read (a missing key fails the build).
     """

@@ -9,15 +9,10 @@ Light modules (pure torch) are imported eagerly; those that need transformers/Tr
 
 from __future__ import annotations
 
-import time
-
-#: When svtools was first imported (``time.perf_counter``): a chapter's run time counts from here
-#: (:func:`svtools.tables.elapsed`).
-_IMPORTED_AT = time.perf_counter()
-
-import importlib  # noqa: E402
+import importlib
 from typing import Any
 
+from svtools import runtime  # noqa: F401 - first: its clock (runtime.elapsed) starts with svtools
 from svtools._checks import SVToolsError
 from svtools.qk import QKSVD, RotarySpec, qk_svd, random_rotation, rotary_matrices
 from svtools.sparsity import n_recon, rolls_tovee
@@ -25,6 +20,8 @@ from svtools.terms import relative_terms, rotated_terms, sad_terms
 
 __version__ = "0.1.0"
 
+# Deliberately lazy: loading models/decomposition (and the study modules below) on first use keeps
+# `import svtools` to the light linear-algebra modules above.
 _LAZY = {
     "load_model": "svtools.models",
     "HubUnavailableError": "svtools.models",
@@ -37,8 +34,8 @@ _LAZY = {
     "decompose": "svtools.decomposition",
     "HeadDecomposition": "svtools.decomposition",
 }
-_SUBMODULES = {"tables", "toy", "alignment", "theory", "data", "sad", "plots", "models", "decomposition", "runtime",
-               "sae", "activations"}
+_SUBMODULES = {"toy", "alignment", "theory", "data", "sad", "plots", "models", "decomposition", "runtime",
+               "sae", "activations", "bridge", "ioi", "report"}
 
 __all__ = [
     "QKSVD", "RotarySpec", "SVToolsError", "qk_svd", "random_rotation", "rotary_matrices",

@@ -1,5 +1,9 @@
 """Input validation shared by every public function: clear errors, never silent wrong answers.
 
+The package's two error classes live here, at the bottom of the package: :class:`SVToolsError`
+(bad input) and :class:`UnsupportedModelError` (a model whose attention svtools does not
+decompose exactly; published as ``svtools.models.UnsupportedModelError``).
+
 One helper per kind of argument, so every module rejects the same mistakes with the same words:
 :func:`as_tensor` (real floating tensors), :func:`as_int` / :func:`as_indices` (integers and
 index lists: Python and numpy integers and integer tensors are accepted; floats, bools and strings
@@ -20,6 +24,10 @@ from torch import Tensor
 
 class SVToolsError(ValueError):
     """Raised for bad input: wrong shapes, non-finite values, unknown layers or heads."""
+
+
+class UnsupportedModelError(SVToolsError):
+    """The model's attention has a mechanism svtools does not decompose exactly."""
 
 
 def as_tensor(x, name: str) -> Tensor:

@@ -19,6 +19,9 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from svtools._checks import SVToolsError
+from svtools.bridge import as_token_ids
+from svtools.data.ioi import ioi_prompts
+from svtools.data.text import PLAIN_SENTENCES
 from svtools.runtime import tqdm
 
 __all__ = ["residual_activations", "sample_texts"]
@@ -40,7 +43,7 @@ def residual_activations(model: Any, texts: Sequence[str] | Int[Tensor, "batch p
     Args:
         model: a bridge from :func:`svtools.load_model`.
         texts: strings (tokenised with the model's tokenizer and special tokens, as
-            :func:`svtools.decomposition.tokenize` does) or ``(batch, pos)`` token ids.
+            :func:`svtools.bridge.tokenize` does) or ``(batch, pos)`` token ids.
         attention_mask: with token ids only: ``(batch, pos)``, 1 for real tokens, right-padded
             (default: all real).
         layer: ``0 .. n_layers - 1``: the input of block ``layer`` (see module doc).
@@ -55,14 +58,12 @@ def residual_activations(model: Any, texts: Sequence[str] | Int[Tensor, "batch p
         (and the index if asked). Identity: the rows of text ``b`` equal the model's
         ``hidden_states[layer][b, :len_b]``.
     """
-    from svtools.decomposition import _as_ids
-
     if not isinstance(batch_size, int) or batch_size < 1:
         raise SVToolsError(f"batch_size must be a positive integer, got {batch_size!r}")
     name = _hook_name(model, layer)
     if isinstance(texts, (list, tuple)) and len(texts) == 0:
         raise SVToolsError("texts is empty")
-    ids, am = _as_ids(model, texts, attention_mask)
+    ids, am = as_token_ids(model, texts, attention_mask)
     device = next(model.parameters()).device
     rows, index = [], []
     starts = range(0, ids.shape[0], batch_size)
@@ -100,9 +101,6 @@ def sample_texts(n_doc: int = 400, n_ioi: int = 100, *, seed: int = 0) -> list[s
     import re
 
     from pydoc_data.topics import topics
-
-    from svtools.data.ioi import ioi_prompts
-    from svtools.data.text import PLAIN_SENTENCES
 
     if n_doc < 0 or n_ioi < 0:
         raise SVToolsError(f"n_doc and n_ioi must be >= 0, got {n_doc}, {n_ioi}")

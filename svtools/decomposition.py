@@ -23,61 +23,20 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from svtools._checks import SVToolsError, as_dtype, as_indices, as_int, is_index_sequence
-from svtools.models import UnsupportedModelError, check_bridge, check_supported, resolve_check_tol
+from svtools._checks import SVToolsError, UnsupportedModelError, as_dtype, as_indices, is_index_sequence
+from svtools.bridge import check_bridge, check_heads, check_layer, hf_model_of, is_causal, model_type, prepare_tokens
+# tokenize and prepends_bos moved to svtools.bridge (documented there); they stay importable from here
+from svtools.bridge import prepends_bos, tokenize  # noqa: F401
+from svtools.models import resolve_check_tol
 from svtools.qk import QKSVD, RotarySpec, one_thread, qk_svd, random_rotation, rotated_factors
 from svtools.terms import homogeneous, relative_terms
 
-__all__ = ["decompose", "decompose_layers", "HeadDecomposition", "head_weights", "layer_qk", "tokenize",
-           "prepends_bos", "head_rotations", "attention_scale", "rotary_spec", "is_causal", "stream_attention"]
+__all__ = ["decompose", "decompose_layers", "HeadDecomposition", "head_weights", "layer_qk", "head_rotations",
+           "attention_scale", "rotary_spec", "stream_attention", "cache_attention_inputs", "visibility_mask",
+           "decomposition_dtype"]
 
 
 # ----------------------------------------------------------------------------- model facts
-
-def _hf(model: Any) -> Any:
-    try:
-        return model.original_model
-    except AttributeError as exc:
-        raise SVToolsError("model must be a TransformerLens TransformerBridge (use svtools.load_model)") from exc
-
-
-def _model_type(model: Any) -> str:
-    return getattr(_hf(model).config, "model_type", "?")
-
-
-def is_causal(model: Any) -> bool:
-    """Whether queries see only earlier keys (decoders) or all keys (BERT)."""
-    return _model_type(model) != "bert"
-
-
-def _check_layer(model: Any, layer: int) -> int:
-    """One layer index (Python or numpy int; negative counts from the end) -> ``0..n_layers-1``."""
-    check_bridge(model)
-    n = model.cfg.n_layers
-    try:
-        v = as_int(layer, "layer")
-    except SVToolsError as exc:
-        raise SVToolsError(f"unknown layer {layer!r}: the model has {n} layers (0..{n - 1}); {exc}") from None
-    if not (-n <= v < n):
-        raise SVToolsError(f"unknown layer {layer!r}: the model has {n} layers (0..{n - 1})")
-    return v % n
-
-
-def _check_heads(model: Any, head: int | Sequence[int] | None) -> list[int]:
-    """Head indices (an int, a list/array of ints, or None = all) -> list of ``0..n_heads-1``."""
-    check_bridge(model)
-    n = model.cfg.n_heads
-    if head is None:
-        return list(range(n))
-    try:
-        heads = as_indices(head, "head", allow_empty=True)
-    except SVToolsError as exc:
-        raise SVToolsError(f"unknown head(s) {head!r}: each layer has {n} heads (0..{n - 1}); {exc}") from None
-    bad = [h for h in heads if not (0 <= h < n)]
-    if bad or not heads:
-        raise SVToolsError(f"unknown head(s) {bad or heads!r}: each layer has {n} heads (0..{n - 1})")
-    return heads
-
 
 def _attn_module(model: Any, layer: int) -> Any:
     return model.blocks[layer].attn.original_component
@@ -85,10 +44,10 @@ def _attn_module(model: Any, layer: int) -> Any:
 
 def attention_scale(model: Any, layer: int) -> float:
     """The factor the model multiplies ``q . k`` by before the softmax (usually ``1/sqrt(d_head)``)."""
-    layer = _check_layer(model, layer)
+    layer = check_layer(model, layer)
     attn = _attn_module(model, layer)
     d_head = model.cfg.d_head
-    if _model_type(model) == "gpt2":
+    if model_type(model) == "gpt2":
         s = 1.0 / math.sqrt(d_head) if getattr(attn, "scale_attn_weights", True) else 1.0
         if getattr(attn, "scale_attn_by_inverse_layer_idx", False):
             s /= float(layer + 1)
@@ -99,9 +58,9 @@ def attention_scale(model: Any, layer: int) -> float:
 
 def rotary_spec(model: Any, offsets: Sequence[int] | Tensor) -> Optional[RotarySpec]:
     """The model's rotary embedding as a :class:`RotarySpec` (None for absolute positions)."""
-    if _model_type(model) not in ("gpt_neox", "llama"):
+    if model_type(model) not in ("gpt_neox", "llama"):
         return None
-    rot = [m for name, m in _hf(model).named_modules() if hasattr(m, "inv_freq") and name.endswith("rotary_emb")]
+    rot = [m for name, m in hf_model_of(model).named_modules() if hasattr(m, "inv_freq") and name.endswith("rotary_emb")]
     if len(rot) != 1:
         raise UnsupportedModelError(f"expected one rotary embedding module, found {len(rot)}")
     inv_freq = rot[0].inv_freq.detach().to("cpu", torch.float64)
@@ -138,7 +97,7 @@ def head_weights(model: Any, layer: int | None = None) -> tuple[
         W_K = W_K.repeat_interleave(rep, dim=1)
         b_K = None if b_K is None else b_K.repeat_interleave(rep, dim=1)
     if layer is not None:
-        layer = _check_layer(model, layer)
+        layer = check_layer(model, layer)
         W_Q, W_K = W_Q[layer], W_K[layer]
         b_Q = None if b_Q is None else b_Q[layer]
         b_K = None if b_K is None else b_K[layer]
@@ -152,117 +111,17 @@ def layer_qk(model: Any, layer: int, heads: Sequence[int] | None = None, *, n_po
     Rotary models get one decomposition per offset ``0..n_pos-1`` (causal: query minus key
     position is never negative); pass ``n_pos`` for them.
     """
-    layer = _check_layer(model, layer)
-    heads = _check_heads(model, heads)
+    layer = check_layer(model, layer)
+    heads = check_heads(model, heads)
     W_Q, W_K, b_Q, b_K = head_weights(model, layer)
     idx = torch.tensor(heads, device=W_Q.device)
     sel = lambda t: None if t is None else t.index_select(0, idx)  # noqa: E731
     rot = None
-    if _model_type(model) in ("gpt_neox", "llama"):
+    if model_type(model) in ("gpt_neox", "llama"):
         if n_pos is None:
             raise SVToolsError("rotary model: pass n_pos (the sequence length) to decompose its offsets")
         rot = rotary_spec(model, range(n_pos))
     return qk_svd(sel(W_Q), sel(W_K), sel(b_Q), sel(b_K), rotary=rot, dtype=dtype)
-
-
-# ----------------------------------------------------------------------------- tokens
-
-def prepends_bos(model: Any) -> bool:
-    """Whether :func:`tokenize` puts a BOS token in front of what the tokenizer returns.
-
-    True when the bridge's ``cfg.default_prepend_bos`` asks for a BOS (TransformerLens'
-    convention for GPT-2 and Pythia) and the tokenizer does not add one itself.
-    """
-    return bool(getattr(model.cfg, "default_prepend_bos", False)) and not \
-        bool(getattr(model.cfg, "tokenizer_prepends_bos", True))
-
-
-def tokenize(model: Any, texts: Sequence[str], *, prepend_bos: Optional[bool] = None
-             ) -> tuple[Int[Tensor, "batch pos"], Int[Tensor, "batch pos"]]:
-    """Token ids and attention mask for ``texts``, right-padded, as :func:`decompose` feeds them.
-
-    Uses the model's tokenizer with its special tokens (BERT: ``[CLS] ... [SEP]``). For
-    tokenizers that add no BOS themselves, a BOS is prepended when the bridge's
-    ``cfg.default_prepend_bos`` says so (:func:`prepends_bos`), or as ``prepend_bos`` says. Position ``p`` of a text's tokens is position ``p`` in the model.
-    """
-    tok = getattr(model, "tokenizer", None)
-    if tok is None:
-        raise SVToolsError("this model has no tokenizer: pass token ids (a LongTensor) instead of strings")
-    if isinstance(texts, str):
-        texts = [texts]
-    if not texts or not all(isinstance(t, str) for t in texts):
-        raise SVToolsError("texts must be a non-empty list of strings")
-    enc = [tok(t, add_special_tokens=True)["input_ids"] for t in texts]
-    if prepend_bos is None:
-        prepend_bos = prepends_bos(model)
-    if prepend_bos:
-        if tok.bos_token_id is None:
-            raise SVToolsError("prepend_bos=True but the tokenizer has no BOS token")
-        enc = [[tok.bos_token_id] + e if (not e or e[0] != tok.bos_token_id) else e for e in enc]
-    n = max(len(e) for e in enc)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
-    ids = torch.full((len(enc), n), pad, dtype=torch.long)
-    mask = torch.zeros((len(enc), n), dtype=torch.long)
-    for i, e in enumerate(enc):
-        ids[i, :len(e)] = torch.tensor(e, dtype=torch.long)
-        mask[i, :len(e)] = 1
-    return ids, mask
-
-
-def _as_ids(model: Any, tokens: Any, attention_mask: Optional[Tensor]) -> tuple[Tensor, Tensor]:
-    """Validate what a user may pass as tokens: strings (one, a list, any iterable), token ids
-    ``(batch, pos)``/``(pos,)`` (tensor, array, nested lists), or a tokenizer's ``BatchEncoding``
-    (its ``input_ids`` and ``attention_mask`` are used)."""
-    if isinstance(tokens, Mapping):  # a tokenizer's BatchEncoding (or a plain dict of the same)
-        if "input_ids" not in tokens:
-            raise SVToolsError(f"tokens given as a mapping must hold 'input_ids' (a tokenizer's output), "
-                               f"got keys {list(tokens)[:5]}")
-        if attention_mask is None:
-            attention_mask = tokens.get("attention_mask")
-        tokens = tokens["input_ids"]
-    if not isinstance(tokens, (str, list, tuple, Tensor, np.ndarray)) and isinstance(tokens, Iterable):
-        tokens = list(tokens)  # a generator of strings or of ids
-    if isinstance(tokens, (list, tuple)) and any(isinstance(t, str) for t in tokens):
-        bad = [t for t in tokens if not isinstance(t, str)]
-        if bad:
-            raise SVToolsError(f"tokens mixes strings and other values ({bad[0]!r}): give a list of strings "
-                               "or token ids, not both")
-    if isinstance(tokens, str) or (isinstance(tokens, (list, tuple)) and tokens and isinstance(tokens[0], str)):
-        if attention_mask is not None:
-            raise SVToolsError("attention_mask is computed from the texts; pass it only with token ids")
-        return tokenize(model, list(tokens) if not isinstance(tokens, str) else [tokens])
-    try:
-        ids = torch.as_tensor(tokens)
-    except Exception as exc:
-        raise SVToolsError(f"tokens must be strings or integer token ids of shape (batch, pos), "
-                           f"got {type(tokens).__name__} that is not a rectangular array of ints") from exc
-    if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
-        raise SVToolsError(f"tokens must be integer ids or strings, got dtype {ids.dtype}")
-    if ids.ndim == 1:
-        ids = ids[None]
-    if ids.ndim != 2 or ids.shape[0] == 0 or ids.shape[1] == 0:
-        raise SVToolsError(f"tokens must have shape (batch, pos) with batch, pos >= 1, got {tuple(ids.shape)}")
-    vocab = model.cfg.d_vocab
-    if int(ids.min()) < 0 or int(ids.max()) >= vocab:
-        raise SVToolsError(f"token ids must lie in [0, {vocab}), got range [{int(ids.min())}, {int(ids.max())}]")
-    if attention_mask is None:
-        attention_mask = torch.ones_like(ids)
-    try:
-        attention_mask = torch.as_tensor(attention_mask)
-    except Exception as exc:
-        raise SVToolsError(f"attention_mask must be a (batch, pos) array of 0/1, got {type(attention_mask).__name__}") from exc
-    if attention_mask.ndim == 1 and ids.shape[0] == 1:
-        attention_mask = attention_mask[None]
-    if attention_mask.shape != ids.shape:
-        raise SVToolsError(f"attention_mask shape {tuple(attention_mask.shape)} != tokens shape {tuple(ids.shape)}")
-    if attention_mask.is_complex() or not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
-        vals = sorted({float(v) for v in attention_mask.flatten()[:10000].tolist()} - {0.0, 1.0})[:5] \
-            if not attention_mask.is_complex() else ["complex"]
-        raise SVToolsError(f"attention_mask must hold only 0 (padding) and 1 (real token), got also {vals}")
-    am = attention_mask.long()
-    if bool((am[:, 1:] > am[:, :-1]).any()) or bool((am[:, 0] == 0).any()):
-        raise SVToolsError("attention_mask must be right-padded (ones, then zeros, first token real)")
-    return ids.long(), am
 
 
 # ----------------------------------------------------------------------------- decomposition
@@ -383,7 +242,7 @@ def _grid_terms(left: Tensor, right: Tensor, qk: QKSVD, x_query: Tensor, x_key: 
     return t * mask[..., None].to(t.dtype)
 
 
-def _run_once(model: Any, ids: Tensor, am: Tensor, layers: Sequence[int]) -> dict[str, Tensor]:
+def cache_attention_inputs(model: Any, ids: Tensor, am: Tensor, layers: Sequence[int]) -> dict[str, Tensor]:
     """One forward pass (up to the last layer needed) caching the q/k inputs and the pattern."""
     names = {f"blocks.{l}.attn.{h}" for l in layers for h in ("q.hook_in", "k.hook_in", "hook_pattern")}
     with torch.no_grad():
@@ -448,7 +307,9 @@ def stream_attention(
     raise UnsupportedModelError(f"the forward pass ended without reaching blocks.{last}.attn.hook_pattern")
 
 
-def _mask(model: Any, am: Tensor) -> Bool[Tensor, "batch 1 query key"]:
+def visibility_mask(model: Any, am: Tensor) -> Bool[Tensor, "batch 1 query key"]:
+    """True where a query may attend a key: the key is a real token (``am``, ``(batch, pos)``)
+    and, in a causal model, not after the query."""
     n_pos = am.shape[1]
     keyvalid = am.bool()[:, None, None, :]
     if is_causal(model):
@@ -482,7 +343,7 @@ def _layer_decomposition(model: Any, layer: int, heads: list[int], cached: dict[
     if check_tol is not None:
         err = dec.max_pattern_error()
         if not err <= check_tol:
-            mdt = next(_hf(model).parameters()).dtype
+            mdt = next(hf_model_of(model).parameters()).dtype
             raise UnsupportedModelError(
                 f"decomposition does not reproduce the model's attention at layer {layer} "
                 f"(max |softmax - pattern| = {err:.2e} > tolerance {check_tol:.2e}, used for a {mdt} model; "
@@ -491,36 +352,11 @@ def _layer_decomposition(model: Any, layer: int, heads: list[int], cached: dict[
     return dec
 
 
-def _decomposition_dtype(dtype: Any) -> torch.dtype:
+def decomposition_dtype(dtype: Any) -> torch.dtype:
     """float32 by default; float16/bfloat16 are computed as float32 (the terms of a half-precision
     model's scores are decomposed from its half activations, in float32)."""
     dt = as_dtype(dtype) or torch.float32
     return torch.float32 if dt in (torch.float16, torch.bfloat16) else dt
-
-
-def _max_positions(model: Any) -> Optional[int]:
-    """Longest sequence an absolute-position model accepts (None: rotary, no hard limit)."""
-    cfg = _hf(model).config
-    if getattr(cfg, "model_type", None) == "gpt2":
-        return getattr(cfg, "n_positions", None)
-    if getattr(cfg, "model_type", None) == "bert":
-        return getattr(cfg, "max_position_embeddings", None)
-    return None
-
-
-def _prepare(model: Any, tokens: Any, attention_mask: Optional[Tensor]) -> tuple[Tensor, Tensor]:
-    check_bridge(model)
-    check_supported(_hf(model))
-    if bool(getattr(model, "training", False)) or bool(getattr(_hf(model), "training", False)):
-        raise SVToolsError("the model is in training mode (dropout would perturb the attention it is "
-                           "compared with): call model.eval() first")
-    ids, am = _as_ids(model, tokens, attention_mask)
-    n_max = _max_positions(model)
-    if n_max is not None and ids.shape[1] > n_max:
-        raise SVToolsError(f"sequences are {ids.shape[1]} tokens long but this model has only {n_max} "
-                           "positions: truncate or split the input")
-    device = next(_hf(model).parameters()).device
-    return ids.to(device), am.to(device)
 
 
 def decompose(
@@ -545,7 +381,7 @@ def decompose(
     Args:
         model: a ``TransformerBridge`` from :func:`svtools.load_model`.
         tokens: ``(batch, pos)`` or ``(pos,)`` token ids, or a list of strings (tokenised with
-            the model's tokenizer by :func:`tokenize`, right-padded and masked).
+            the model's tokenizer by :func:`~svtools.bridge.tokenize`, right-padded and masked).
         layer: which layer.
         head: one head, a list of heads, or None for all heads of the layer (one batched pass).
         attention_mask: ``(batch, pos)`` 1 for real tokens, 0 for padding (no other values),
@@ -563,13 +399,13 @@ def decompose(
     ``heads * pos * d_in * r`` numbers per side for the per-offset ``U, V``. To measure selected
     pairs only, use :func:`svtools.sad.head_sparsity`, which never builds this tensor.
     """
-    layer = _check_layer(model, layer)
-    heads = _check_heads(model, head)
-    dtype = _decomposition_dtype(dtype)
+    layer = check_layer(model, layer)
+    heads = check_heads(model, head)
+    dtype = decomposition_dtype(dtype)
     check_tol = resolve_check_tol(model, check_tol)
-    ids, am = _prepare(model, tokens, attention_mask)
-    cached = _run_once(model, ids, am, [layer])
-    return _layer_decomposition(model, layer, heads, cached, ids, am, _mask(model, am),
+    ids, am = prepare_tokens(model, tokens, attention_mask)
+    cached = cache_attention_inputs(model, ids, am, [layer])
+    return _layer_decomposition(model, layer, heads, cached, ids, am, visibility_mask(model, am),
                                 dtype, check_tol)
 
 
@@ -596,11 +432,11 @@ def decompose_layers(
     the calls.
     """
     plan = _layer_plan(model, layers)
-    dtype = _decomposition_dtype(dtype)
+    dtype = decomposition_dtype(dtype)
     check_tol = resolve_check_tol(model, check_tol)
-    ids, am = _prepare(model, tokens, attention_mask)
-    cached = _run_once(model, ids, am, list(plan))
-    mask = _mask(model, am)
+    ids, am = prepare_tokens(model, tokens, attention_mask)
+    cached = cache_attention_inputs(model, ids, am, list(plan))
+    mask = visibility_mask(model, am)
     for layer in sorted(plan):
         yield _layer_decomposition(model, layer, plan[layer], cached, ids, am, mask,
                                    dtype, check_tol, qk_cache)
@@ -610,12 +446,12 @@ def _layer_plan(model: Any, layers: Any) -> dict[int, list[int]]:
     """``layers`` as accepted by :func:`decompose_layers` -> ``{layer: heads}`` (layers normalised)."""
     check_bridge(model)
     if layers is None:
-        return {l: _check_heads(model, None) for l in range(model.cfg.n_layers)}
+        return {l: check_heads(model, None) for l in range(model.cfg.n_layers)}
     plan: dict[int, list[int]] = {}
     if isinstance(layers, Mapping):
         for l, h in layers.items():
-            merged = plan.setdefault(_check_layer(model, l), [])
-            for head in _check_heads(model, h):
+            merged = plan.setdefault(check_layer(model, l), [])
+            for head in check_heads(model, h):
                 if head not in merged:
                     merged.append(head)
     else:
@@ -623,7 +459,7 @@ def _layer_plan(model: Any, layers: Any) -> dict[int, list[int]]:
             and not is_index_sequence(layers)  # a set, dict keys, a generator
         items = list(layers) if generic else as_indices(layers, "layers", allow_empty=True)
         for l in items:
-            plan.setdefault(_check_layer(model, l), _check_heads(model, None))
+            plan.setdefault(check_layer(model, l), check_heads(model, None))
     if not plan:
         raise SVToolsError("no layers to decompose (layers is empty)")
     return plan

@@ -37,25 +37,19 @@ from urllib.parse import urlparse
 
 import torch
 
-from svtools._checks import SVToolsError, as_dtype, as_float, as_int
+from svtools._checks import SVToolsError, UnsupportedModelError, as_dtype, as_float, as_indices, as_int
+# check_bridge and SUPPORTED_MODEL_TYPES moved to svtools.bridge (documented there); they stay importable from here
+from svtools.bridge import SUPPORTED_MODEL_TYPES, check_bridge, check_supported, prepare_tokens  # noqa: F401
 from svtools.runtime import default_device
 
 __all__ = ["load_model", "HubUnavailableError", "UnsupportedModelError", "ModelNotFoundError", "MINILM_ALIASES",
-           "SUPPORTED_MODEL_TYPES", "hub_reachable", "pattern_tolerance", "model_dtype", "check_bridge",
-           "attention_patterns"]
+           "hub_reachable", "pattern_tolerance", "model_dtype", "resolve_check_tol", "attention_patterns", "model_note"]
 
 MINILM_ALIASES = {"minilm", "all-minilm-l6-v2", "sentence-transformers/all-minilm-l6-v2"}
-
-#: HuggingFace ``model_type`` values whose attention svtools decomposes exactly (tested on each).
-SUPPORTED_MODEL_TYPES = {"gpt2", "gpt_neox", "llama", "bert"}
 
 
 class HubUnavailableError(SVToolsError, ConnectionError):
     """The model hub cannot be reached (offline machine, HF_HUB_OFFLINE=1) and nothing is cached."""
-
-
-class UnsupportedModelError(SVToolsError):
-    """The model's attention has a mechanism svtools does not decompose exactly."""
 
 
 class ModelNotFoundError(SVToolsError, FileNotFoundError):
@@ -95,19 +89,6 @@ def resolve_check_tol(model: Any, check_tol: Any) -> Optional[float]:
             raise SVToolsError(f"check_tol must be 'auto', None or a positive number, got {check_tol!r}")
         return pattern_tolerance(model_dtype(model))
     return as_float(check_tol, "check_tol", lo=0.0, lo_open=True)
-
-
-def check_bridge(model: Any) -> None:
-    """Raise unless ``model`` is a TransformerLens bridge as :func:`load_model` returns it."""
-    if hasattr(model, "cfg") and hasattr(model, "original_model") and hasattr(model, "run_with_cache"):
-        return
-    if isinstance(model, type):
-        raise SVToolsError(f"model is the class {model.__name__}, not a model: build or load one, then pass "
-                           "it through svtools.load_model")
-    if isinstance(model, torch.nn.Module) and hasattr(model, "config"):
-        raise SVToolsError(f"model is a raw transformers {type(model).__name__}: pass it through "
-                           "svtools.load_model(model) first (svtools reads the attention from the bridge's hooks)")
-    raise SVToolsError(f"model must be a TransformerBridge from svtools.load_model, got {type(model).__name__}")
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:
@@ -191,27 +172,6 @@ def _quiet():
         if hf_logging is not None:
             hf_logging.set_verbosity(hf_level)
             hf_logging.enable_progress_bar()
-
-
-def check_supported(hf_model: Any) -> None:
-    """Raise :class:`UnsupportedModelError` unless the model's attention is one svtools handles."""
-    cfg = getattr(hf_model, "config", None)
-    mtype = getattr(cfg, "model_type", None)
-    if mtype not in SUPPORTED_MODEL_TYPES:
-        raise UnsupportedModelError(
-            f"unsupported architecture {mtype!r} ({type(hf_model).__name__}); svtools decomposes "
-            f"{sorted(SUPPORTED_MODEL_TYPES)} exactly")
-    pet = getattr(cfg, "position_embedding_type", "absolute")
-    if mtype == "bert" and pet not in (None, "absolute"):
-        raise UnsupportedModelError(f"BERT with position_embedding_type={pet!r} adds relative-position "
-                                    "terms to the scores; only 'absolute' is supported")
-    if mtype == "llama":
-        rs = getattr(cfg, "rope_scaling", None) or getattr(cfg, "rope_parameters", None) or {}
-        rtype = rs.get("rope_type", rs.get("type", "default")) if isinstance(rs, dict) else "default"
-        if rtype not in ("default", "linear", "llama3", "dynamic"):
-            raise UnsupportedModelError(f"rope_type {rtype!r} is not supported")
-    if mtype == "gpt2" and getattr(cfg, "reorder_and_upcast_attn", False):
-        warnings.warn("reorder_and_upcast_attn=True: scores are computed in float32 by the model", stacklevel=3)
 
 
 def _wrap_instance(hf_model: Any, tokenizer: Any, device, dtype, *, copy_model: bool = False) -> Any:
@@ -419,16 +379,30 @@ def attention_patterns(model: Any, tokens: Any, *, layers: Any = None,
         tokens, attention_mask: as for :func:`svtools.decompose` (strings, or ids with a mask).
         layers: a layer index or a list of them (negative counts from the end).
     """
-    from svtools._checks import as_indices
-    from svtools.decomposition import _prepare
 
     check_bridge(model)
     n = model.cfg.n_layers
     wanted = list(range(n)) if layers is None else [l % n for l in as_indices(layers, "layers", n=n,
                                                                                allow_negative=True)]
-    ids, am = _prepare(model, tokens, attention_mask)
+    ids, am = prepare_tokens(model, tokens, attention_mask)
     names = {f"blocks.{l}.attn.hook_pattern" for l in wanted}
     with torch.no_grad():
         _, cache = model.run_with_cache(ids, attention_mask=am, names_filter=lambda nm: nm in names,
                                         stop_at_layer=max(wanted) + 1)
     return torch.stack([cache[f"blocks.{l}.attn.hook_pattern"].detach() for l in wanted])
+
+
+def model_note(requested: str, model: Any) -> tuple[str, bool]:
+    """A one-line statement of which model actually ran, and whether it replaced ``requested``.
+
+    ``load_model(..., fallback=True)`` loads the embedded all-MiniLM-L6-v2 when a hub model is
+    unreachable; chapters print this line so that a fallback is never hidden.
+    """
+    ran = str(getattr(model.cfg, "model_name", "")) or type(model).__name__
+    wanted_minilm = str(requested).lower() in MINILM_ALIASES
+    fell_back = (not wanted_minilm) and ran == "all-MiniLM-L6-v2"
+    if fell_back:
+        return (f"MODEL RUN: {ran} -- FALLBACK: {requested!r} was requested but could not be loaded "
+                "(hub unreachable); every number below is for all-MiniLM-L6-v2, not for "
+                f"{requested!r}.", True)
+    return f"MODEL RUN: {ran} (requested {requested!r})", False

@@ -224,7 +224,9 @@ class QKSVD:
                        rotary=None)
 
 
-def _homogeneous(W: Tensor, b: Optional[Tensor], bias: bool) -> Tensor:
+def homogeneous_weights(W: Tensor, b: Optional[Tensor], bias: bool) -> Tensor:
+    """``W (..., d_model, d_head)`` with the bias ``b (..., d_head)`` appended as a last input row
+    when ``bias`` (a zero row when ``b`` is None): ``[x, 1] @ homogeneous_weights(W, b) = x W + b``."""
     if not bias:
         return W
     if b is None:
@@ -297,9 +299,9 @@ def qk_svd(
     bias = b_Q is not None or b_K is not None
     # every operand expanded to the common leading shape first, so a bias may carry batch dims
     # that the weights lack (and vice versa)
-    A = _homogeneous(W_Q.to(dtype).expand(lead + W_Q.shape[-2:]),
+    A = homogeneous_weights(W_Q.to(dtype).expand(lead + W_Q.shape[-2:]),
                      None if b_Q is None else as_tensor(b_Q, "b_Q").to(dtype).expand(lead + (d_head,)), bias)
-    B = _homogeneous(W_K.to(dtype).expand(lead + W_K.shape[-2:]),
+    B = homogeneous_weights(W_K.to(dtype).expand(lead + W_K.shape[-2:]),
                      None if b_K is None else as_tensor(b_K, "b_K").to(dtype).expand(lead + (d_head,)), bias)
     d_in = A.shape[-2]
 
@@ -467,8 +469,8 @@ def qk_svd_factored(
     if rotary.rotary_dim > d_head:
         raise SVToolsError(f"rotary_dim {rotary.rotary_dim} exceeds d_head {d_head}")
     bias = b_Q is not None or b_K is not None
-    A = _homogeneous(W_Q.to(dtype), None if b_Q is None else as_tensor(b_Q, "b_Q").to(dtype), bias)
-    B = _homogeneous(W_K.to(dtype), None if b_K is None else as_tensor(b_K, "b_K").to(dtype), bias)
+    A = homogeneous_weights(W_Q.to(dtype), None if b_Q is None else as_tensor(b_Q, "b_Q").to(dtype), bias)
+    B = homogeneous_weights(W_K.to(dtype), None if b_K is None else as_tensor(b_K, "b_K").to(dtype), bias)
     lead = torch.broadcast_shapes(A.shape[:-2], B.shape[:-2])
     A, B = A.expand(lead + A.shape[-2:]), B.expand(lead + B.shape[-2:])
     d_in = A.shape[-2]

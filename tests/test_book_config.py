@@ -236,7 +236,7 @@ def test_chapter_opens_with_a_result_box_and_glues_its_run_time(path: Path):
     assert first.lstrip().startswith("# "), "the first cell is the chapter's title"
     assert "```{result-box}" in first, "the result box follows the title (scripts/svtools_book.py: ResultBox)"
     assert all(k in _glued_keys(path) for k in ("run_time", "run_scale", "run_hardware")), \
-        "call svtools.tables.glue_run_time() in the last cell: the result box shows the run time"
+        "call svtools.report.glue_run_time() in the last cell: the result box shows the run time"
 
 
 @pytest.mark.parametrize("path", [*CHAPTERS, *sorted((ROOT / "book").rglob("*.md"))],

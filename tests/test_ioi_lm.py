@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from svtools import SVToolsError, ioi_lm
+from svtools.ioi_lm import language as lm_language, training as lm_training
 from svtools.data import TEMPLATES, ioi_prompts
 
 TINY = ioi_lm.IOILMConfig(n_layers=2, n_heads=2, d_model=16, steps=12, n_checkpoints=5, batch=8, warmup=2)
@@ -63,10 +64,10 @@ def test_hand_checked_positions():
 
 
 def test_ioi_tokens_on_the_loaded_model(run):
-    from svtools import sad
+    from svtools import ioi
 
     model = run.load(run.checkpoints[-1], device="cpu")
-    ids, am, pos = sad.ioi_tokens(model, hand_prompt())
+    ids, am, pos = ioi.ioi_tokens(model, hand_prompt())
     assert ids[0, 0] == run.tokenizer.bos_token_id  # the tokenizer adds <bos>; tokenize() adds no second one
     assert (int(pos.io[0]), int(pos.s1[0]), int(pos.s2[0]), int(pos.end[0])) == (2, 4, 10, 14)
 
@@ -108,15 +109,15 @@ def test_run_accuracy_reads_the_logits_at_end(run):
 def test_split_names_and_templates_are_disjoint():
     assert not set(ioi_lm.TEST_NAMES) & set(ioi_lm.TRAIN_NAMES)
     assert not set(ioi_lm.TEST_TEMPLATES) & set(ioi_lm.TRAIN_TEMPLATES)
-    texts, flags = ioi_lm._training_batch(3000, 0, 0.6)
+    texts, flags = lm_language.training_batch(3000, 0, 0.6)
     ioi = [t for t, f in zip(texts, flags) if f]
     assert 1650 < len(ioi) < 1950
     test_names = set(ioi_lm.TEST_NAMES)
     for t in ioi:
-        assert not set(ioi_lm._words([t])) & test_names, t
+        assert not set(lm_language._words([t])) & test_names, t
         assert t.endswith(" .")
     # every held-out name still occurs in filler text, so it is a known word
-    filler = set(ioi_lm._words([t for t, f in zip(texts, flags) if not f]))
+    filler = set(lm_language._words([t for t, f in zip(texts, flags) if not f]))
     assert test_names <= filler
     # held-out templates: never the template of a training IOI sentence, but made of seen parts
     opening_of = {t: next(o for o in ioi_lm.OPENINGS if t.startswith(o)) for t in ioi_lm.TEST_TEMPLATES}
@@ -177,7 +178,7 @@ def test_cache_round_trip(run, cache_env, monkeypatch):
     def no_training(*a, **k):
         raise AssertionError("the cached run was retrained")
 
-    monkeypatch.setattr(ioi_lm, "_train_loop", no_training)
+    monkeypatch.setattr(lm_training, "_train_loop", no_training)
     again = ioi_lm.train(TINY, seed=0, progress=False)
     assert again.path == run.path and again.checkpoints == run.checkpoints
     assert again.history.equals(run.history)
@@ -192,7 +193,7 @@ def test_cache_round_trip(run, cache_env, monkeypatch):
 
 def test_checkpoints_differ_and_step0_is_the_initialisation(run):
     m0, m1 = run.hf_model(0, "cpu"), run.hf_model(run.checkpoints[-1], "cpu")
-    init = ioi_lm._new_model(TINY, len(run.tokenizer), 0)
+    init = lm_training._new_model(TINY, len(run.tokenizer), 0)
     assert all(torch.equal(p, q) for p, q in zip(m0.parameters(), init.parameters()))
     assert not all(torch.equal(p, q) for p, q in zip(m0.parameters(), m1.parameters()))
 
@@ -265,14 +266,14 @@ def test_bucketed_loss_is_the_batch_loss(buckets):
     gradient, checked against transformers' own loss (labels, padding ignored) on the padded batch."""
     tok = ioi_lm.build_tokenizer()
     texts = ioi_lm.training_texts(16, seed=1, ioi_fraction=0.5)
-    ids, am = ioi_lm._encode(tok, texts)
+    ids, am = lm_language.encode(tok, texts)
     assert am.sum(1).min() < am.shape[1]  # the batch has padding to cut
-    model = ioi_lm._new_model(TINY, len(tok), 0)
+    model = lm_training._new_model(TINY, len(tok), 0)
     ref = model(input_ids=ids, attention_mask=am, labels=ids.masked_fill(am == 0, -100)).loss
     ref.backward()
     g_ref = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
-    loss = ioi_lm._loss_backward(model, ids, am, am[:, 1:].float(), buckets, torch.device("cpu"))
+    loss = lm_training._loss_backward(model, ids, am, am[:, 1:].float(), buckets, torch.device("cpu"))
     assert abs(loss - float(ref.detach())) < 1e-5
     for p, g in zip(model.parameters(), g_ref):
         torch.testing.assert_close(p.grad, g, rtol=1e-4, atol=1e-6)
@@ -306,11 +307,11 @@ def test_bad_step(run):
 
 @pytest.mark.parametrize("which", ["first", "last"])
 def test_decomposition_is_exact_on_checkpoints(run, which):
-    from svtools import decompose, sad
+    from svtools import decompose, ioi, sad
 
     step = run.checkpoints[0] if which == "first" else run.checkpoints[-1]
     model = run.load(step, device="cpu")
-    ids, am, pos = sad.ioi_tokens(model, run.prompts(8, seed=0))
+    ids, am, pos = ioi.ioi_tokens(model, run.prompts(8, seed=0))
     for layer in range(TINY.n_layers):
         dec = decompose(model, ids, layer, attention_mask=am, dtype=torch.float64)
         assert dec.max_pattern_error() < 1e-6
@@ -334,13 +335,13 @@ def test_decomposition_is_exact_on_checkpoints(run, which):
 
 
 def test_role_attention_matches_patterns(run):
-    from svtools import decompose, sad
+    from svtools import decompose, ioi
 
     step = run.checkpoints[-1]
     model = run.load(step, device="cpu")
     ds = run.prompts(6, seed=2)
     ra = ioi_lm.role_attention(model, ds, batch_size=4)
-    ids, am, pos = sad.ioi_tokens(model, ds)
+    ids, am, pos = ioi.ioi_tokens(model, ds)
     dec = decompose(model, ids, 1, attention_mask=am)
     r = torch.arange(len(ds))
     want = dec.pattern[r, :, pos.end, pos.io].mean(0)  # (head,)

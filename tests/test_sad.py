@@ -15,8 +15,10 @@ from svtools.decomposition import layer_qk
 from svtools.decomposition import head_rotations
 from svtools.qk import rotated_factors
 from svtools.terms import homogeneous
-from svtools.sad import (COLUMNS, bootstrap, head_sparsity, label_ioi_roles, pair_measures, reuse,
-                         select_pairs, singular_vector_usage, toy_sparsity)
+from svtools.ioi import label_ioi_roles
+from svtools.sad import (COLUMNS, bootstrap, head_sparsity, pair_measures, reuse,
+                         select_pairs, singular_vector_usage)
+from svtools.toy import toy_sparsity
 
 
 # ----------------------------------------------------------------------------- selection
@@ -285,7 +287,7 @@ def test_label_ioi_roles():
 def test_ioi_tokens_on_minilm(minilm):
     from svtools.data import ioi_prompts
     from svtools.decomposition import tokenize
-    from svtools.sad import ioi_tokens
+    from svtools.ioi import ioi_tokens
 
     ds = ioi_prompts(6, seed=2)
     ids, am, pos = ioi_tokens(minilm, ds)

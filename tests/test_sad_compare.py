@@ -32,7 +32,7 @@ def test_needs_a_summary():
 
 def test_toy_pair_sad_rows_match_the_direct_terms():
     from svtools import n_recon, sad_terms
-    from svtools.sad import toy_pair_sad
+    from svtools.toy import toy_pair_sad
     from svtools.toy import ToyConfig, train
 
     run = train(ToyConfig.single_pair(steps=200), progress=False)

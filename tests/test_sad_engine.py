@@ -10,10 +10,13 @@ import pytest
 import torch
 
 import svtools
-from svtools.decomposition import decompose_layers, stream_attention, _run_once
+from svtools.decomposition import cache_attention_inputs as _run_once
+from svtools.decomposition import decompose_layers, stream_attention
 from svtools.models import UnsupportedModelError
 from svtools.qk import RotarySpec, qk_svd, qk_svd_factored
-from svtools.sad import (COLUMNS, _PairEngine, _heads_by_layer, head_sparsity, pair_measures, select_pairs)
+from svtools.sad import COLUMNS, head_sparsity, pair_measures, select_pairs
+from svtools.sad.engine import PairEngine as _PairEngine
+from svtools.sad.measure import _heads_by_layer
 from svtools.terms import relative_pair_terms, relative_terms
 
 KEY = ["layer", "head", "prompt", "query", "key"]
@@ -93,8 +96,8 @@ def test_chunk_size_does_not_change_rows(random_models, batch_tokens, monkeypatc
     kw = dict(attention_mask=am, threshold=0.3, progress=False, dtype=torch.float64, attention="relative",
               baseline="non-attended", baseline_fraction=0.3)
     one = head_sparsity(model, ids, batch_size=8, **kw)
-    import svtools.sad as sad
-    monkeypatch.setattr(sad, "ROTARY_CACHE_BYTES", 0)  # nothing cached: every chunk decomposes its offsets
+    import svtools.sad.engine as sad_engine
+    monkeypatch.setattr(sad_engine, "ROTARY_CACHE_BYTES", 0)  # nothing cached: every chunk decomposes its offsets
     pd.testing.assert_frame_equal(one, head_sparsity(model, ids, batch_size=1, **kw), check_exact=False, rtol=1e-9)
 
 

@@ -6,7 +6,8 @@ import torch
 
 from svtools import SVToolsError
 from svtools.qk import rotary_matrices
-from svtools.toy import (ToyConfig, _attn_loss, linear_template, sample_batch, settle_step, summarize,
+from svtools.toy.training import _attn_loss
+from svtools.toy import (ToyConfig, linear_template, sample_batch, settle_step, summarize,
                          template_matrix, train, train_seeds)
 
 TINY = dict(n_features=6, d_model=4, d_head=4, n_keys=4, steps=150, batch=64, log_every=50,

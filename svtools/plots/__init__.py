@@ -18,7 +18,7 @@ the widest figure, ``FIGURE_IN = 5.8`` in (about 570 px as SVG), and the smalles
 require it to be at least ``MIN_TEXT_PX``, and the browser check measures it again on the built
 pages (from the SVG files).
 
-**Format.** The book shows figures as SVG (``svtools.tables.glue`` writes them so; they stay
+**Format.** The book shows figures as SVG (``svtools.report.glue`` writes them so; they stay
 sharp on any screen). A PNG shown directly by a cell is ``DPI = 100`` px per inch; wider than
 the desktop column by more than 10% (``MAX_WIDTH_PX = 862`` px) fails ``scripts/check_html.py``.
 
@@ -40,7 +40,7 @@ the desktop column by more than 10% (``MAX_WIDTH_PX = 862`` px) fails ``scripts/
    the caption: the caption says what to see.
 
 A Figure made here is detached from pyplot (see ``subplots``): make it a cell's last expression
-to display it, once, or glue it (``svtools.tables.glue``) to show it with a caption.
+to display it, once, or glue it (``svtools.report.glue``) to show it with a caption.
 """
 
 from __future__ import annotations

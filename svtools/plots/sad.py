@@ -1,7 +1,7 @@
 """Figures of Part 3: sparse attention decomposition (SAD) and its rotated control.
 
 Every function returns a matplotlib Figure. Inputs are the frames of :mod:`svtools.sad`
-(:func:`~svtools.sad.head_sparsity`, :func:`~svtools.sad.toy_sparsity`,
+(:func:`~svtools.sad.head_sparsity`, :func:`~svtools.toy.toy_sparsity`,
 :func:`~svtools.sad.bootstrap`, :func:`~svtools.sad.singular_vector_usage`) or plain arrays.
 """
 
@@ -14,8 +14,10 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from svtools.plots import book_figure, subplots
 from svtools._checks import SVToolsError
+from svtools.plots import book_figure, subplots
+from svtools.sad.frame import check_columns
+from svtools.sparsity import n_recon, rolls_tovee
 
 __all__ = ["plot_n_recon_distribution", "plot_pair_terms", "plot_n_recon_per_head", "plot_sparseness_map",
            "plot_dominant_index", "plot_usage", "plot_summary", "plot_emergence", "plot_lm_emergence",
@@ -36,9 +38,7 @@ def _values(x: Any, name: str) -> np.ndarray:
 
 
 def _need(df: pd.DataFrame, cols: Sequence[str], what: str) -> None:
-    from svtools.sad import _check_columns
-
-    _check_columns(df, cols, what)
+    check_columns(df, cols, what)
 
 
 @book_figure
@@ -54,7 +54,7 @@ def plot_n_recon_distribution(
     """Distribution of N_recon (or another per-pair measure) in the singular vs rotated basis.
 
     Args:
-        data: a :func:`~svtools.sad.head_sparsity` / :func:`~svtools.sad.toy_sparsity` frame
+        data: a :func:`~svtools.sad.head_sparsity` / :func:`~svtools.toy.toy_sparsity` frame
             (columns ``measure`` and ``measure + "_rotated"`` are read), or an array of values
             in the singular basis.
         rotated: with an array ``data``, the rotated-control values (optional).
@@ -115,8 +115,6 @@ def plot_pair_terms(
     The panel titles give the total score, N_recon and the Rolls-Tovee sparseness.
     """
     import torch
-
-    from svtools.sparsity import n_recon, rolls_tovee
 
     panels = [(_values(terms, "terms"), "singular basis", REAL)]
     if rotated_terms is not None:

@@ -1,4 +1,4 @@
-"""svtools.tables: numbers as readers read them, tables that fit, values glued in myst-nb's format."""
+"""svtools.report: numbers as readers read them, tables that fit, values glued in myst-nb's format."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 import torch
 
-from svtools import tables as T
+from svtools import report as T
 
 
 @pytest.mark.parametrize("value, digits, text", [
@@ -138,9 +138,9 @@ def test_glue_outside_ipython_only_records():
 
 
 def test_run_time_is_measured_from_the_import_of_svtools():
-    import svtools
+    from svtools import runtime
 
-    assert T.elapsed() > 0 and math.isfinite(svtools._IMPORTED_AT)
+    assert runtime.elapsed() > 0 and math.isfinite(runtime.STARTED)
     sentence = T.glue_run_time()
     assert "ran in" in sentence and T.GLUED["run_time"].endswith("s") and "scale" in T.GLUED["run_scale"]
 

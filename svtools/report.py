@@ -1,27 +1,32 @@
-"""Results for readers: small tables, numbers in words, and values glued into a chapter's prose.
+"""Results for readers: small tables, numbers in words, values glued into a chapter's prose.
 
-A chapter shows what it computed in three ways, and this module serves all three:
+Functions here turn results into what a reader reads; they compute nothing new. A chapter shows
+what it computed in three ways, and this module serves all three:
 
 * **Tables that fit the column.** :func:`format_table` turns a DataFrame into a small table for
   readers: columns chosen and named in words, numbers rounded, empty columns dropped, no
   ``0, 1, 2`` index unless it means something. It returns a :class:`Table`, which a notebook
   shows as HTML (and as aligned text elsewhere). A table estimated wider than the book's column
   warns (the build turns the warning into a failure), so a table is made narrower by choosing
-  fewer columns, not by being cut off.
+  fewer columns, not by being cut off. :func:`format_mean_sd` shows a spread over seeds,
+  :func:`format_settings` a run's settings, :func:`format_summary` a
+  :func:`svtools.sad.bootstrap` summary (``"estimate [lo, hi]"`` cells).
 * **Numbers in sentences.** :func:`glue` records a value under a name in the notebook's output;
   the chapter's Markdown pastes it with myst-nb's role, ``{glue:text}`name``` (as recorded) or
-  ``{glue:text}`name:.3f``` (a number, formatted). Cross-page: ``{glue:text}`part1/02_many_pairs.ipynb::name```
-  relative to the page that pastes. So "What this chapter showed" states the numbers of the run
-  that built the page, never a typed copy. Figures are glued too (:func:`glue` with a Figure:
-  SVG, shown where the cell runs and pasted, numbered and captioned, by ``{glue:figure}``).
+  ``{glue:text}`name:.3f``` (a number, formatted). From another page:
+  ``{glue:text}`part1/02_many_pairs.ipynb::name:s``` (path relative to the pasting page; the
+  format spec, here ``s``, ``d`` or ``.3f``, is then required). So "What this chapter showed"
+  states the numbers of the run that built the page, never a typed copy. Figures are glued too
+  (:func:`glue` with a Figure: SVG, shown where the cell runs, and pasted numbered and captioned by
+  ``{glue:figure}``).
 * **Run time.** :func:`glue_run_time` (the last cell of a chapter) records how long the chapter
   took since svtools was imported, at which scale and on what hardware; the chapter's
   ``{result-box}`` shows it.
 
-The ``format_*`` functions return strings: :func:`format_number`, :func:`format_range`,
-:func:`format_list`, :func:`format_pm`, :func:`format_interval`, :func:`format_duration`,
-:func:`format_count`; :func:`format_settings` shows a run's settings as a two-column table;
-:func:`wrap` breaks a printed sentence into lines that fit the column.
+The ``format_*`` functions of single values return strings: :func:`format_number`,
+:func:`format_range`, :func:`format_list`, :func:`format_pm`, :func:`format_interval`,
+:func:`format_duration`, :func:`format_count`; :func:`wrap` breaks a printed sentence into lines
+that fit the column.
 """
 
 from __future__ import annotations
@@ -37,10 +42,17 @@ from typing import Any, Optional, Union
 
 import numpy as np
 import pandas as pd
+import torch
+from matplotlib.figure import Figure
 
-__all__ = ["COLUMN_CHARS", "TABLE_CHARS", "Table", "format_table", "format_mean_sd", "format_settings", "format_number", "format_range",
+from svtools.plots import to_svg
+from svtools.runtime import elapsed, scale_name
+from svtools.sad.frame import check_columns
+
+__all__ = ["COLUMN_CHARS", "TABLE_CHARS", "Table", "format_table", "format_mean_sd", "format_settings",
+           "format_summary", "format_number", "format_range",
            "format_list", "format_pm", "format_interval", "format_duration", "format_count", "wrap",
-           "glue", "glue_run_time", "elapsed"]
+           "glue", "glue_run_time", "GLUED"]
 
 #: Characters of printed (monospace) output that fit the book's column at 1400 px without
 #: scrolling (measured with ``scripts/screenshots.py``). :func:`wrap` breaks lines here.
@@ -309,6 +321,21 @@ def format_mean_sd(df: pd.DataFrame, by: Union[str, Sequence[str]], columns: Map
     return format_table(out, max_chars=max_chars)
 
 
+def format_summary(summary: pd.DataFrame, *, digits: int = 2) -> pd.DataFrame:
+    """A :func:`svtools.sad.bootstrap` result as a readable wide table: one row per group, one column per
+    measure, cells ``"estimate [lo, hi]"``, plus the number of pairs and prompts."""
+    check_columns(summary, ["column", "estimate", "lo", "hi", "pairs", "prompts"], "format_summary")
+    by = [c for c in summary.columns if c not in ("column", "stat", "estimate", "lo", "hi", "pairs", "prompts")]
+    cell = summary.apply(lambda r: f"{r.estimate:.{digits}f} [{r.lo:.{digits}f}, {r.hi:.{digits}f}]", axis=1)
+    wide = summary.assign(cell=cell).pivot_table(index=by or None, columns="column", values="cell",
+                                                 aggfunc="first", sort=False) if by else \
+        pd.DataFrame([dict(zip(summary["column"], cell))])
+    counts = summary.groupby(by, sort=False)[["pairs", "prompts"]].max() if by else \
+        summary[["pairs", "prompts"]].max().to_frame().T
+    order = list(dict.fromkeys(summary["column"]))
+    return wide[order].join(counts) if by else pd.concat([wide[order], counts], axis=1)
+
+
 def format_settings(obj: Any, names: Mapping[str, str], *, digits: int = 3) -> Table:
     """The settings of a run as a two-column table (``setting``, ``value``), instead of a
     one-line repr.
@@ -346,8 +373,6 @@ GLUED: dict[str, Any] = {}
 
 
 def _figure_bundle(fig) -> dict[str, str]:
-    from svtools.plots import to_svg
-
     return {"image/svg+xml": to_svg(fig), "text/plain": f"[figure, {len(fig.axes)} axes]"}
 
 
@@ -364,8 +389,6 @@ def glue(name: str, value: Any, *, display: Optional[bool] = None) -> None:
     Outside IPython the value is only kept in :data:`GLUED`. Returns nothing, so that a cell
     ending with ``glue(...)`` shows nothing more.
     """
-    from matplotlib.figure import Figure
-
     GLUED[name] = value
     is_figure = isinstance(value, Figure)
     if display is None:
@@ -385,16 +408,7 @@ def glue(name: str, value: Any, *, display: Optional[bool] = None) -> None:
                 metadata={"scrapbook": {"name": name, "mime_prefix": prefix}})
 
 
-def elapsed() -> float:
-    """Seconds since svtools was first imported in this process."""
-    import svtools
-
-    return time.perf_counter() - svtools._IMPORTED_AT
-
-
 def _hardware() -> str:
-    import torch
-
     if torch.cuda.is_available():
         return f"a GPU ({torch.cuda.get_device_name(0)})"
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
@@ -406,8 +420,6 @@ def glue_run_time() -> str:
     (:func:`svtools.runtime.scale_name`) and ``run_hardware`` (``"a CPU with 2 cores"``), which a
     chapter's ``{result-box}`` shows. Call it in the chapter's last cell; returns the sentence
     it stands for (also printed)."""
-    from svtools.runtime import scale_name
-
     t, scale, hw = format_duration(elapsed()), scale_name(), _hardware()
     glue("run_time", t)
     glue("run_scale", scale)
