@@ -192,12 +192,12 @@ def head_sparsity(
     Memory and time: the model's own attention for one chunk (bounded by ``CHUNK_BYTES``), the
     per-head projections ``(batch, head, pos, r)``, and the measured pairs' terms; rotary layers
     add their per-offset factors (``2 * heads * offsets * d_head * r`` numbers, cached across
-    chunks up to :data:`ROTARY_CACHE_BYTES`). Measured on the loaded shared 2-core CPU
-    (``benchmarks/``, ``OMP_WAIT_POLICY=PASSIVE``): MiniLM, 32 prompts x 256 tokens, peak
+    chunks up to :data:`ROTARY_CACHE_BYTES`). Measured on a CPU with ``benchmarks/``
+    (``OMP_WAIT_POLICY=PASSIVE``): MiniLM, 32 prompts x 256 tokens, peak
     memory above the model 0.23 GB in a fresh process (the HF forward with
     ``output_attentions=True`` alone: 1.6 GB), time 0.67x that forward pass (128 x 20: 0.90x);
-    time grows with the number of prompts as prompts^0.90. See benchmarks/ for the figures. CUDA: the code
-    is device-agnostic but untested on a GPU.
+    time grows with the number of prompts as prompts^0.90. See benchmarks/ for the figures. The
+    code is device-agnostic: it runs where the model lives (the benchmarks measure the CPU).
 
     Returns:
         ``pandas.DataFrame`` with the columns above (integers as int64).
