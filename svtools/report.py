@@ -215,6 +215,12 @@ class Table:
         return total
 
 
+def _whole_floats(col: pd.Series) -> bool:
+    """True for a float column whose values (missing ones aside) are all whole numbers."""
+    vals = [_scalar(v) for v in col if not _missing(_scalar(v))]
+    return bool(vals) and all(isinstance(v, float) and v.is_integer() and abs(v) < 1e15 for v in vals)
+
+
 def _label(v: Any) -> str:
     v = _scalar(v)
     if isinstance(v, numbers.Real) and not isinstance(v, (bool, numbers.Integral)) and not _missing(v):
@@ -253,7 +259,9 @@ def format_table(
         max_chars: warn when the estimated width (:meth:`Table.width_chars`) exceeds it.
 
     Returns:
-        a :class:`Table` of strings (``.data``), numbers written by :func:`format_number`.
+        a :class:`Table` of strings (``.data``), numbers written by :func:`format_number`; a float
+        column whose values are all whole numbers (counts or indices that a missing value turned
+        into floats) is written as integers.
 
     Raises:
         KeyError: a named column is not in ``df``.
@@ -277,7 +285,9 @@ def format_table(
         frame = frame[[c for c in frame.columns if not frame[c].map(lambda v: _missing(_scalar(v))).all()]]
     out = pd.DataFrame(index=frame.index)
     for c in frame.columns:
-        out[c] = frame[c].map(lambda v, c=c: format_number(v, _digits_for(c, digits)))
+        whole = _whole_floats(frame[c])  # counts or indices stored as floats (a NaN made them float)
+        out[c] = frame[c].map(lambda v, c=c, whole=whole: format_number(
+            int(_scalar(v)) if whole and not _missing(_scalar(v)) else v, _digits_for(c, digits)))
     if isinstance(columns, Mapping):
         out = out.rename(columns=dict(columns))
         out.index = out.index.rename([columns.get(n, n) for n in out.index.names]

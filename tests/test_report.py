@@ -163,3 +163,10 @@ def test_format_mean_sd_groups_in_order_of_appearance():
     assert list(t.data["min |cos|"]) == ["0.95 ± 0.07", "0.50 ± 0.00", "0.30 ± 0.14"]
     assert list(t.data.index) == [("lam", "0.1"), ("lam", "1"), ("N", "10")]
     assert t.data.index.names == ["setting", "value"]
+
+
+def test_whole_number_columns_read_as_integers_even_with_missing_values():
+    df = pd.DataFrame({"owner": [14.0, float("nan"), 15.0], "x": [1.0, 2.0, 2.5]})
+    t = T.format_table(df)
+    assert list(t.data["owner"]) == ["14", "–", "15"]
+    assert list(t.data["x"]) == ["1.000", "2.000", "2.500"]

@@ -159,7 +159,7 @@ def pair_alignment(al: PairAlignment, strengths: Optional[Sequence[float]] = Non
         ax.set_xlabel(r"template strength $T_{ij}$")
         ax.set_ylabel(r"$\sigma_k$ at assigned $k$")
         ax.set_title(rf"(b) Spearman $\rho$ = {rho:.3f}")
-        ax.legend(loc="upper left", handletextpad=0.2)
+        ax.legend(loc="lower right", handletextpad=0.2)
     ax = axd["c"]
     x = np.arange(P)
     ax.bar(x - 0.2, _np(al.cos_q), width=0.4, color="tab:blue", label=r"query $|\cos(w_i, u_k)|$")
