@@ -35,10 +35,12 @@ ROOT = Path(__file__).resolve().parent.parent
 # train their own small models.
 REAL_MODEL = "real"        # reads SVTOOLS_MODEL (default: the embedded MiniLM)
 IOI_LM = "ioi_lm"          # the IOI language model trained here; Pythia-160M on request
+IOI_LM_ONLY = "ioi_lm_only"  # the IOI language model trained here, nothing else (its features are known)
 MODELS = {
     "book/quickstart.ipynb": REAL_MODEL,
     "book/part3/02_sad_real_models.ipynb": REAL_MODEL,
     "book/part3/03_emergence.ipynb": IOI_LM,
+    "book/part3/04_known_features.ipynb": IOI_LM_ONLY,
 }
 
 HEAD = '''\
@@ -89,6 +91,11 @@ print("Model: a small IOI language model trained here, over its checkpoints; wit
 print("SVTOOLS_MODEL='EleutherAI/pythia-160m' and the model hub (as in Colab), also")
 print("Pythia-160M's checkpoints.")
 print("Scale:", svtools.runtime.scale_name(), "- SVTOOLS_FULL=1: the paper's.")
+''',
+    IOI_LM_ONLY: '''\
+print("Model: the small IOI language model trained here (cached after the first run),")
+print("whose name codes are known by construction; nothing to download.")
+print("Scale:", svtools.runtime.scale_name(), "- SVTOOLS_FULL=1: more prompts.")
 ''',
     None: '''\
 print("Model: none to download; this chapter trains its own small models")

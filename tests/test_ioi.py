@@ -150,6 +150,11 @@ def test_positions_decode_to_the_names(family):
         assert pos.io_id[i] != pos.s_id[i]
         assert s1 < s2 < end and io < s2
         assert (io < s1) == (p.order == "ABBA")
+        # the first-name slot: the name whose characters come first in the text ({A})
+        a_span = p.io_span if p.order == "ABBA" else p.s1_span
+        first, second = int(pos.first[i]), int(pos.second[i])
+        assert first == (io if p.order == "ABBA" else s1) and {first, second} == {io, s1}
+        assert _decoded(tok, ids[i, first]) == p.text[a_span[0]:a_span[1]].lower()
         # END: the last real token ("to" or the template's last word), then only special tokens, then padding.
         assert _decoded(tok, ids[i, end]) == p.text.split()[-1].lower()
         assert ids[i, end] not in special

@@ -37,7 +37,8 @@ LAYERS: dict[str, int] = {
     "svtools.data": 1,
     "svtools.bridge": 2, "svtools.models": 2, "svtools.decomposition": 2,
     "svtools.sad": 3, "svtools.toy": 3, "svtools.theory": 3, "svtools.ioi": 3, "svtools.ioi_lm": 3,
-    "svtools.sae": 3, "svtools.activations": 3,
+    "svtools.sae": 3, "svtools.activations": 3, "svtools.intervene": 3, "svtools.features": 3, "svtools.ov": 3,
+    "svtools.ioi_causal": 3,
     "svtools.plots": 4, "svtools.report": 4,
 }
 
@@ -54,6 +55,12 @@ SAME_LAYER: dict[tuple[str, str], str] = {
     ("svtools.ioi_lm", "svtools.ioi"): "the IOI LM's measurements tokenise IOI prompts with name positions",
     ("svtools.ioi_lm", "svtools.sad"): "the IOI LM's checkpoints are measured with head_sparsity",
     ("svtools.report", "svtools.plots"): "glue records a figure as the SVG the figure convention defines",
+    ("svtools.features", "svtools.ioi"): "known features are read at the IOI name positions",
+    ("svtools.features", "svtools.theory"): "the un-whitened reading is Part 2's theory.unwhiten",
+    ("svtools.ov", "svtools.features"): "the OV copying mass is the bilinear mass of the OV matrix",
+    ("svtools.ioi_causal", "svtools.intervene"): "causal IOI tests run interventions and their null",
+    ("svtools.ioi_causal", "svtools.features"): "the causal tests' sets and summaries use the known features",
+    ("svtools.ioi_causal", "svtools.ov"): "the summaries report what the heads write",
 }
 
 #: svtools imports allowed inside a function body (module -> why); none today.

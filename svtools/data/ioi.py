@@ -138,6 +138,18 @@ class IOIPositions:
     io_id: Int[Tensor, "batch"]
     s_id: Int[Tensor, "batch"]
 
+    @property
+    def first(self) -> Int[Tensor, "batch"]:
+        """Position of the first name of the opening clause (``{A}``): ``io`` in ABBA prompts,
+        ``s1`` in BABA prompts. Identity: ``first == minimum(io, s1)`` (every template names
+        ``{A}`` before ``{B}``, both before ``{S}``)."""
+        return torch.minimum(self.io, self.s1)
+
+    @property
+    def second(self) -> Int[Tensor, "batch"]:
+        """Position of the second name of the opening clause (``{B}``): ``maximum(io, s1)``."""
+        return torch.maximum(self.io, self.s1)
+
     def as_dict(self) -> dict[str, Tensor]:
         """``{"IO": io, "S1": s1, "S2": s2, "END": end}``."""
         return {"IO": self.io, "S1": self.s1, "S2": self.s2, "END": self.end}
