@@ -290,8 +290,8 @@ def load_model(
             modified: TransformerLens rewires the module tree it wraps and svtools switches it to
             eager attention, ``dtype``, ``device`` and eval mode, so all of that is done on a
             deep copy. Cost: one more copy of the weights in memory, and the time to copy them
-            (MiniLM's 22.7M parameters: 0.04-0.33 s measured on a loaded 2-core CPU). Drop your
-            reference if you no longer need the original.
+            (MiniLM's 22.7M parameters: well under a second on a CPU). Drop your reference if
+            you no longer need the original.
         tokenizer: optional tokenizer (for an instance without one, feed token ids).
         device: default ``cuda`` when available, else ``cpu``.
         dtype: parameter dtype (float32 default).

@@ -1,17 +1,20 @@
-"""A small sparse autoencoder (SAE): dictionary directions as proxy features of a real model.
+r"""A small sparse autoencoder (SAE): dictionary directions as proxy features of a real model.
 
 Part 2 asks where *real* feature frames sit on the alignment-vs-interference sweep of Theorem 2.
 Real features are unknown; the usual proxy is the dictionary of a sparse autoencoder trained on
 the model's activations (Bricken et al. 2023, Cunningham et al. 2023). This module trains one,
 small enough for a CPU.
 
-Model (one hidden layer, untied, ReLU), on activations ``x`` in ``R^d``:
+Model (one hidden layer, untied, ReLU), on activations :math:`x \in \mathbb{R}^d`:
 
-* inputs are divided by one scalar ``scale`` (so that the training activations have
-  ``E ||x / scale - mean||^2 = 1``) and centred by a learned decoder bias ``b_dec``;
-* ``z = ReLU(W_enc (x / scale - b_dec) + b_enc)`` (``n_features`` codes, non-negative);
-* ``x_hat = scale * (W_dec z + b_dec)`` with unit-norm decoder columns;
-* loss ``= mean_batch ||x / scale - W_dec z - b_dec||^2 + l1 * mean_batch sum_k z_k``.
+* inputs are divided by one scalar :math:`c` (``scale``, so that the training activations have
+  :math:`\mathbb{E}\,\|x / c - \bar x\|^2 = 1`) and centred by a learned decoder bias
+  :math:`b_\text{dec}`;
+* :math:`z = \mathrm{ReLU}(W_\text{enc} (x / c - b_\text{dec}) + b_\text{enc})` (``n_features``
+  codes, non-negative);
+* :math:`\hat x = c\,(W_\text{dec} z + b_\text{dec})` with unit-norm decoder columns;
+* the loss is the batch mean of :math:`\|x / c - W_\text{dec} z - b_\text{dec}\|^2 +
+  \lambda_1 \sum_k z_k` (:math:`\lambda_1` = ``l1``).
 
 Because inputs are normalised to unit mean energy, ``l1`` is scale-free: the penalty of coding
 a component of relative size ``a`` is ``l1 * a``, against a reconstruction gain ``a^2``, so codes
@@ -98,7 +101,7 @@ class SAE:
         return self.decode(self.encode(x))
 
     def evaluate(self, x: Float[Tensor, "n d"]) -> dict[str, float]:
-        """Reconstruction and sparsity on rows ``x``: ``fvu = sum ||x - x_hat||^2 / sum ||x - mean(x)||^2``
+        r"""Reconstruction and sparsity on rows ``x``: ``fvu`` :math:`= \sum \|x - \hat x\|^2 / \sum \|x - \bar x\|^2`
         (fraction of variance unexplained; 0 is perfect), ``l0`` (mean active codes per row),
         ``dead`` (fraction of codes active on no row), ``n`` (rows)."""
         x = self._check(x, "x")

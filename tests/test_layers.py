@@ -55,6 +55,7 @@ SAME_LAYER: dict[tuple[str, str], str] = {
     ("svtools.ioi", "svtools.sad"): "IOI pair frames are svtools.sad frames",
     ("svtools.ioi_lm", "svtools.ioi"): "the IOI LM's measurements tokenise IOI prompts with name positions",
     ("svtools.ioi_lm", "svtools.sad"): "the IOI LM's checkpoints are measured with head_sparsity",
+    ("svtools.report", "svtools.plots"): "glue records a figure as the SVG the figure convention defines",
     ("svtools.features", "svtools.ioi"): "known features are read at the IOI name positions",
     ("svtools.features", "svtools.theory"): "the un-whitened reading is Part 2's theory.unwhiten",
     ("svtools.ov", "svtools.features"): "the OV copying mass is the bilinear mass of the OV matrix",

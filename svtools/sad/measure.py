@@ -229,13 +229,12 @@ def head_sparsity(
     chunks up to :data:`ROTARY_CACHE_BYTES`). The spectrum null adds, per draw, the null head's
     ``(batch, head, query, key)`` scores and key ranks (rotary heads: per-offset grids of
     ``(prompts, query, key, r)`` numbers, one head and :data:`svtools.sad.engine.NULL_GRID_BYTES`
-    at a time); its time grows with ``null_draws``. Measured on the loaded shared 2-core CPU
-    (``benchmarks/``, ``OMP_WAIT_POLICY=PASSIVE``): MiniLM, 32 prompts x 256 tokens, peak
+    at a time); its time grows with ``null_draws``. Measured on a CPU with ``benchmarks/``
+    (``OMP_WAIT_POLICY=PASSIVE``, ``control="rotated"``): MiniLM, 32 prompts x 256 tokens, peak
     memory above the model 0.23 GB in a fresh process (the HF forward with
     ``output_attentions=True`` alone: 1.6 GB), time 0.67x that forward pass (128 x 20: 0.90x);
-    time grows with the number of prompts as prompts^0.90 (these figures: ``control="rotated"``).
-    See benchmarks/ for the figures. CUDA: the code
-    is device-agnostic but untested on a GPU.
+    time grows with the number of prompts as prompts^0.90. See benchmarks/ for the figures. The
+    code is device-agnostic: it runs where the model lives (the benchmarks measure the CPU).
 
     Returns:
         ``pandas.DataFrame`` with the columns above (integers as int64).
