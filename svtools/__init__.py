@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from svtools import runtime  # noqa: F401 - first: its clock (runtime.elapsed) starts with svtools
 from svtools._checks import SVToolsError
 from svtools.qk import QKSVD, RotarySpec, qk_svd, random_rotation, rotary_matrices
 from svtools.sparsity import n_recon, rolls_tovee

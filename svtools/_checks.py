@@ -4,18 +4,31 @@ The package's two error classes live here, at the bottom of the package: :class:
 (bad input) and :class:`UnsupportedModelError` (a model whose attention svtools does not
 decompose exactly; published as ``svtools.models.UnsupportedModelError``).
 
-One helper per kind of argument, so every module rejects the same mistakes with the same words:
-:func:`as_tensor` (real floating tensors), :func:`as_int` / :func:`as_indices` (integers and
-index lists: Python and numpy integers and integer tensors are accepted; floats, bools and strings
-are rejected rather than truncated), :func:`as_float` (finite real numbers, optionally in a range),
-:func:`as_dtype` (a floating ``torch.dtype`` or its name).
+One helper per kind of argument, so every module rejects the same mistakes with the same words
+(each takes the value and the argument's name, returns the value in its canonical Python type and
+raises :class:`SVToolsError` naming the argument; a new module calls them on every public
+argument and gets the same behaviour for free):
+
+* :func:`as_tensor` (real floating tensors), :func:`check_finite`, :func:`check_ndim`,
+  :func:`check_last_dims`, :func:`broadcast_leading` (shapes);
+* :func:`as_int` / :func:`as_indices` (integers and index lists: Python and numpy integers and
+  integer tensors are accepted; floats, bools and strings are rejected rather than truncated);
+* :func:`as_float` (finite real numbers, numpy scalars included, optionally in a range);
+* :func:`as_bool` (``True``/``False`` and numpy bools only: ``"no"`` is not silently true);
+* :func:`as_seed` (a non-negative integer seed, never truncated from a float);
+* :func:`as_choice` (one of a fixed set of strings, the error listing them);
+* :func:`as_names` (a column name or a sequence of them: ``by="layer"`` is one column, not four);
+* :func:`check_columns`, :func:`check_numeric_columns` (a pandas frame and the columns it needs);
+* :func:`check_memory` (an allocation that would not fit: refused before it is tried);
+* :func:`as_dtype` (a floating ``torch.dtype`` or its name).
 """
 
 from __future__ import annotations
 
 import math
 import numbers
-from typing import Any, Optional, Sequence
+import os
+from typing import Any, Iterable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -200,3 +213,110 @@ def broadcast_leading(shapes: Sequence[torch.Size], names: Sequence[str]) -> tor
     except RuntimeError as exc:
         desc = ", ".join(f"{n}: {tuple(s)}" for n, s in zip(names, shapes))
         raise SVToolsError(f"leading (batch) dimensions do not broadcast ({desc})") from exc
+
+
+def as_bool(x: Any, name: str) -> bool:
+    """``x`` as a Python bool, or raise naming ``name``: only ``True``/``False`` (and numpy bools).
+
+    Strings (``"no"`` would be truthy), numbers and None are rejected rather than read as a truth value.
+    """
+    if isinstance(x, (bool, np.bool_)):
+        return bool(x)
+    raise SVToolsError(f"{name} must be True or False, got {x!r} of type {type(x).__name__}")
+
+
+#: Largest seed :func:`as_seed` accepts by default (what ``torch.Generator.manual_seed`` takes
+#: with room for the small offsets svtools adds to derive its streams).
+SEED_MAX = 2**63 - 1
+
+
+def as_seed(x: Any, name: str = "seed", *, max_value: int = SEED_MAX) -> int:
+    """A random seed: an integer in ``[0, max_value]`` (numpy integers accepted), as a Python int.
+
+    Floats (``1.7`` would be truncated), bools, strings and negative numbers (numpy's generators
+    reject them) raise :class:`SVToolsError` naming ``name``.
+    """
+    return as_int(x, name, min_value=0, max_value=max_value)
+
+
+def as_choice(x: Any, name: str, choices: Iterable[Any]) -> Any:
+    """``x`` if it is one of ``choices`` (compared with ``==``, hashable values), else raise listing them."""
+    choices = tuple(choices)
+    try:
+        ok = x in choices
+    except Exception:  # an unhashable or incomparable value
+        ok = False
+    if not ok or isinstance(x, (bool, np.bool_)) and not any(isinstance(c, bool) for c in choices):
+        raise SVToolsError(f"{name} must be one of {', '.join(repr(c) for c in choices)}; got {x!r}")
+    return x
+
+
+def as_names(x: Any, name: str, *, allow_empty: bool = True) -> list[str]:
+    """Column (or other) names: one string or a list/tuple of strings, as a list.
+
+    ``by="layer"`` is the one column ``["layer"]`` (never the characters ``l, a, y, e``).
+    """
+    if isinstance(x, str):
+        return [x]
+    if isinstance(x, (list, tuple)) and all(isinstance(v, str) for v in x):
+        out = list(x)
+        if not out and not allow_empty:
+            raise SVToolsError(f"{name} is empty")
+        if len(set(out)) != len(out):
+            raise SVToolsError(f"{name} names a column twice: {out}")
+        return out
+    raise SVToolsError(f"{name} must be a column name or a list of column names, got {x!r}")
+
+
+def check_columns(df: Any, columns: Iterable[str], what: str) -> None:
+    """Raise unless ``df`` is a pandas DataFrame holding every one of ``columns``.
+
+    ``what`` names the function (or argument) in the message, which lists the missing columns
+    and those the frame has.
+    """
+    import pandas as pd
+
+    if not isinstance(df, pd.DataFrame):
+        raise SVToolsError(f"{what} needs a pandas DataFrame, got {type(df).__name__}")
+    missing = [c for c in columns if c not in df.columns]
+    if missing:
+        raise SVToolsError(f"{what}: the frame lacks column(s) {missing}; it has {list(df.columns)}")
+
+
+def check_numeric_columns(df: Any, columns: Iterable[str], what: str) -> None:
+    """Raise unless each of ``columns`` of ``df`` holds real numbers (int, float; not bool or objects)."""
+    import pandas as pd
+
+    bad = [c for c in columns if not pd.api.types.is_numeric_dtype(df[c]) or pd.api.types.is_bool_dtype(df[c])]
+    if bad:
+        kinds = {c: str(df[c].dtype) for c in bad}
+        raise SVToolsError(f"{what}: column(s) {bad} do not hold numbers ({kinds}); pick numeric columns")
+
+
+def _memory_of(device: Any) -> Optional[int]:
+    """Bytes of memory on ``device`` (total, not free); None when unknown."""
+    import torch as _torch
+
+    dev = _torch.device(device) if device is not None else _torch.device("cpu")
+    if dev.type == "cuda":
+        try:
+            return int(_torch.cuda.get_device_properties(dev).total_memory)
+        except Exception:  # pragma: no cover - no CUDA runtime
+            return None
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (AttributeError, ValueError, OSError):  # pragma: no cover - not a POSIX system
+        return None
+
+
+def check_memory(nbytes: float, name: str, *, device: Any = None, what: str = "this") -> None:
+    """Raise naming ``name`` when an allocation of ``nbytes`` could not fit in ``device``'s memory.
+
+    Checked against the device's *total* memory (so it refuses what can never work, e.g. a
+    dictionary of 2**40 codes, before torch tries, fails deep inside, or the OS kills the process);
+    it is not a promise that smaller requests fit next to everything else.
+    """
+    total = _memory_of(device)
+    if total is not None and nbytes > total:
+        raise SVToolsError(f"{name} is too large: {what} needs about {nbytes / 2**30:.3g} GiB, more than the "
+                           f"{total / 2**30:.3g} GiB of memory of this device")

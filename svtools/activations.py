@@ -18,8 +18,8 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from svtools._checks import SVToolsError
-from svtools.bridge import as_token_ids
+from svtools._checks import SVToolsError, as_bool, as_int
+from svtools.bridge import check_bridge, prepare_tokens
 from svtools.data.ioi import ioi_prompts
 from svtools.data.text import PLAIN_SENTENCES
 from svtools.runtime import tqdm
@@ -27,12 +27,14 @@ from svtools.runtime import tqdm
 __all__ = ["residual_activations", "sample_texts"]
 
 
-def _hook_name(model: Any, layer: int) -> str:
+def _hook_name(model: Any, layer: int) -> tuple[int, str]:
     n = int(model.cfg.n_layers)
-    if not isinstance(layer, int) or not 0 <= layer < n:
+    try:
+        layer = as_int(layer, "layer", min_value=0, max_value=n - 1)
+    except SVToolsError as exc:
         raise SVToolsError(f"layer must be an integer in [0, {n - 1}] (the input of block layer; "
-                           f"n_layers = {n}), got {layer!r}")
-    return f"blocks.{layer}.hook_resid_pre"
+                           f"n_layers = {n}), got {layer!r}") from exc
+    return layer, f"blocks.{layer}.hook_resid_pre"
 
 
 def residual_activations(model: Any, texts: Sequence[str] | Int[Tensor, "batch pos"], layer: int, *,
@@ -58,13 +60,17 @@ def residual_activations(model: Any, texts: Sequence[str] | Int[Tensor, "batch p
         (and the index if asked). Identity: the rows of text ``b`` equal the model's
         ``hidden_states[layer][b, :len_b]``.
     """
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise SVToolsError(f"batch_size must be a positive integer, got {batch_size!r}")
-    name = _hook_name(model, layer)
+    check_bridge(model)
+    batch_size = as_int(batch_size, "batch_size", min_value=1)
+    skip_first = as_bool(skip_first, "skip_first")
+    return_index = as_bool(return_index, "return_index")
+    layer, name = _hook_name(model, layer)
     if isinstance(texts, (list, tuple)) and len(texts) == 0:
         raise SVToolsError("texts is empty")
-    ids, am = as_token_ids(model, texts, attention_mask)
-    device = next(model.parameters()).device
+    # the same input checks as decompose: a supported model in eval mode (dropout would make two
+    # identical calls differ), ids in the vocabulary, a 0/1 right-padded mask, no more positions
+    # than the model has
+    ids, am = prepare_tokens(model, texts, attention_mask)
     rows, index = [], []
     starts = range(0, ids.shape[0], batch_size)
     for s in tqdm(starts, desc=f"residual stream, layer {layer}", disable=not progress):
@@ -72,13 +78,12 @@ def residual_activations(model: Any, texts: Sequence[str] | Int[Tensor, "batch p
         keep = int(b_am.sum(1).max())
         b_ids, b_am = b_ids[:, :keep], b_am[:, :keep]
         with torch.no_grad():
-            _, cache = model.run_with_cache(b_ids.to(device), attention_mask=b_am.to(device),
-                                            names_filter=lambda n: n == name)
+            _, cache = model.run_with_cache(b_ids, attention_mask=b_am, names_filter=lambda n: n == name)
         if name not in cache:
             raise SVToolsError(f"the model's bridge does not expose the hook {name!r}")
         acts = cache[name].detach().float().cpu() if cache[name].dtype not in (torch.float32, torch.float64) \
             else cache[name].detach().cpu()
-        m = b_am.bool().clone()
+        m = b_am.bool().cpu()
         if skip_first:
             m[:, 0] = False
         rows.append(acts[m])
@@ -102,8 +107,9 @@ def sample_texts(n_doc: int = 400, n_ioi: int = 100, *, seed: int = 0) -> list[s
 
     from pydoc_data.topics import topics
 
-    if n_doc < 0 or n_ioi < 0:
-        raise SVToolsError(f"n_doc and n_ioi must be >= 0, got {n_doc}, {n_ioi}")
+    n_doc = as_int(n_doc, "n_doc", min_value=0)
+    n_ioi = as_int(n_ioi, "n_ioi", min_value=0)
+    seed = as_int(seed, "seed")
     prose = re.split(r"(?<=[.!?])\s+", " ".join(topics[k] for k in sorted(topics)))
     prose = [re.sub(r"\s+", " ", t).strip() for t in prose]
     prose = sorted({t for t in prose if 40 <= len(t) <= 200 and not re.search(r"[>{}\[\]=*_|]", t)})

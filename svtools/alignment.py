@@ -1,10 +1,11 @@
-"""Which singular vectors of a head belong to which feature pair: sign-invariant matching.
+r"""Which singular vectors of a head belong to which feature pair: sign-invariant matching.
 
-A head's bilinear form ``Omega = U diag(S) V^T`` scores a query token ``r`` against a key token
-``s`` as ``r^T Omega s = sum_k S_k (u_k . r)(v_k . s)``. If the head attends because query-side
-feature ``w_i`` meets key-side feature ``w_j``, the paper's claim is that some singular pair
-``(u_k, v_k)`` lines up with ``(w_i, w_j)``: ``|cos(w_i, u_k)| ~ 1`` and ``|cos(w_j, v_k)| ~ 1``.
-Singular vectors are defined only up to a joint sign flip of ``(u_k, v_k)``, so every measure here
+A head's bilinear form :math:`\Omega = U \operatorname{diag}(S) V^\top` scores a query token
+:math:`r` against a key token :math:`s` as :math:`r^\top \Omega s = \sum_k S_k\,(u_k\cdot r)(v_k
+\cdot s)`. If the head attends because query-side feature :math:`w_i` meets key-side feature
+:math:`w_j`, the paper's claim is that some singular pair :math:`(u_k, v_k)` lines up with
+:math:`(w_i, w_j)`: :math:`|\cos(w_i, u_k)| \approx 1` and :math:`|\cos(w_j, v_k)| \approx 1`.
+Singular vectors are defined only up to a joint sign flip of :math:`(u_k, v_k)`, so every measure here
 uses absolute cosines, and the index ``k`` is found by an assignment over *all* indices: nothing
 assumes that the strongest template pair sits at ``k = 0``.
 """
@@ -27,10 +28,12 @@ __all__ = ["PairAlignment", "abs_cosines", "chance_cosine", "match_pairs"]
 
 
 def chance_cosine(dim: int) -> float:
-    """``E|cos(a, b)|`` for a fixed unit vector and a uniformly random direction in ``R^dim``.
+    r""":math:`\mathbb{E}\,|\cos(a, b)|` for a fixed unit vector and a uniformly random direction in
+    :math:`\mathbb{R}^d` (:math:`d` = ``dim``).
 
-    Closed form: ``Gamma(dim/2) / (sqrt(pi) Gamma((dim+1)/2))`` (``= 2/pi`` for ``dim = 2``,
-    ``1/2`` for ``dim = 3``, ``~ sqrt(2 / (pi dim))`` for large ``dim``).
+    Closed form: :math:`\Gamma(d/2) / (\sqrt\pi\,\Gamma((d+1)/2))` (:math:`2/\pi` for
+    :math:`d = 2`, :math:`1/2` for :math:`d = 3`, :math:`\approx\sqrt{2/(\pi d)}` for large
+    :math:`d`).
     """
     d = as_int(dim, "dim", min_value=1)
     return math.exp(math.lgamma(d / 2) - math.lgamma((d + 1) / 2)) / math.sqrt(math.pi)

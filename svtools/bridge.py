@@ -172,6 +172,8 @@ def as_token_ids(model: Any, tokens: Any, attention_mask: Optional[Tensor]) -> t
         tokens = tokens["input_ids"]
     if not isinstance(tokens, (str, list, tuple, Tensor, np.ndarray)) and isinstance(tokens, Iterable):
         tokens = list(tokens)  # a generator of strings or of ids
+    if isinstance(tokens, (list, tuple)) and len(tokens) == 0:
+        raise SVToolsError("tokens is empty: give at least one text (or a (batch, pos) array of token ids)")
     if isinstance(tokens, (list, tuple)) and any(isinstance(t, str) for t in tokens):
         bad = [t for t in tokens if not isinstance(t, str)]
         if bad:

@@ -44,7 +44,8 @@ def _attn_module(model: Any, layer: int) -> Any:
 
 
 def attention_scale(model: Any, layer: int) -> float:
-    """The factor the model multiplies ``q . k`` by before the softmax (usually ``1/sqrt(d_head)``)."""
+    r"""The factor the model multiplies :math:`q \cdot k` by before the softmax (usually
+    :math:`1/\sqrt{d_\text{head}}`)."""
     layer = check_layer(model, layer)
     attn = _attn_module(model, layer)
     d_head = model.cfg.d_head

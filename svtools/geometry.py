@@ -36,7 +36,7 @@ def _indices(idx, n: int, name: str) -> Tensor:
 
 
 def gram(features: Float[Tensor, "d_model N"], *, normalize: bool = False) -> Float[Tensor, "N N"]:
-    """``W^T W`` (``normalize=True``: cosines ``w_i . w_j / (|w_i| |w_j|)``)."""
+    r""":math:`W^\top W` (``normalize=True``: cosines :math:`w_i\cdot w_j / (\|w_i\|\,\|w_j\|)`)."""
     W = _features(features)
     if normalize:
         W = W / W.norm(dim=0, keepdim=True).clamp_min(torch.finfo(W.dtype).tiny)
@@ -44,11 +44,11 @@ def gram(features: Float[Tensor, "d_model N"], *, normalize: bool = False) -> Fl
 
 
 def feature_dimensionality(features: Float[Tensor, "d_model N"]) -> Float[Tensor, "N"]:
-    """Elhage et al. (2022) feature dimensionality ``D_i = |w_i|^2 / sum_j (w^_i . w_j)^2``.
+    r"""Elhage et al. (2022) feature dimensionality :math:`D_i = \|w_i\|^2 / \sum_j (\hat w_i\cdot w_j)^2`.
 
-    ``D_i = 1`` for a feature orthogonal to all others (it owns a dimension), ``1/2`` for an
-    antipodal pair, ``0`` for a feature that is not represented (zero column).
-    Identity: orthogonal features have ``D_i = 1`` each.
+    :math:`D_i = 1` for a feature orthogonal to all others (it owns a dimension), :math:`1/2` for
+    an antipodal pair, :math:`0` for a feature that is not represented (zero column).
+    Identity: orthogonal features have :math:`D_i = 1` each.
     """
     W = _features(features)
     norm2 = (W * W).sum(0)                                   # (N,)
@@ -60,7 +60,8 @@ def feature_dimensionality(features: Float[Tensor, "d_model N"]) -> Float[Tensor
 
 def max_interference(features: Float[Tensor, "d_model N"],
                      which: Iterable[int] | Tensor | None = None) -> Float[Tensor, "n"]:
-    """Largest ``|cos(w_i, w_j)|`` over ``j != i`` for each feature ``i`` in ``which`` (default all).
+    r"""Largest :math:`|\cos(w_i, w_j)|` over :math:`j \ne i` for each feature :math:`i` in ``which``
+    (default all).
 
     0 means ``w_i`` is orthogonal to every other feature; 1 means it duplicates one of them.
     """
@@ -84,7 +85,7 @@ def span_dims(features: Float[Tensor, "d_model N"], which: Iterable[int] | Tenso
 
 def outside_energy(features: Float[Tensor, "d_model N"], which: Iterable[int] | Tensor,
                    away_from: Iterable[int] | Tensor) -> Float[Tensor, ""]:
-    """Fraction of ``sum |w_j|^2`` over ``j in which`` that lies in the span of the features
+    r"""Fraction of :math:`\sum_j \|w_j\|^2` over :math:`j` in ``which`` that lies in the span of the features
     ``away_from``: 0 when the ``which`` features avoid those directions entirely."""
     W = _features(features).to(torch.float64)
     idx = _indices(which, W.shape[1], "which").to(W.device)

@@ -22,11 +22,11 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
-from svtools._checks import SVToolsError
-from svtools.bridge import prepends_bos, tokenize
+from svtools._checks import SVToolsError, check_columns
+from svtools.bridge import check_bridge, prepends_bos, tokenize
+from svtools.data.ioi import IOIDataset
 from svtools.models import load_model
 from svtools.runtime import tqdm
-from svtools.sad.frame import check_columns
 from svtools.sad.measure import head_sparsity
 
 __all__ = ["ioi_tokens", "label_ioi_roles", "IOI_HEADS", "ioi_heads", "sparsity_over_checkpoints"]
@@ -42,7 +42,10 @@ def ioi_tokens(model: Any, dataset: Any) -> tuple[Int[Tensor, "batch pos"], Int[
 
     Returns ``(ids, attention_mask, positions)`` (an :class:`~svtools.data.IOIPositions`).
     """
-
+    check_bridge(model)
+    if not isinstance(dataset, IOIDataset):
+        raise SVToolsError(f"dataset must be an IOIDataset (svtools.data.ioi_prompts, or run.prompts for the IOI "
+                           f"language model), got {type(dataset).__name__}")
     tok = getattr(model, "tokenizer", None)
     if tok is None:
         raise SVToolsError("this model has no tokenizer; IOI prompts need one")

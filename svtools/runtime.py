@@ -1,4 +1,4 @@
-"""Run-time settings shared by the chapters: scale, device, seeds, progress bars.
+"""Run-time settings shared by the chapters: scale, device, seeds, progress bars, the run's clock.
 
 Progress bars are on for readers running a chapter in Jupyter or Colab. ``TQDM_DISABLE=1`` (tqdm's
 own switch, honoured by every tqdm bar, including those of TransformerLens and the model hub)
@@ -10,13 +10,18 @@ from __future__ import annotations
 
 import os
 import random
+import time
 import warnings
 
 import numpy as np
 import torch
 from tqdm import TqdmWarning
 
-__all__ = ["full_scale", "scale_name", "default_device", "seed_everything", "tqdm"]
+__all__ = ["full_scale", "scale_name", "default_device", "seed_everything", "elapsed", "tqdm"]
+
+#: When svtools was first imported in this process (``time.perf_counter``; ``import svtools``
+#: imports this module first).
+STARTED = time.perf_counter()
 
 
 def full_scale() -> bool:
@@ -34,6 +39,12 @@ def default_device(device: str | torch.device | None = None) -> torch.device:
     if device is not None:
         return torch.device(device)
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def elapsed() -> float:
+    """Seconds since svtools was first imported in this process: in a notebook that imports svtools
+    in its first cell, the chapter's run time so far (``svtools.report.glue_run_time``)."""
+    return time.perf_counter() - STARTED
 
 
 def seed_everything(seed: int) -> torch.Generator:

@@ -1,17 +1,20 @@
-"""A small sparse autoencoder (SAE): dictionary directions as proxy features of a real model.
+r"""A small sparse autoencoder (SAE): dictionary directions as proxy features of a real model.
 
 Part 2 asks where *real* feature frames sit on the alignment-vs-interference sweep of Theorem 2.
 Real features are unknown; the usual proxy is the dictionary of a sparse autoencoder trained on
 the model's activations (Bricken et al. 2023, Cunningham et al. 2023). This module trains one,
 small enough for a CPU.
 
-Model (one hidden layer, untied, ReLU), on activations ``x`` in ``R^d``:
+Model (one hidden layer, untied, ReLU), on activations :math:`x \in \mathbb{R}^d`:
 
-* inputs are divided by one scalar ``scale`` (so that the training activations have
-  ``E ||x / scale - mean||^2 = 1``) and centred by a learned decoder bias ``b_dec``;
-* ``z = ReLU(W_enc (x / scale - b_dec) + b_enc)`` (``n_features`` codes, non-negative);
-* ``x_hat = scale * (W_dec z + b_dec)`` with unit-norm decoder columns;
-* loss ``= mean_batch ||x / scale - W_dec z - b_dec||^2 + l1 * mean_batch sum_k z_k``.
+* inputs are divided by one scalar :math:`c` (``scale``, so that the training activations have
+  :math:`\mathbb{E}\,\|x / c - \bar x\|^2 = 1`) and centred by a learned decoder bias
+  :math:`b_\text{dec}`;
+* :math:`z = \mathrm{ReLU}(W_\text{enc} (x / c - b_\text{dec}) + b_\text{enc})` (``n_features``
+  codes, non-negative);
+* :math:`\hat x = c\,(W_\text{dec} z + b_\text{dec})` with unit-norm decoder columns;
+* the loss is the batch mean of :math:`\|x / c - W_\text{dec} z - b_\text{dec}\|^2 +
+  \lambda_1 \sum_k z_k` (:math:`\lambda_1` = ``l1``).
 
 Because inputs are normalised to unit mean energy, ``l1`` is scale-free: the penalty of coding
 a component of relative size ``a`` is ``l1 * a``, against a reconstruction gain ``a^2``, so codes
@@ -35,7 +38,8 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from svtools._checks import SVToolsError, as_tensor, check_finite
+from svtools._checks import (SVToolsError, as_bool, as_dtype, as_float, as_int, as_seed, as_tensor,
+                             check_finite, check_memory)
 from svtools.runtime import default_device, tqdm
 
 __all__ = ["SAE", "train"]
@@ -97,7 +101,7 @@ class SAE:
         return self.decode(self.encode(x))
 
     def evaluate(self, x: Float[Tensor, "n d"]) -> dict[str, float]:
-        """Reconstruction and sparsity on rows ``x``: ``fvu = sum ||x - x_hat||^2 / sum ||x - mean(x)||^2``
+        r"""Reconstruction and sparsity on rows ``x``: ``fvu`` :math:`= \sum \|x - \hat x\|^2 / \sum \|x - \bar x\|^2`
         (fraction of variance unexplained; 0 is perfect), ``l0`` (mean active codes per row),
         ``dead`` (fraction of codes active on no row), ``n`` (rows)."""
         x = self._check(x, "x")
@@ -105,8 +109,10 @@ class SAE:
             raise SVToolsError(f"x must have shape (n >= 2, d), got {tuple(x.shape)}")
         with torch.no_grad():
             z = self.encode(x)
-            err = ((x - self.decode(z)) ** 2).sum()
-            var = ((x - x.mean(0)) ** 2).sum()
+            # sums of squares in float64: activations of ~1e20 would overflow float32 (inf / inf)
+            x64 = x.double()
+            err = ((x64 - self.decode(z).double()) ** 2).sum()
+            var = ((x64 - x64.mean(0)) ** 2).sum()
         return {"fvu": float(err / var), "l0": float((z > 0).sum(-1).double().mean()),
                 "dead": float(((z > 0).sum(0) == 0).double().mean()), "n": int(x.shape[0])}
 
@@ -136,20 +142,20 @@ def train(activations: Float[Tensor, "n d"], n_features: int, *, l1: float = 0.2
         :class:`SAE` on the CPU. Identity: ``sae.reconstruct(x) == sae.decode(sae.encode(x))`` and
         ``sae.W_dec.norm(dim=0) == 1``.
     """
-    x = as_tensor(activations, "activations")
+    x = as_tensor(activations, "activations").detach()  # an activation that requires grad is data here
     if x.ndim != 2:
         raise SVToolsError(f"activations must have shape (n, d), got {tuple(x.shape)}")
     check_finite(x, "activations")
-    if not isinstance(n_features, int) or n_features < 1:
-        raise SVToolsError(f"n_features must be a positive integer, got {n_features!r}")
-    if not (l1 >= 0 and math.isfinite(l1)):
-        raise SVToolsError(f"l1 must be >= 0, got {l1!r}")
-    if not isinstance(steps, int) or steps < 1 or not isinstance(batch, int) or batch < 1:
-        raise SVToolsError(f"steps and batch must be positive integers, got {steps!r}, {batch!r}")
-    if not (lr > 0 and math.isfinite(lr)):
-        raise SVToolsError(f"lr must be positive, got {lr!r}")
-    if not 0 <= held_out < 1:
-        raise SVToolsError(f"held_out must be in [0, 1), got {held_out!r}")
+    n_features = as_int(n_features, "n_features", min_value=1)
+    l1 = as_float(l1, "l1", lo=0.0)
+    steps = as_int(steps, "steps", min_value=1)
+    batch = as_int(batch, "batch", min_value=1)
+    lr = as_float(lr, "lr", lo=0.0, lo_open=True)
+    held_out = as_float(held_out, "held_out", lo=0.0, hi=1.0, hi_open=True)
+    seed = as_seed(seed, "seed")
+    log_every = as_int(log_every, "log_every", min_value=0)
+    progress = as_bool(progress, "progress")
+    dtype = as_dtype(dtype, "dtype")
     if dtype not in (torch.float32, torch.float64):
         raise SVToolsError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
     n = x.shape[0]
@@ -157,6 +163,11 @@ def train(activations: Float[Tensor, "n d"], n_features: int, *, l1: float = 0.2
     if n - n_test < 2:
         raise SVToolsError(f"need at least 2 training rows, got {n} rows with held_out={held_out}")
     dev = default_device(device)
+    d, item = x.shape[1], torch.finfo(dtype).bits // 8
+    # parameters, their gradients and Adam's two moments (8 copies of the two matrices), and the
+    # codes of a batch (forward and backward)
+    check_memory((8 * 2 * n_features * d + 4 * batch * n_features) * item, "n_features", device=dev,
+                 what=f"a dictionary of {n_features} codes in dimension {d}")
     if dev.type != "cpu":
         return _train(x, n_features, l1, steps, batch, lr, n_test, seed, dev, dtype, log_every, progress)
     # Small matrices: intra-op threads mostly add synchronisation, which costs 10-50x on a busy
@@ -177,9 +188,20 @@ def _train(x, n_features, l1, steps, batch, lr, n_test, seed, dev, dtype, log_ev
     x_test, x_train = x[perm[:n_test]], x[perm[n_test:]]
     mean = x_train.mean(0)
     scale = float(((x_train - mean) ** 2).sum(-1).mean().sqrt())
-    if not scale > 0:
-        raise SVToolsError("activations are constant: nothing to encode")
+    if not (0.0 < scale < math.inf):
+        # the energy over- or underflowed in the training dtype (activations beyond ~1e19 or
+        # below ~1e-19 in float32): measure it in float64, where such values are harmless
+        x64 = x_train.double()
+        scale = float(((x64 - x64.mean(0)) ** 2).sum(-1).mean().sqrt())
+        if not scale > 0:
+            raise SVToolsError("activations are constant: nothing to encode")
+        if not math.isfinite(scale):
+            raise SVToolsError("activations are too large to normalise even in float64 (energy beyond 1e308)")
+        mean = x64.mean(0).to(dtype)
     xt = (x_train / scale).to(dev)
+    if not bool(torch.isfinite(xt).all()):
+        raise SVToolsError(f"activations cannot be normalised in {dtype} (scale {scale:.3g}): pass them in "
+                           "float64 or rescale them")
 
     # Initialisation: decoder columns = random centred training rows (unit norm), encoder = its
     # transpose, decoder bias = the mean, encoder bias 0.

@@ -35,11 +35,12 @@ def _scaled(t: Tensor) -> Tensor:
 
 
 def n_recon(terms: Float[Tensor, "... r"], frac: float = 1.0) -> Int[Tensor, "..."]:
-    """Smallest number of terms, largest first in the direction of the total, reaching ``frac``.
+    r"""Smallest number of terms, largest first in the direction of the total, reaching ``frac``.
 
-    With ``T = sum_k t_k`` and ``s = sign(T)``, sort ``s * t`` descending; ``N_recon`` is the
-    smallest ``n`` with ``sum_{k<=n} s * t_(k) >= frac * |T|``. Because the largest-first partial
-    sums of ``s * t`` peak at or above ``|T|``, ``N_recon <= r`` always.
+    With :math:`T = \sum_k t_k` and :math:`s = \operatorname{sign}(T)`, sort :math:`s\,t`
+    descending; :math:`N_\text{recon}` is the smallest :math:`n` with
+    :math:`\sum_{k \le n} s\,t_{(k)} \ge f\,|T|` (:math:`f` = ``frac``). Because the largest-first
+    partial sums of :math:`s\,t` peak at or above :math:`|T|`, :math:`N_\text{recon} \le r` always.
 
     Ties with rounding: a partial sum within ``8 * eps * sum|t|`` of the target counts as reaching
     it (``eps`` of the dtype), so float error never adds spurious terms.
@@ -119,7 +120,8 @@ def _term_measures(raw: Tensor, frac: float, order: bool) -> dict[str, Tensor]:
 
 
 def rolls_tovee(terms: Float[Tensor, "... r"]) -> Float[Tensor, "..."]:
-    """Rolls-Tovee sparseness ``(mean_k |t_k|)^2 / mean_k t_k^2``, in ``[1/r, 1]``.
+    r"""Rolls-Tovee sparseness :math:`\big(\tfrac1r\sum_k |t_k|\big)^2 / \tfrac1r\sum_k t_k^2`, in
+    :math:`[1/r, 1]`.
 
     1 means every term has the same magnitude (dense); ``1/r`` means one term carries everything
     (one-hot). It depends only on magnitudes, so the sign of the total does not matter. An

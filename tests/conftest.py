@@ -6,6 +6,7 @@ near-uniform patterns would make the exactness checks too easy to pass.
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -47,6 +48,21 @@ def _build(family: str):
 
 
 FAMILIES = ["gpt2", "neox", "llama", "bert"]
+
+
+@contextlib.contextmanager
+def svtools_cache_at(path):
+    """``SVTOOLS_CACHE`` set to ``path`` inside the block, restored after (module-scoped fixtures
+    cannot use pytest's function-scoped ``monkeypatch``)."""
+    old = os.environ.get("SVTOOLS_CACHE")
+    os.environ["SVTOOLS_CACHE"] = str(path)
+    try:
+        yield str(path)
+    finally:
+        if old is None:
+            os.environ.pop("SVTOOLS_CACHE")
+        else:
+            os.environ["SVTOOLS_CACHE"] = old
 
 
 @pytest.fixture(scope="session")

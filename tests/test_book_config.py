@@ -182,3 +182,79 @@ def test_docstrings_are_valid_restructuredtext(modname: str):
         if stream.getvalue():
             bad.append(f"{name}: {stream.getvalue().strip().splitlines()[0]}")
     assert not bad, "docstrings that the API pages cannot render:\n" + "\n".join(bad)
+
+
+# --- Chapters: a result box, and every number pasted into the prose glued by a cell. -------------
+
+#: Chapters converted to the result box and glue: all but the pages ``scripts/check_html.py`` lists
+#: as pending (one list for the tests, check_html and the browser check).
+PENDING = _script("check_html").PENDING
+CHAPTERS = [p for p in NOTEBOOKS if p.relative_to(ROOT).with_suffix("").as_posix() not in PENDING]
+GLUE_ROLE = re.compile(r"\{glue(?::\w+)?\}`([^`]+)`")
+GLUE_DIRECTIVE = re.compile(r"```\{glue(?::\w+)?\}\s+(\S+)")
+GLUED_KEY = re.compile(r"""\bglue\(\s*(f?)["']([^"']+)["']""")
+
+
+class _Keys(set):
+    """Glued keys: literals, plus f-string keys as patterns (``f"{name}_med"`` matches ``align_med``)."""
+
+    def __init__(self, literal, patterns):
+        super().__init__(literal)
+        self.patterns = [re.compile(re.sub(r"\\\{[^}]*\\\}", ".+", re.escape(p)) + "$") for p in patterns]
+
+    def __contains__(self, key):
+        return set.__contains__(self, key) or any(p.match(key) for p in self.patterns)
+
+
+def _glued_keys(path: Path) -> _Keys:
+    """Keys a notebook's code cells glue (``glue("key", ...)``; ``glue_run_time`` glues three)."""
+    literal, patterns = set(), []
+    for cell in json.loads(path.read_text(encoding="utf-8"))["cells"]:
+        if cell["cell_type"] == "code":
+            src = "".join(cell["source"])
+            for f, k in GLUED_KEY.findall(src):
+                (patterns.append(k) if f else literal.add(k))
+            if "glue_run_time(" in src:
+                literal |= {"run_time", "run_scale", "run_hardware"}
+    return _Keys(literal, patterns)
+
+
+def _pasted(text: str) -> list[str]:
+    """Keys pasted by glue roles (without a format spec) and glue directives, ``doc::key`` kept."""
+    out = []
+    for ref in GLUE_ROLE.findall(text):
+        doc, sep, rest = ref.partition("::")
+        key = (rest if sep else doc).rsplit(":", 1)[0] if ":" in (rest if sep else doc) else (rest if sep else doc)
+        out.append(f"{doc}::{key}" if sep else key)
+    return out + GLUE_DIRECTIVE.findall(text)
+
+
+@pytest.mark.parametrize("path", CHAPTERS, ids=lambda p: p.relative_to(ROOT).as_posix())
+def test_chapter_opens_with_a_result_box_and_glues_its_run_time(path: Path):
+    nb = json.loads(path.read_text(encoding="utf-8"))
+    first = "".join(nb["cells"][0]["source"])
+    assert first.lstrip().startswith("# "), "the first cell is the chapter's title"
+    assert "```{result-box}" in first, "the result box follows the title (scripts/svtools_book.py: ResultBox)"
+    assert all(k in _glued_keys(path) for k in ("run_time", "run_scale", "run_hardware")), \
+        "call svtools.report.glue_run_time() in the last cell: the result box shows the run time"
+
+
+@pytest.mark.parametrize("path", [*CHAPTERS, *sorted((ROOT / "book").rglob("*.md"))],
+                         ids=lambda p: p.relative_to(ROOT).as_posix())
+def test_every_pasted_number_is_glued(path: Path):
+    """A ``{glue:text}`key``` whose key no cell glues fails the build; this names it sooner."""
+    if path.suffix == ".ipynb":
+        text = "\n".join("".join(c["source"]) for c in json.loads(path.read_text(encoding="utf-8"))["cells"]
+                         if c["cell_type"] == "markdown")
+    else:
+        text = path.read_text(encoding="utf-8")
+    missing = []
+    for ref in _pasted(text):
+        doc, sep, key = ref.partition("::")
+        if sep:
+            target = (path.parent / doc).resolve()
+            if not target.exists() or key not in _glued_keys(target):
+                missing.append(ref)
+        elif path.suffix != ".ipynb" or ref not in _glued_keys(path):
+            missing.append(ref)
+    assert not missing, f"pasted but never glued: {missing}"

@@ -7,7 +7,6 @@ default model).
 
 from __future__ import annotations
 
-import os
 
 import numpy as np
 import pandas as pd
@@ -19,22 +18,16 @@ from svtools import features as ft
 from svtools import ioi_causal as ic
 from svtools import ioi_lm, ov
 from svtools.qk import QKSVD, RotarySpec, qk_svd
+from conftest import svtools_cache_at
 
 TINY = ioi_lm.IOILMConfig(n_layers=2, n_heads=2, d_model=16, steps=12, n_checkpoints=3, batch=8, warmup=2)
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    old = os.environ.get("SVTOOLS_CACHE")
-    os.environ["SVTOOLS_CACHE"] = str(tmp_path_factory.mktemp("svtools_cache"))
-    try:
+    with svtools_cache_at(tmp_path_factory.mktemp("svtools_cache")):
         run = ioi_lm.train(TINY, seed=0, progress=False)
         yield run, run.load(run.checkpoints[-1])
-    finally:
-        if old is None:
-            os.environ.pop("SVTOOLS_CACHE")
-        else:
-            os.environ["SVTOOLS_CACHE"] = old
 
 
 def _gen(seed):

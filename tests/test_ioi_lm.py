@@ -7,7 +7,6 @@ accuracy, END -> IO attention) are measured in the emergence chapter, not here.
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import torch
 from svtools import SVToolsError, ioi_lm
 from svtools.ioi_lm import language as lm_language, training as lm_training
 from svtools.data import TEMPLATES, ioi_prompts
+from conftest import svtools_cache_at
 
 TINY = ioi_lm.IOILMConfig(n_layers=2, n_heads=2, d_model=16, steps=12, n_checkpoints=5, batch=8, warmup=2)
 HAND = "When Mary and John went to the store, John gave a drink to"
@@ -24,13 +24,8 @@ HAND = "When Mary and John went to the store, John gave a drink to"
 
 @pytest.fixture(scope="module")
 def cache_env(tmp_path_factory):
-    old = os.environ.get("SVTOOLS_CACHE")
-    os.environ["SVTOOLS_CACHE"] = str(tmp_path_factory.mktemp("svtools_cache"))
-    yield os.environ["SVTOOLS_CACHE"]
-    if old is None:
-        os.environ.pop("SVTOOLS_CACHE")
-    else:
-        os.environ["SVTOOLS_CACHE"] = old
+    with svtools_cache_at(tmp_path_factory.mktemp("svtools_cache")) as path:
+        yield path
 
 
 @pytest.fixture(scope="module")

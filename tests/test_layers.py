@@ -32,8 +32,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1] / "svtools"
 
 LAYERS: dict[str, int] = {
-    "svtools._checks": 0, "svtools.runtime": 0,
-    "svtools.qk": 1, "svtools.rotary": 1, "svtools.factor_cache": 1, "svtools.terms": 1, "svtools.sparsity": 1, "svtools.alignment": 1, "svtools.geometry": 1,
+    "svtools._checks": 0, "svtools._cache": 0, "svtools.runtime": 0,
+    "svtools.qk": 1, "svtools.rotary": 1, "svtools.factor_cache": 1, "svtools.terms": 1, "svtools.sparsity": 1,
+    "svtools.alignment": 1, "svtools.geometry": 1,
     "svtools.data": 1,
     "svtools.bridge": 2, "svtools.models": 2, "svtools.decomposition": 2,
     "svtools.sad": 3, "svtools.toy": 3, "svtools.theory": 3, "svtools.ioi": 3, "svtools.ioi_lm": 3,
@@ -44,6 +45,7 @@ LAYERS: dict[str, int] = {
 
 #: Imports between two rooms of the same layer that are allowed: (importer, imported) -> why.
 SAME_LAYER: dict[tuple[str, str], str] = {
+    ("svtools._cache", "svtools._checks"): "a cache location that cannot be used is an SVToolsError",
     ("svtools.terms", "svtools.qk"): "terms are formed from a head's QKSVD",
     ("svtools.alignment", "svtools.qk"): "alignment compares a QKSVD's singular vectors with features",
     ("svtools.rotary", "svtools.qk"): "per-offset decompositions of rotary heads: RotarySpec, homogeneous weights, qk_svd",
@@ -56,6 +58,7 @@ SAME_LAYER: dict[tuple[str, str], str] = {
     ("svtools.ioi", "svtools.sad"): "IOI pair frames are svtools.sad frames",
     ("svtools.ioi_lm", "svtools.ioi"): "the IOI LM's measurements tokenise IOI prompts with name positions",
     ("svtools.ioi_lm", "svtools.sad"): "the IOI LM's checkpoints are measured with head_sparsity",
+    ("svtools.report", "svtools.plots"): "glue records a figure as the SVG the figure convention defines",
     ("svtools.features", "svtools.ioi"): "known features are read at the IOI name positions",
     ("svtools.features", "svtools.theory"): "the un-whitened reading is Part 2's theory.unwhiten",
     ("svtools.ov", "svtools.features"): "the OV copying mass is the bilinear mass of the OV matrix",

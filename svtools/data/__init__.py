@@ -2,12 +2,13 @@
 
 from svtools.data.ioi import (
     NAMES, OBJECTS, ORDERS, PLACES, TEMPLATES,
-    IOIDataset, IOIPositions, IOIPrompt, IOITokens, ioi_prompts, single_token_names,
+    IOIDataset, IOIPositions, IOIPrompt, IOITokens, UnknownWordsWarning, ioi_prompts, single_token_names,
 )
 from svtools.data.text import PLAIN_SENTENCES, plain_sentences
 
 __all__ = [
     "NAMES", "OBJECTS", "ORDERS", "PLACES", "TEMPLATES",
-    "IOIDataset", "IOIPositions", "IOIPrompt", "IOITokens", "ioi_prompts", "single_token_names",
+    "IOIDataset", "IOIPositions", "IOIPrompt", "IOITokens", "UnknownWordsWarning", "ioi_prompts",
+    "single_token_names",
     "PLAIN_SENTENCES", "plain_sentences",
 ]

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import random
 import string
+import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterator, Optional, Sequence, Union
 
@@ -51,7 +52,7 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
 
 __all__ = [
     "TEMPLATES", "NAMES", "PLACES", "OBJECTS", "ORDERS",
-    "IOIPrompt", "IOIPositions", "IOITokens", "IOIDataset",
+    "IOIPrompt", "IOIPositions", "IOITokens", "IOIDataset", "UnknownWordsWarning",
     "ioi_prompts", "single_token_names",
 ]
 
@@ -103,7 +104,13 @@ ORDERS: tuple[str, ...] = ("ABBA", "BABA")
 
 
 class _NameTokenError(SVToolsError):
-    """A name is not exactly one token (or its two mentions tokenise differently)."""
+    """A name is not exactly one token (or its two mentions tokenise differently, or the tokenizer
+    does not know it)."""
+
+
+class UnknownWordsWarning(UserWarning):
+    """Some IOI prompts hold words the tokenizer maps to its unknown token (e.g. the IOI language
+    model's word-level tokenizer on the default :data:`TEMPLATES`)."""
 
 
 @dataclass(frozen=True)
@@ -312,6 +319,8 @@ class IOIDataset(Sequence[IOIPrompt]):
             if bos_id is None:
                 raise SVToolsError(f"prepend_bos=True but the tokenizer {type(tokenizer).__name__} has no bos_token")
         shift = int(prepend_bos)
+        unk = getattr(tokenizer, "unk_token_id", None)
+        unknown_words: dict[str, int] = {}  # word the tokenizer does not know -> prompts it is in
         all_ids: list[list[int]] = []
         cols: dict[str, list[int]] = {k: [] for k in ("io", "s1", "s2", "end", "length", "io_id", "s_id")}
         for i, p in enumerate(self.prompts):
@@ -346,6 +355,22 @@ class IOIDataset(Sequence[IOIPrompt]):
             if ids[s1] != ids[s2]:
                 raise _NameTokenError(f"prompt {i} ({p.text!r}): S1 and S2 tokenise differently "
                                    f"({ids[s1]} vs {ids[s2]}) for {type(tokenizer).__name__}")
+            if unk is not None:
+                for j, name, role in ((io, p.io, "IO"), (s1, p.s, "S")):
+                    if ids[j] == unk:
+                        raise _NameTokenError(
+                            f"prompt {i} ({p.text!r}): name {name!r} ({role}) is not in the vocabulary of "
+                            f"{type(tokenizer).__name__}: it becomes the unknown token "
+                            f"{tokenizer.unk_token!r}, so IO and S could not be told apart. Use names the "
+                            "tokenizer knows (for the IOI language model: run.prompts(...) or "
+                            "names=svtools.ioi_lm.LM_NAMES).")
+                for j in range(len(ids)):
+                    if ids[j] == unk and not special[j]:
+                        w = p.text[offsets[j][0]:offsets[j][1]]
+                        unknown_words[w] = unknown_words.get(w, 0) + 1
+            if ids[io] == ids[s1] and p.io != p.s:
+                raise _NameTokenError(f"prompt {i} ({p.text!r}): IO {p.io!r} and S {p.s!r} are the same token "
+                                      f"({ids[io]}) for {type(tokenizer).__name__}")
             if bos_id is not None:
                 ids = [int(bos_id)] + ids
             all_ids.append(ids)
@@ -354,6 +379,14 @@ class IOIDataset(Sequence[IOIPrompt]):
             cols["length"].append(len(ids))
             cols["io_id"].append(ids[io + shift])
             cols["s_id"].append(ids[s1 + shift])
+        if unknown_words:
+            n_bad = sum(any(ids[j] == unk for j in range(len(ids))) for ids in all_ids)
+            top = sorted(unknown_words, key=lambda w: (-unknown_words[w], w))[:5]
+            warnings.warn(f"{n_bad} of {len(all_ids)} IOI prompts hold words that {type(tokenizer).__name__} does "
+                          f"not know (they become {tokenizer.unk_token!r}: {top}); the model never saw them, "
+                          "so its answers on these prompts say little. Use templates and names in its "
+                          "vocabulary (for the IOI language model: run.prompts(...)).", UnknownWordsWarning,
+                          stacklevel=3)
         pos = IOIPositions(**{k: torch.tensor(v, dtype=torch.long) for k, v in cols.items()})
         return all_ids, pos
 
@@ -418,7 +451,9 @@ def single_token_names(tokenizer: "PreTrainedTokenizerBase", names: Optional[Seq
         probe = IOIDataset([IOIPrompt(text=text, io=name, s=name, template_id=-1, order="ABBA", place="",
                                       obj="", io_span=spans["A"], s1_span=spans["B"], s2_span=spans["S"])])
         try:
-            probe.positions(tokenizer)
+            with warnings.catch_warnings():  # the probe's other words are not the question here
+                warnings.simplefilter("ignore", UnknownWordsWarning)
+                probe.positions(tokenizer)
         except _NameTokenError:
             continue
         keep.append(name)

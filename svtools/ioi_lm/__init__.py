@@ -53,7 +53,9 @@ this module (single runs, seeds 0-2, 128-256 held-out prompts, not re-run by the
 included). Runs are cached on disk (safetensors, one file per checkpoint) under
 ``$SVTOOLS_CACHE/ioi_lm/<key>`` (default ``~/.cache/svtools``), where the key hashes the
 config, the seed and :data:`CODE_VERSION`; a second call with the same arguments loads instead
-of training. ``run.load(step)`` gives a TransformerLens bridge (via :func:`svtools.load_model`)
+of training. Entries are written atomically, verified on every read against the request and
+rebuilt when damaged (see :func:`train`); a run whose loss becomes non-finite stops with an
+error and is never cached. ``run.load(step)`` gives a TransformerLens bridge (via :func:`svtools.load_model`)
 that :func:`svtools.decompose` and :func:`svtools.sad.head_sparsity` accept, with the word-level
 tokenizer attached; ``run.prompts(n, seed, split)`` gives an :class:`svtools.data.IOIDataset` in
 the model's vocabulary, so ``svtools.ioi.ioi_tokens(model, dataset)`` returns ids and the IO,

@@ -16,7 +16,7 @@ from typing import Any, Optional, Sequence
 import torch
 from torch import Tensor
 
-from svtools._checks import SVToolsError
+from svtools._checks import SVToolsError, as_float, as_int
 from svtools.data.ioi import NAMES, OBJECTS, PLACES, ioi_prompts
 
 __all__ = ["OPENINGS", "ACTIONS", "TRAIN_TEMPLATES", "TEST_TEMPLATES", "LM_NAMES", "TEST_NAMES", "TRAIN_NAMES",
@@ -168,9 +168,14 @@ def filler_sentences(n: int, *, seed: int = 0, names: Sequence[str] = LM_NAMES,
     is instead a held-out name (:data:`TEST_NAMES`) with that probability and a training name
     otherwise (two slots of one sentence never get the same name).
     """
+    n = as_int(n, "n", min_value=0)
+    seed = as_int(seed, "seed")
+    if test_share is not None:
+        test_share = as_float(test_share, "test_share (a probability, or None)", lo=0.0, hi=1.0)
+    if isinstance(names, str) or not all(isinstance(v, str) for v in names) or len(set(names)) < 2:
+        raise SVToolsError(f"names must be a list of at least 2 different names (a sentence may hold two), "
+                           f"got {names!r}")
     rng = random.Random(seed)
-    if test_share is not None and not 0.0 <= test_share <= 1.0:
-        raise SVToolsError(f"test_share must be a probability in [0, 1], got {test_share}")
 
     def pick() -> str:
         return rng.choice(TEST_NAMES if rng.random() < test_share else TRAIN_NAMES)
@@ -199,6 +204,11 @@ def training_texts(n: int, *, seed: int = 0, ioi_fraction: float = 0.5,
     ``filler_test_share``); half of the IOI sentences follow a filler sentence without names (so
     names move around). Which is which is drawn with ``random.Random(seed)``.
     """
+    n = as_int(n, "n", min_value=0)
+    seed = as_int(seed, "seed")
+    ioi_fraction = as_float(ioi_fraction, "ioi_fraction", lo=0.0, hi=1.0)
+    if test_share is not None:
+        test_share = as_float(test_share, "test_share (a probability, or None)", lo=0.0, hi=1.0)
     return training_batch(n, seed, ioi_fraction, test_share)[0]
 
 

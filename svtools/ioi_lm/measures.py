@@ -15,7 +15,8 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from svtools._checks import SVToolsError
+from svtools._checks import SVToolsError, as_float, as_int, as_names, check_columns, check_numeric_columns
+from svtools.bridge import check_bridge
 from svtools.data.ioi import IOIDataset
 from svtools.decomposition import cache_attention_inputs
 from svtools.ioi import ioi_tokens, label_ioi_roles
@@ -41,7 +42,8 @@ def role_attention(model: Any, dataset: IOIDataset, *, batch_size: int = 64) -> 
 
     Returns a long frame: ``layer, head, query_role, key_role, mean, lo, hi, prompts``.
     """
-
+    check_bridge(model)
+    batch_size = as_int(batch_size, "batch_size", min_value=1)
     ids, am, pos = ioi_tokens(model, dataset)
     dev = next(model.original_model.parameters()).device if hasattr(model, "original_model") else ids.device
     layers = list(range(model.cfg.n_layers))
@@ -73,9 +75,9 @@ def top_heads(roles: pd.DataFrame, *, query_role: str = "END", key_role: str = "
     """The ``k`` heads with the largest mean ``query_role -> key_role`` attention in a
     :func:`role_attention` frame (per group of ``by``, e.g. ``("seed",)``): the heads found *by
     their role*, e.g. the heads that move the IO name to END (name movers)."""
-    need = {"layer", "head", "query_role", "key_role", "mean", *by}
-    if not need <= set(roles.columns):
-        raise SVToolsError(f"top_heads needs a role_attention frame with columns {sorted(need)}")
+    by = as_names(by, "by")
+    k = as_int(k, "k", min_value=1)
+    check_columns(roles, ["layer", "head", "query_role", "key_role", "mean", *by], "top_heads (a role_attention frame)")
     sel = roles[(roles["query_role"] == query_role) & (roles["key_role"] == key_role)]
     if sel.empty:
         raise SVToolsError(f"no rows for {query_role} -> {key_role}; roles measured: {ROLE_PAIRS}")
@@ -96,9 +98,14 @@ def over_checkpoints(run: IOILMRun, steps: Sequence[int], dataset: IOIDataset, *
     ``step`` columns. Returns ``(roles, pairs)`` (``pairs`` empty when ``sad_kwargs`` is None).
     """
 
+    if not isinstance(run, IOILMRun):
+        raise SVToolsError(f"run must be an IOILMRun (from ioi_lm.train), got {type(run).__name__}")
+    steps = [run._check_step(s) for s in (steps if isinstance(steps, (list, tuple, range)) else [steps])]
+    if not steps:
+        raise SVToolsError(f"steps is empty: give checkpoint steps of the run ({run.checkpoints})")
     frames_r, frames_p = [], []
-    for step in tqdm(list(steps), desc=f"ioi_lm seed {run.seed} checkpoints", disable=not progress):
-        model = run.load(int(step))
+    for step in tqdm(steps, desc=f"ioi_lm seed {run.seed} checkpoints", disable=not progress):
+        model = run.load(step)
         ra = role_attention(model, dataset)
         frames_r.append(ra.assign(seed=run.seed, step=int(step)))
         if sad_kwargs is not None:
@@ -120,12 +127,21 @@ def over_seeds(frame: pd.DataFrame, value: str, *, by: Sequence[str], seed: str 
     """
     from scipy import stats
 
-    need = [*by, seed, value]
-    miss = [c for c in need if c not in frame.columns]
-    if miss:
-        raise SVToolsError(f"over_seeds: the frame lacks column(s) {miss}")
+    by = as_names(by, "by")
+    ci = as_float(ci, "ci", lo=0.0, hi=1.0, lo_open=True, hi_open=True)
+    for arg, name in (("seed", seed), ("value", value)):
+        if not isinstance(name, str):
+            raise SVToolsError(f"{arg} must be a column name, got {name!r}")
+    check_columns(frame, [*by, seed, value], "over_seeds")
+    check_numeric_columns(frame, [value], "over_seeds")
+    dup = frame.duplicated(subset=[*by, seed], keep=False)
+    if dup.any():
+        first = frame.loc[dup, [*by, seed]].iloc[0].to_dict()
+        raise SVToolsError(f"over_seeds needs one row per ({', '.join([seed, *by])}); {int(dup.sum())} rows repeat "
+                           f"a seed within a group (e.g. {first}): average them per seed first")
     rows = []
-    for key, g in frame.dropna(subset=[value]).groupby(list(by), sort=True):
+    kept = frame.dropna(subset=[value])
+    for key, g in (kept.groupby(by, sort=True) if by else [((), kept)]):
         key = key if isinstance(key, tuple) else (key,)
         v = g[value].to_numpy(dtype=float)
         m = float(v.mean())

@@ -12,9 +12,6 @@ import dataclasses
 import hashlib
 import json
 import math
-import os
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from functools import cached_property
@@ -27,7 +24,8 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from svtools._checks import SVToolsError
+from svtools import _cache
+from svtools._checks import SVToolsError, as_bool, as_float, as_int, as_seed
 from svtools.data.ioi import IOIDataset, ioi_prompts
 from svtools.ioi_lm.language import (FILLER_TEMPLATES, TEST_NAMES, TEST_TEMPLATES, TRAIN_NAMES, TRAIN_TEMPLATES,
                                      build_tokenizer, encode, name_ids, training_batch, vocabulary)
@@ -43,8 +41,11 @@ CODE_VERSION = 4
 
 def cache_dir() -> Path:
     """Where trained runs live: ``$SVTOOLS_CACHE/ioi_lm`` (default ``~/.cache/svtools/ioi_lm``)."""
-    root = os.environ.get("SVTOOLS_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "svtools")
-    return Path(root) / "ioi_lm"
+    return _cache.root() / "ioi_lm"
+
+
+#: Seeds of :func:`train` lie in ``[0, SEED_MAX]`` (the name codes derive generator seeds from it).
+SEED_MAX = 2**32 - 1
 
 
 # ----------------------------------------------------------------------------- config
@@ -98,37 +99,34 @@ class IOILMConfig:
     seed: int = 0
 
     def __post_init__(self):
+        # every field through the shared checks, stored as the plain Python type (numpy scalars
+        # accepted; the cache key of equal values is equal)
+        def put(name: str, value: Any) -> None:
+            object.__setattr__(self, name, value)
+
         for name in ("n_layers", "n_heads", "d_model", "steps", "n_checkpoints", "batch"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise SVToolsError(f"IOILMConfig.{name} must be a positive int, got {v!r}")
+            put(name, as_int(getattr(self, name), f"IOILMConfig.{name}", min_value=1))
+        put("warmup", as_int(self.warmup, "IOILMConfig.warmup", min_value=0))
+        put("buckets", as_int(self.buckets, "IOILMConfig.buckets", min_value=1, max_value=self.batch))
+        put("seed", as_seed(self.seed, "IOILMConfig.seed", max_value=SEED_MAX))
+        put("lr", as_float(self.lr, "IOILMConfig.lr", lo=0.0, lo_open=True))
+        put("weight_decay", as_float(self.weight_decay, "IOILMConfig.weight_decay", lo=0.0))
+        put("ioi_fraction", as_float(self.ioi_fraction, "IOILMConfig.ioi_fraction", lo=0.0, hi=1.0, lo_open=True))
+        put("answer_weight", as_float(self.answer_weight, "IOILMConfig.answer_weight", lo=0.0, lo_open=True))
+        put("attn_dropout", as_float(self.attn_dropout, "IOILMConfig.attn_dropout", lo=0.0, hi=1.0, hi_open=True))
+        if self.filler_test_share is not None:
+            put("filler_test_share", as_float(self.filler_test_share, "IOILMConfig.filler_test_share (or None)",
+                                              lo=0.0, hi=1.0))
+        put("name_shared", as_float(self.name_shared, "IOILMConfig.name_shared", lo=0.0))
+        put("freeze_names", as_bool(self.freeze_names, "IOILMConfig.freeze_names"))
+        put("resample_names", as_bool(self.resample_names, "IOILMConfig.resample_names"))
         if self.d_model % self.n_heads:
             raise SVToolsError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
         if self.n_checkpoints < 2:
-            raise SVToolsError("n_checkpoints must be >= 2 (step 0 and the last step)")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise SVToolsError(f"lr must be a positive number, got {self.lr}")
-        if not (self.answer_weight > 0 and math.isfinite(self.answer_weight)):
-            raise SVToolsError(f"answer_weight must be a positive number, got {self.answer_weight}")
-        if not (0.0 <= self.attn_dropout < 1.0):
-            raise SVToolsError(f"attn_dropout must be in [0, 1), got {self.attn_dropout}")
-        if not (0.0 < self.ioi_fraction <= 1.0):
-            raise SVToolsError(f"ioi_fraction must be in (0, 1], got {self.ioi_fraction}")
-        if self.filler_test_share is not None and not (0.0 <= self.filler_test_share <= 1.0):
-            raise SVToolsError(f"filler_test_share must be None or in [0, 1], got {self.filler_test_share}")
-        if not isinstance(self.freeze_names, bool):
-            raise SVToolsError(f"freeze_names must be a bool, got {self.freeze_names!r}")
-        if not isinstance(self.resample_names, bool):
-            raise SVToolsError(f"resample_names must be a bool, got {self.resample_names!r}")
+            raise SVToolsError("IOILMConfig.n_checkpoints must be >= 2 (step 0 and the last step)")
         if self.resample_names and not self.freeze_names:
             raise SVToolsError("resample_names=True needs freeze_names=True (re-drawn codes replace learnt name "
                                "embeddings); set resample_names=False to learn the names")
-        if isinstance(self.buckets, bool) or not isinstance(self.buckets, int) or not 1 <= self.buckets <= self.batch:
-            raise SVToolsError(f"buckets must be an int in [1, batch={self.batch}], got {self.buckets!r}")
-        if not (self.name_shared >= 0 and math.isfinite(self.name_shared)):
-            raise SVToolsError(f"name_shared must be a non-negative number, got {self.name_shared}")
-        if isinstance(self.warmup, bool) or not isinstance(self.warmup, int) or self.warmup < 0:
-            raise SVToolsError(f"warmup must be a non-negative int, got {self.warmup!r}")
 
     def replace(self, **kw: Any) -> "IOILMConfig":
         """A copy with some fields changed."""
@@ -190,6 +188,7 @@ def name_codes(cfg: IOILMConfig, seed: int, step: Optional[int] = None) -> tuple
     """
     if step is not None and (isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0):
         raise SVToolsError(f"step must be None or a non-negative int, got {step!r}")
+    seed = as_seed(seed, "seed", max_value=SEED_MAX)
     g = torch.Generator().manual_seed(int(seed) + 7919)
     n = torch.randn(cfg.d_model, generator=g, dtype=torch.float64)
     n = n / n.norm()
@@ -201,8 +200,13 @@ def name_codes(cfg: IOILMConfig, seed: int, step: Optional[int] = None) -> tuple
     return ids, codes.float()
 
 
+def _key_config(cfg: IOILMConfig) -> dict:
+    """The config as the cache key hashes it (the seed is the run's, not the config's default)."""
+    return dataclasses.asdict(cfg.replace(seed=0))
+
+
 def _key(cfg: IOILMConfig, seed: int) -> str:
-    blob = json.dumps({"cfg": dataclasses.asdict(cfg.replace(seed=0)), "seed": int(seed),
+    blob = json.dumps({"cfg": _key_config(cfg), "seed": int(seed),
                        "code": CODE_VERSION, "vocab": vocabulary(), "text": [TRAIN_TEMPLATES, TEST_TEMPLATES,
                                                                               TRAIN_NAMES, FILLER_TEMPLATES]},
                       sort_keys=True)
@@ -305,6 +309,10 @@ def ioi_accuracy(logits: Float[Tensor, "batch vocab"], positions: Any, metric: s
     """
     _check_metric(metric)
     io, s = positions.io_id.to(logits.device), positions.s_id.to(logits.device)
+    same = int((io == s).sum())
+    if same:
+        raise SVToolsError(f"in {same} of {len(io)} prompts IO and S are the same token: 'IO beats S' is never "
+                           "true there and top-1 cannot tell them apart (names the tokenizer does not know?)")
     if logits.ndim != 2 or logits.shape[0] != len(io):
         raise SVToolsError(f"logits must have shape (batch={len(io)}, vocab), got {tuple(logits.shape)}")
     if metric == "top1":
@@ -324,16 +332,53 @@ def _lr_at(cfg: IOILMConfig, step: int) -> float:
     return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, t))))
 
 
+def _ckpt_name(step: int) -> str:
+    return f"step_{step:06d}.safetensors"
+
+
+def _check_entry(path: Path, cfg: IOILMConfig, seed: int) -> tuple[Optional[dict], Optional[str]]:
+    """``(meta, None)`` when the cache entry ``path`` is the run ``(cfg, seed)`` and intact, else
+    ``(None, what is wrong)``: meta.json readable and equal to the request (config, seed, code
+    version, checkpoint steps, a complete and finite history), every checkpoint present with the
+    size recorded (entries written before sizes were recorded: the safetensors header must match
+    the file's length)."""
+    meta, problem = _cache.read_meta(path)
+    if problem:
+        return None, problem
+    want = _key_config(cfg)
+    got = meta.get("config")
+    got = {k: v for k, v in got.items() if k in want} | {"seed": 0} if isinstance(got, dict) else got
+    if got != want:
+        diff = [k for k in want if not isinstance(got, dict) or got.get(k) != want[k]] or ["its fields"]
+        return None, f"meta.json is of another config ({', '.join(diff[:3])} differ)"
+    if meta.get("seed") != seed:
+        return None, f"meta.json is of seed {meta.get('seed')!r}, not {seed}"
+    if meta.get("code_version") != CODE_VERSION:
+        return None, f"meta.json was written by code version {meta.get('code_version')!r}, this is {CODE_VERSION}"
+    steps = cfg.checkpoint_steps()
+    if meta.get("checkpoints") != steps:
+        return None, "meta.json lists other checkpoints than the config's"
+    hist = meta.get("history")
+    if not isinstance(hist, list) or not hist or not all(
+            isinstance(h, dict) and isinstance(h.get("loss"), (int, float)) and math.isfinite(h["loss"]) for h in hist):
+        return None, "its training history is missing or not finite (a diverged run)"
+    sizes = meta.get("files")
+    problem = _cache.files_problem(path, [_ckpt_name(s) for s in steps], sizes if isinstance(sizes, dict) else None)
+    return (None, problem) if problem else (meta, None)
+
+
 def _load_cached(path: Path, cfg: IOILMConfig, seed: int) -> Optional[IOILMRun]:
-    meta = path / "meta.json"
-    if not meta.is_file():
+    """The cached run at ``path``, or None when there is none. A damaged entry, or one that is not
+    this run, is removed (with a warning; an error naming the command when it cannot be) and None
+    returned, so the caller retrains."""
+    if not path.exists():
         return None
-    info = json.loads(meta.read_text())
-    steps = [int(s) for s in info["checkpoints"]]
-    if not all((path / f"step_{s:06d}.safetensors").is_file() for s in steps):
+    meta, problem = _check_entry(path, cfg, seed)
+    if problem:
+        _cache.discard(path, problem)
         return None
-    return IOILMRun(cfg=cfg, seed=seed, path=path, checkpoints=steps, history=pd.DataFrame(info["history"]),
-                    seconds=float(info.get("seconds", float("nan"))))
+    return IOILMRun(cfg=cfg, seed=seed, path=path, checkpoints=list(meta["checkpoints"]),
+                    history=pd.DataFrame(meta["history"]), seconds=float(meta.get("seconds", float("nan"))))
 
 
 def train(cfg: Optional[IOILMConfig] = None, *, seed: Optional[int] = None, progress: bool = True,
@@ -352,54 +397,61 @@ def train(cfg: Optional[IOILMConfig] = None, *, seed: Optional[int] = None, prog
         device: default cuda when available, else cpu.
         cache: read and write the on-disk cache (``$SVTOOLS_CACHE``, see :func:`cache_dir`).
             With ``cache=False`` the run is written to a fresh temporary directory.
+
+    The cache (:mod:`svtools._cache`): an entry is built in a temporary directory and moved into
+    place in one step; on every read its ``meta.json`` is compared with the request (config,
+    seed, :data:`CODE_VERSION`, checkpoint steps, a finite history) and every checkpoint with its
+    recorded size and safetensors header. A damaged entry is removed with a warning and the run
+    retrained; a failed or killed run leaves nothing behind (a killed one is removed by the next
+    call). Two processes training one key end with one entry.
+
+    Raises:
+        SVToolsError: a bad argument; training diverged (the loss or the weights became
+            non-finite: nothing is cached); ``SVTOOLS_CACHE`` is a file or cannot be written.
     """
     cfg = IOILMConfig() if cfg is None else cfg
     if not isinstance(cfg, IOILMConfig):
         raise SVToolsError(f"cfg must be an IOILMConfig, got {type(cfg).__name__}")
-    seed = cfg.seed if seed is None else seed
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
-        raise SVToolsError(f"seed must be an int, got {seed!r}")
-    seed = int(seed)
+    seed = as_seed(cfg.seed if seed is None else seed, "seed", max_value=SEED_MAX)
+    cache = as_bool(cache, "cache")
     key = _key(cfg, seed)
-    final = cache_dir() / key
+    where = cache_dir() if cache else None
     if cache:
-        hit = _load_cached(final, cfg, seed)
+        _cache.check_root(where)
+        _cache.clean_stale(where, "ioi_lm_")
+        hit = _load_cached(where / key, cfg, seed)
         if hit is not None:
             return hit
 
     dev = default_device(device)
-    tok = build_tokenizer()
-    model = _new_model(cfg, len(tok), seed, training=True).to(dev).train()
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.98))
-    ckpts = cfg.checkpoint_steps()
-    tmp = Path(tempfile.mkdtemp(prefix=f"ioi_lm_{key}_", dir=None if not cache else _ensure(cache_dir())))
-    hist: list[dict] = []
-    threads = torch.get_num_threads()
-    if dev.type == "cpu":
-        # A model this small is fastest on one thread: measured 0.24 s vs 2.4 s per step with two
-        # threads on a loaded 2-core machine (thread spin-waiting); results are identical.
-        torch.set_num_threads(1)
-    t0 = time.perf_counter()
-    try:
-        _train_loop(model, opt, tok, cfg, seed, ckpts, tmp, dev, hist, progress)
-    finally:
-        torch.set_num_threads(threads)
-    seconds = time.perf_counter() - t0
-    info = {"config": dataclasses.asdict(cfg), "seed": seed, "code_version": CODE_VERSION, "checkpoints": ckpts,
-            "history": hist, "seconds": seconds, "device": str(dev)}
-    (tmp / "meta.json").write_text(json.dumps(info))
-    path = tmp
-    if cache:
+    # the build directory first: a cache that cannot be written is said before minutes of training
+    with _cache.building(where, prefix=f"ioi_lm_{key}_") as tmp:
+        tok = build_tokenizer()
+        model = _new_model(cfg, len(tok), seed, training=True).to(dev).train()
+        decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
+        no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
+        opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                                 {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.98))
+        ckpts = cfg.checkpoint_steps()
+        hist: list[dict] = []
+        threads = torch.get_num_threads()
+        if dev.type == "cpu":
+            # A model this small is fastest on one thread: measured 0.24 s vs 2.4 s per step with two
+            # threads on a loaded 2-core machine (thread spin-waiting); results are identical.
+            torch.set_num_threads(1)
+        t0 = time.perf_counter()
         try:
-            os.replace(tmp, final)  # atomic: a concurrent trainer of the same key keeps its own copy
-            path = final
-        except OSError:
-            if _load_cached(final, cfg, seed) is not None:
-                shutil.rmtree(tmp, ignore_errors=True)
-                path = final
+            _train_loop(model, opt, tok, cfg, seed, ckpts, tmp, dev, hist, progress)
+        finally:
+            torch.set_num_threads(threads)
+        seconds = time.perf_counter() - t0
+        info = {"config": dataclasses.asdict(cfg), "seed": seed, "code_version": CODE_VERSION, "checkpoints": ckpts,
+                "history": hist, "seconds": seconds, "device": str(dev),
+                "files": _cache.file_sizes(tmp, [_ckpt_name(s) for s in ckpts])}
+        (tmp / "meta.json").write_text(json.dumps(info))
+        path = tmp
+        if cache:  # atomic; when a concurrent trainer of this key published first, its entry is kept
+            path = _cache.publish(tmp, where / key, lambda p: _check_entry(p, cfg, seed)[1] is None)
     return IOILMRun(cfg=cfg, seed=seed, path=path, checkpoints=ckpts, history=pd.DataFrame(hist), seconds=seconds)
 
 
@@ -416,8 +468,11 @@ def _train_loop(model, opt, tok, cfg: IOILMConfig, seed: int, ckpts: list[int], 
         torch.manual_seed(seed)
         for step in tqdm(range(cfg.steps + 1), desc=f"ioi_lm seed {seed}", disable=not progress):
             if step in ckpts:
+                if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
+                    raise SVToolsError(f"training diverged before step {step} (non-finite weights; lr={cfg.lr}, "
+                                       f"weight_decay={cfg.weight_decay}); nothing is cached. Lower cfg.lr.")
                 model.eval()
-                save_model(model, str(out / f"step_{step:06d}.safetensors"))
+                save_model(model, str(out / _ckpt_name(step)))
                 model.train()
             if step == cfg.steps:
                 break
@@ -439,6 +494,9 @@ def _train_loop(model, opt, tok, cfg: IOILMConfig, seed: int, ckpts: list[int], 
                 g["lr"] = lr
             opt.zero_grad(set_to_none=True)
             loss = _loss_backward(model, ids, am, w, cfg.buckets, dev)
+            if not math.isfinite(loss):  # the finite-loss guard: a NaN run is never cached
+                raise SVToolsError(f"training diverged at step {step}: the loss is {loss} (lr={cfg.lr}, "
+                                   f"weight_decay={cfg.weight_decay}); nothing is cached. Lower cfg.lr.")
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
             if frozen is not None:  # the name rows stay as drawn (weight decay included)
@@ -467,8 +525,3 @@ def _loss_backward(model: Any, ids: Tensor, am: Tensor, w: Tensor, buckets: int,
         part.backward()
         loss += float(part.detach())
     return loss
-
-
-def _ensure(p: Path) -> str:
-    p.mkdir(parents=True, exist_ok=True)
-    return str(p)

@@ -14,9 +14,8 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from svtools._checks import SVToolsError
+from svtools._checks import SVToolsError, check_columns
 from svtools.plots import book_figure, subplots
-from svtools.sad.frame import check_columns
 from svtools.sparsity import n_recon, rolls_tovee
 
 __all__ = ["plot_n_recon_distribution", "plot_pair_terms", "plot_n_recon_per_head", "plot_sparseness_map",

@@ -47,9 +47,9 @@ summaries are :mod:`svtools.report`. Devices: everything runs where the model li
 from svtools.sad.frame import COLUMNS, pair_measures
 from svtools.sad.measure import CHUNK_BYTES, CONTROLS, degeneracy, head_sparsity
 from svtools.sad.selection import KINDS, baseline_pairs, pair_uniform, select_pairs
-from svtools.sad.stats import (bootstrap, compare_kinds, compare_matched, null_ratio, reuse, singular_vector_usage,
-                               usage_difference)
+from svtools.sad.stats import (MAX_PERMUTATIONS, bootstrap, compare_kinds, compare_matched, null_ratio, reuse,
+                               singular_vector_usage, usage_difference)
 
 __all__ = ["select_pairs", "pair_measures", "head_sparsity", "singular_vector_usage", "usage_difference", "reuse",
            "bootstrap", "COLUMNS", "KINDS", "baseline_pairs", "pair_uniform", "compare_kinds", "CHUNK_BYTES",
-           "CONTROLS", "null_ratio", "compare_matched", "degeneracy"]
+           "CONTROLS", "null_ratio", "compare_matched", "degeneracy", "MAX_PERMUTATIONS"]

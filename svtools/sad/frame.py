@@ -3,13 +3,13 @@
 :func:`pair_measures` turns each pair's per-singular-vector terms into N_recon, Rolls-Tovee
 sparseness, the dominant index and the N_recon set; :func:`pair_rows` and
 :func:`assemble_frame` make the typed, ordered frame with the :data:`COLUMNS` that
-:func:`svtools.sad.head_sparsity` returns; :func:`check_columns` is the check every function
-that reads such a frame starts with.
+:func:`svtools.sad.head_sparsity` returns; :func:`svtools._checks.check_columns` is the check
+every function that reads such a frame starts with.
 """
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import pandas as pd
@@ -17,7 +17,6 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from svtools._checks import SVToolsError
 from svtools.sad.selection import KINDS
 from svtools.sparsity import term_measures
 
@@ -130,12 +129,3 @@ def assemble_frame(frames: list[dict[str, Any]], controls: Sequence[str]) -> pd.
     df["_kind"] = df["kind"].map({k: i for i, k in enumerate(KINDS)})
     df = df.sort_values(["_kind", "layer", "head", "prompt", "query", "key"], kind="stable")
     return df[list(COLUMNS)].reset_index(drop=True)
-
-
-def check_columns(df: pd.DataFrame, cols: Iterable[str], what: str) -> None:
-    """Raise :class:`SVToolsError`, naming ``what``, unless ``df`` is a DataFrame with the columns ``cols``."""
-    if not isinstance(df, pd.DataFrame):
-        raise SVToolsError(f"{what} needs a pandas DataFrame (from head_sparsity), got {type(df).__name__}")
-    missing = [c for c in cols if c not in df.columns]
-    if missing:
-        raise SVToolsError(f"{what}: the frame lacks column(s) {missing}; it has {list(df.columns)}")

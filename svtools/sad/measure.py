@@ -15,7 +15,7 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from svtools._checks import SVToolsError, as_dtype, as_float, as_indices, as_int, is_index_sequence
+from svtools._checks import SVToolsError, as_bool, as_dtype, as_float, as_indices, as_int, is_index_sequence
 from svtools.bridge import check_bridge, check_heads, check_layer, prepare_tokens
 from svtools.decomposition import decomposition_dtype, layer_qk
 from svtools.models import resolve_check_tol
@@ -238,13 +238,12 @@ def head_sparsity(
     python benchmarks/head_sparsity_rotary.py``: Pythia-160M-shaped random model, peaked attention,
     4 x 256 tokens, 141,993 pairs using 28,442 (head, offset) items at 254 offsets): a cold call
     (empty cache) 5.2-7.5x the HF forward pass over four repeats (best times: 5.7x), a repeated
-    call 1.5-2.1x (best: 1.65x); the previous engine took 22.3x. Measured on the loaded shared 2-core CPU
-    (``benchmarks/``, ``OMP_WAIT_POLICY=PASSIVE``): MiniLM, 32 prompts x 256 tokens, peak
-    memory above the model 0.23 GB in a fresh process (the HF forward with
+    call 1.5-2.1x (best: 1.65x); the previous engine took 22.3x. Measured on a CPU with
+    ``benchmarks/`` (``OMP_WAIT_POLICY=PASSIVE``, ``control="rotated"``): MiniLM, 32 prompts x 256
+    tokens, peak memory above the model 0.23 GB in a fresh process (the HF forward with
     ``output_attentions=True`` alone: 1.6 GB), time 0.67x that forward pass (128 x 20: 0.90x);
-    time grows with the number of prompts as prompts^0.90 (these figures: ``control="rotated"``).
-    See benchmarks/ for the figures. CUDA: the code
-    is device-agnostic but untested on a GPU.
+    time grows with the number of prompts as prompts^0.90. See benchmarks/ for the figures. The
+    code is device-agnostic: it runs where the model lives (the benchmarks measure the CPU).
 
     Returns:
         ``pandas.DataFrame`` with the columns above (integers as int64).
@@ -266,8 +265,11 @@ def head_sparsity(
         threshold = as_float(threshold, "threshold", lo=0.0, hi=1.0, lo_open=True)
     frac = as_float(frac, "frac", lo=0.0, hi=1.0, lo_open=True)
     seed = as_int(seed, "seed")
+    exclude_first = as_bool(exclude_first, "exclude_first")
+    baseline_seed = as_int(baseline_seed, "baseline_seed")
     as_dtype(dtype)
-    kinds = ("attended",) + check_baseline(baseline, baseline_fraction, baseline_bound)
+    kinds, baseline_fraction, baseline_bound = check_baseline(baseline, baseline_fraction, baseline_bound)
+    kinds = ("attended",) + kinds
     plan = _heads_by_layer(model, layers, heads)
     # the same input checks as decompose (supported model, eval mode, 0/1 mask, max positions),
     # the same dtype rule (half precision decomposed in float32) and the same exactness tolerance

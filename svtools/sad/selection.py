@@ -16,7 +16,7 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from svtools._checks import SVToolsError, as_float, as_tensor
+from svtools._checks import SVToolsError, as_bool, as_choice, as_float, as_indices, as_int, as_tensor
 
 __all__ = ["select_pairs", "baseline_pairs", "pair_uniform", "KINDS"]
 
@@ -58,6 +58,7 @@ def select_pairs(
         raise SVToolsError(f"unknown pair selection {select!r}: use 'threshold' or 'acc'")
     if select == "threshold":
         threshold = as_float(threshold, "threshold", lo=0.0, hi=1.0, lo_open=True)
+    exclude_first = as_bool(exclude_first, "exclude_first")
     pattern = as_tensor(pattern, "pattern")
     if pattern.ndim < 2:
         raise SVToolsError(f"pattern must have shape (..., query, key), got {tuple(pattern.shape)}")
@@ -131,22 +132,28 @@ def pair_uniform(seed: int, stream: int, layer: int, head: Int[Tensor, "..."], p
     return ((h >> 11) & ((1 << 52) - 1)).to(torch.float64) / float(1 << 52)
 
 
-def check_baseline(baseline: Any, fraction: float, bound: Optional[float]) -> tuple[str, ...]:
+def _check_fraction_bound(fraction: Any, bound: Any, prefix: str) -> tuple[float, Optional[float]]:
+    """The sampling probability (in (0, 1]) and the optional attention bound (in (0, 1]) of a baseline."""
+    fraction = as_float(fraction, f"{prefix}fraction", lo=0.0, hi=1.0, lo_open=True)
+    bound = None if bound is None else as_float(bound, f"{prefix}bound", lo=0.0, hi=1.0, lo_open=True)
+    return fraction, bound
+
+
+def check_baseline(baseline: Any, fraction: float, bound: Optional[float]
+                   ) -> tuple[tuple[str, ...], float, Optional[float]]:
     """The baseline kinds :func:`head_sparsity` is asked for (none, one or a list), checked, with
-    the sampling ``fraction`` and the attention ``bound`` of the non-attended pairs."""
+    the sampling ``fraction`` and the attention ``bound`` of the non-attended pairs (both checked:
+    ``(kinds, fraction, bound)``)."""
+    fraction, bound = _check_fraction_bound(fraction, bound, "baseline_")
     if baseline is None:
-        return ()
-    kinds = (baseline,) if isinstance(baseline, str) else tuple(baseline)
-    bad = [k for k in kinds if k not in KINDS[1:]]
+        return (), fraction, bound
+    kinds = (baseline,) if isinstance(baseline, str) else tuple(baseline) if isinstance(baseline, (list, tuple)) \
+        else None
+    bad = [k for k in kinds if k not in KINDS[1:]] if kinds is not None else [baseline]
     if bad or not kinds:
         raise SVToolsError(f"unknown baseline {bad or baseline!r}: use None, 'non-attended', 'random' "
                            "or a list of them")
-    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not (0.0 < float(fraction) <= 1.0):
-        raise SVToolsError(f"baseline_fraction must be in (0, 1], got {fraction!r}")
-    if bound is not None and (isinstance(bound, bool) or not isinstance(bound, (int, float))
-                              or not (0.0 < float(bound) <= 1.0)):
-        raise SVToolsError(f"baseline_bound must be None or in (0, 1], got {bound!r}")
-    return tuple(dict.fromkeys(kinds))
+    return tuple(dict.fromkeys(kinds)), fraction, bound
 
 
 def baseline_pairs(
@@ -176,6 +183,16 @@ def baseline_pairs(
     :func:`pair_uniform` of ``(seed, kind, layer, head, prompt0 + batch row, query, key)``: the
     sample does not depend on chunking or on the other heads measured.
     """
+    kind = as_choice(kind, "kind", KINDS[1:])
+    fraction, bound = _check_fraction_bound(fraction, bound, "")
+    seed, layer = as_int(seed, "seed"), as_int(layer, "layer", min_value=0)
+    prompt0 = as_int(prompt0, "prompt0", min_value=0)
+    exclude_first = as_bool(exclude_first, "exclude_first")
+    heads = as_indices(heads, "heads")
+    pattern = as_tensor(pattern, "pattern")
+    if pattern.ndim != 4 or pattern.shape[1] != len(heads) or pattern.shape[-1] != pattern.shape[-2]:
+        raise SVToolsError(f"pattern must have shape (batch, head={len(heads)}, query, key) with query = key, "
+                           f"got {tuple(pattern.shape)}")
     B, H, n, _ = pattern.shape
     dev = pattern.device
     ok = mask & query_mask[..., None]
@@ -186,13 +203,11 @@ def baseline_pairs(
         ok = ok & ~selected
         if bound is not None:
             ok = ok & (pattern < float(bound))
-    elif kind != "random":
-        raise SVToolsError(f"unknown baseline kind {kind!r}")
     ok = ok.expand(B, H, n, n)
     b, h, q, k = ok.nonzero().unbind(-1)
     head_t = torch.as_tensor(list(heads), device=dev)
-    u = pair_uniform(seed, 1 if kind == "non-attended" else 2, layer, head_t[h], b + int(prompt0), q, k)
-    keep = u < float(fraction)
+    u = pair_uniform(seed, 1 if kind == "non-attended" else 2, layer, head_t[h], b + prompt0, q, k)
+    keep = u < fraction
     out = torch.zeros_like(ok)
     out[b[keep], h[keep], q[keep], k[keep]] = True
     return out

@@ -13,20 +13,43 @@
 
 from __future__ import annotations
 
+import re
 from typing import Literal, Optional, Sequence
 
 import numpy as np
 import pandas as pd
 from scipy import sparse
 
-from svtools._checks import SVToolsError
-from svtools.sad.frame import check_columns
+from svtools._checks import (SVToolsError, as_choice, as_float, as_int, as_names, as_seed, check_columns,
+                             check_memory, check_numeric_columns)
 
 __all__ = ["singular_vector_usage", "usage_difference", "reuse", "bootstrap", "compare_kinds", "null_ratio",
-           "compare_matched"]
+           "compare_matched", "MAX_PERMUTATIONS"]
+
+#: Most permutations :func:`usage_difference` draws (its p-values then resolve 1e-7; more only costs time).
+MAX_PERMUTATIONS = 10**7
 
 
 # ----------------------------------------------------------------------------- usage across prompts
+
+def _used_tuples_of(df: pd.DataFrame, what: str) -> pd.DataFrame:
+    """``df`` with its ``used`` column as tuples of ints. A frame read back from a CSV file holds
+    their text (``"(3, 0)"``, ``"(5,)"``, ``"()"``): parsed back; anything else is an error."""
+    col = df["used"]
+    if all(isinstance(u, (tuple, list)) for u in col):
+        return df
+    out = []
+    for u in col:
+        if isinstance(u, (tuple, list)):
+            out.append(tuple(int(k) for k in u))
+            continue
+        text = u.strip() if isinstance(u, str) else None
+        if text is None or not re.fullmatch(r"[(\[]\s*(\d+\s*(,\s*\d+\s*)*,?\s*)?[)\]]", text):
+            raise SVToolsError(f"{what}: column 'used' must hold tuples of singular indices (as head_sparsity "
+                               f"writes them, or their text read back from a CSV file), got {u!r}")
+        out.append(tuple(int(k) for k in re.findall(r"\d+", text)))
+    return df.assign(used=out)
+
 
 def singular_vector_usage(df: pd.DataFrame, *, by: Sequence[str] = ("layer", "head")) -> pd.DataFrame:
     """How often each singular index ``k`` is among the terms a head's pairs need.
@@ -40,8 +63,9 @@ def singular_vector_usage(df: pd.DataFrame, *, by: Sequence[str] = ("layer", "he
     prompts has a few ``k`` with ``frac_prompts`` near 1. With baselines, group by
     ``("layer", "head", "kind")`` to compare attended and non-attended pairs.
     """
-    by = list(by)
+    by = as_names(by, "by")
     check_columns(df, by + ["prompt", "used", "dominant_k"], "singular_vector_usage")
+    df = _used_tuples_of(df, "singular_vector_usage")
     if df.empty:
         return pd.DataFrame(columns=by + ["k", "n_pairs", "frac_pairs", "n_prompts", "frac_prompts",
                                           "frac_dominant", "mass"])
@@ -127,24 +151,23 @@ def usage_difference(
         df: a :func:`head_sparsity` frame with baseline rows (column ``kind``).
         by: grouping columns.
         kinds: the two kinds to compare (values of the ``kind`` column).
-        on, measure, n_perm, seed: as above.
+        on, measure, n_perm, seed: as above (``n_perm`` at most :data:`MAX_PERMUTATIONS`).
 
     Returns:
         One row per group with both kinds present: ``by...``, ``kind_a, kind_b, pairs_a,
         pairs_b, distance, null_mean, null_q95, p_value, top_k_a, top_k_b`` (the index with
         the largest usage mass in each kind), ``measure``, ``on``.
     """
-    by = list(by)
+    by = as_names(by, "by")
     check_columns(df, by + ["kind", "used", "dominant_k"], "usage_difference")
-    if on not in ("used", "dominant"):
-        raise SVToolsError(f"unknown on={on!r}: use 'used' or 'dominant'")
-    if measure not in ("js", "tv"):
-        raise SVToolsError(f"unknown measure {measure!r}: use 'js' or 'tv'")
-    if isinstance(n_perm, bool) or not isinstance(n_perm, int) or n_perm < 1:
-        raise SVToolsError(f"n_perm must be a positive int, got {n_perm!r}")
-    kinds = tuple(kinds)
+    on = as_choice(on, "on", ("used", "dominant"))
+    measure = as_choice(measure, "measure", ("js", "tv"))
+    n_perm = as_int(n_perm, "n_perm", min_value=1, max_value=MAX_PERMUTATIONS)
+    seed = as_seed(seed, "seed")
+    kinds = tuple(as_names(kinds, "kinds"))
     if len(kinds) != 2 or kinds[0] == kinds[1]:
         raise SVToolsError(f"kinds must name two different kinds, got {kinds!r}")
+    df = _used_tuples_of(df, "usage_difference")
     present = set(df["kind"].unique())
     missing = [k for k in kinds if k not in present]
     if missing:
@@ -194,7 +217,7 @@ def reuse(df: pd.DataFrame, *, by: Sequence[str] = ("layer", "head")) -> pd.Data
     same in the rotated basis (a fixed random basis per head; NaN when the frame was made without
     ``control="rotated"``); ``top_k``: that most common singular index; ``pairs``, ``prompts``.
     """
-    by = list(by)
+    by = as_names(by, "by")
     check_columns(df, by + ["prompt", "dominant_k", "dominant_k_rotated"], "reuse")
 
     def share(s: pd.Series) -> float:
@@ -241,15 +264,21 @@ def bootstrap(
     Returns a long DataFrame: ``by...``, ``column``, ``estimate`` (on the data), ``lo``, ``hi``
     (the ``(1 - ci)/2`` and ``(1 + ci)/2`` quantiles of the replicates), ``pairs``, ``prompts``.
     """
-    columns = [columns] if isinstance(columns, str) else list(columns)
-    by = list(by)
+    columns = as_names(columns, "columns", allow_empty=False)
+    by = as_names(by, "by")
+    if not isinstance(unit, str):
+        raise SVToolsError(f"unit must be a column name, got {unit!r}")
     check_columns(df, by + columns + [unit], "bootstrap")
-    if stat not in ("mean", "median"):
-        raise SVToolsError(f"unknown stat {stat!r}: use 'mean' or 'median'")
-    if not (0.0 < ci < 1.0):
-        raise SVToolsError(f"ci must be in (0, 1), got {ci}")
-    if isinstance(n_boot, bool) or not isinstance(n_boot, int) or n_boot < 1:
-        raise SVToolsError(f"n_boot must be a positive int, got {n_boot!r}")
+    check_numeric_columns(df, columns, "bootstrap")
+    stat = as_choice(stat, "stat", ("mean", "median"))
+    ci = as_float(ci, "ci", lo=0.0, hi=1.0, lo_open=True, hi_open=True)
+    n_boot = as_int(n_boot, "n_boot", min_value=1)
+    # the replicates' prompt counts and row weights of a group, (n_boot, prompts) and (n_boot, rows)
+    check_memory(8.0 * n_boot * (len(df) + df[unit].nunique()), "n_boot",
+                 what=f"{n_boot} bootstrap replicates of {len(df)} rows")
+    seed = as_seed(seed, "seed")
+    if df.empty:
+        raise SVToolsError("bootstrap: the frame has no rows (no pairs were selected?): nothing to summarise")
     rng = np.random.default_rng(seed)
     rows = []
     groups = df.groupby(by, sort=True) if by else [((), df)]
@@ -290,8 +319,18 @@ def compare_kinds(summary: pd.DataFrame, a: str = "attended", b: str = "non-atte
     N_recon, "lower" means sparser.
     """
     check_columns(summary, ["kind", "column", "estimate", "lo", "hi"], "compare_kinds")
-    column_b = column_b or column
-    by = [c for c in summary.columns if c not in ("kind", "column", "stat", "estimate", "lo", "hi", "pairs", "prompts")]
+    column_b = column if column_b is None else column_b
+    kinds, cols = sorted(map(str, summary["kind"].unique())), sorted(map(str, summary["column"].unique()))
+    for arg, value in (("a", a), ("b", b)):
+        if value not in kinds:
+            raise SVToolsError(f"compare_kinds: {arg}={value!r} is not a kind of this summary; it has {kinds}")
+    for arg, value in (("column", column), ("column_b", column_b)):
+        if value not in cols:
+            raise SVToolsError(f"compare_kinds: {arg}={value!r} is not a column of this summary; it has {cols}")
+    if (a, column) == (b, column_b):
+        raise SVToolsError(f"compare_kinds: a and b are the same ({a!r}, {column!r}); compare two kinds or two columns")
+    # groups: the summary's other columns, and the statistic (a mean is compared with a mean only)
+    by = [c for c in summary.columns if c not in ("kind", "column", "estimate", "lo", "hi", "pairs", "prompts")]
     A = summary[(summary["kind"] == a) & (summary["column"] == column)]
     B = summary[(summary["kind"] == b) & (summary["column"] == column_b)]
     keep = by + ["estimate", "lo", "hi"]

@@ -1,31 +1,44 @@
-"""Why singular vectors align with features: the least-squares theory of a bilinear head.
+r"""Why singular vectors align with features: the least-squares theory of a bilinear head.
 
-Set-up (Part 2 of the book). Feature frames are ``X`` (query side, ``D x N``) and ``Y`` (key
-side, ``D x N'``), features as columns. A query token is ``x = X f``, a key token ``y = Y g``, with
-activation vectors ``f`` and ``g`` drawn independently of each other. A head scores them with
-``l = x^T Omega y``; the target is ``l* = f^T T g`` for a template ``T`` (``N x N'``). The head that
-minimises the squared-error surrogate of the attention loss,
+Set-up (Part 2 of the book). Feature frames are :math:`X` (query side, :math:`D\times N`) and
+:math:`Y` (key side, :math:`D\times N'`), features as columns. A query token is :math:`x = X f`, a
+key token :math:`y = Y g`, with activation vectors :math:`f` and :math:`g` drawn independently of
+each other. A head scores them with :math:`\ell = x^\top \Omega y`; the target is
+:math:`\ell^* = f^\top T g` for a template :math:`T` (:math:`N\times N'`). The head that minimises
+the squared-error surrogate of the attention loss,
 
-    L(Omega) = E[(x^T Omega y - f^T T g)^2] = || F^(1/2) (X^T Omega Y - T) G^(1/2) ||_F^2,
+.. math::
 
-with ``F = E[f f^T]`` and ``G = E[g g^T]`` (second moments, *not* covariances), solves the normal
-equations ``(X F X^T) Omega (Y G Y^T) = X F T G Y^T``; the minimum-norm solution is
+    L(\Omega) &= \mathbb{E}\big[(x^\top \Omega y - f^\top T g)^2\big] \\
+              &= \big\|F^{1/2} (X^\top \Omega Y - T)\, G^{1/2}\big\|_F^2,
 
-    Omega* = (X F X^T)^+ X F T G Y^T (Y G Y^T)^+.                                  (closed form)
+with :math:`F = \mathbb{E}[f f^\top]` and :math:`G = \mathbb{E}[g g^\top]` (second moments, *not*
+covariances), solves the normal equations
+:math:`(X F X^\top)\, \Omega\, (Y G Y^\top) = X F T G Y^\top`; the minimum-norm solution (the
+closed form) is
 
-For a single pair ``T = e_i e_j^T`` the right-hand side has rank one, so ``Omega*`` has rank one
-with ``u ∝ (X F X^T)^+ X F e_i``: the least-squares *linear probe* for ``f_i`` from ``x``. With
-independent zero-mean activations of equal variance (``F ∝ I``) that is ``Sigma_X^+ x_i`` with
-``Sigma_X = X X^T``: the *whitened* feature direction (Theorem 1). Everything here is computed
-in float64 internally and returned in the input's dtype.
+.. math::
 
-Interference (deviation of a frame from isotropy). We use the trace-normalised definition::
+    \Omega^* = (X F X^\top)^+ X F\, T\, G Y^\top (Y G Y^\top)^+ .
 
-    E_X = Sigma_X / (tr Sigma_X / D) - I,       ||E_X||_2 = max_k |lambda_k / mean(lambda) - 1|,
+For a single pair :math:`T = e_i e_j^\top` the right-hand side has rank one, so :math:`\Omega^*`
+has rank one with :math:`u \propto (X F X^\top)^+ X F e_i`: the least-squares *linear probe* for
+:math:`f_i` from :math:`x`. With independent zero-mean activations of equal variance
+(:math:`F \propto I`) that is :math:`\Sigma_X^+ x_i` with :math:`\Sigma_X = X X^\top`: the
+*whitened* feature direction (Theorem 1). Everything here is computed in float64 internally and
+returned in the input's dtype.
 
-which is dimensionless, 0 exactly for tight (isotropic) frames, and at most ``D - 1``
-(all of the frame in one direction). ``normalise="none"`` gives ``Sigma_X - (tr Sigma_X / D) I``
-in units of squared feature norm instead (``N/D`` times larger for unit-norm features).
+Interference (deviation of a frame from isotropy). We use the trace-normalised definition
+
+.. math::
+
+    E_X = \frac{\Sigma_X}{\operatorname{tr}\Sigma_X / D} - I, \qquad
+    \|E_X\|_2 = \max_k \Big|\frac{\lambda_k}{\bar\lambda} - 1\Big|,
+
+which is dimensionless, 0 exactly for tight (isotropic) frames, and at most :math:`D - 1` (all of
+the frame in one direction). ``normalise="none"`` gives
+:math:`\Sigma_X - (\operatorname{tr}\Sigma_X / D)\, I` in units of squared feature norm instead
+(:math:`N/D` times larger for unit-norm features).
 
 Modules: :mod:`svtools.theory.closed_forms` (the theorems' closed forms: whitened directions,
 the optimal head, interference and the alignment bounds, un-whitening) and

@@ -34,16 +34,18 @@ TemplateLike = Union[Tensor, Sequence[Sequence[float]]]
 # ----------------------------------------------------------------------------- activations
 @dataclass(frozen=True)
 class Activation:
-    """Law of one feature's activation; features are independent and identically distributed.
+    r"""Law of one feature's activation; features are independent and identically distributed.
 
-    ``f_k = B_k A_k`` with ``B_k ~ Bernoulli(p_active)`` (on/off) and ``A_k ~ Uniform[low, high]``
-    (magnitude; ``low == high`` gives a constant magnitude). The toy model of Part 1 uses
-    ``p_active = 1 - S``, ``low = 0``, ``high = 1``. ``centered=True`` subtracts the mean,
-    ``f_k - E f_k``: the zero-mean assumption of Theorem 1, as a distribution one can sample.
+    :math:`f_k = B_k A_k` with :math:`B_k \sim \mathrm{Bernoulli}(p)` (on/off, :math:`p` =
+    ``p_active``) and :math:`A_k \sim \mathrm{Uniform}[a, b]` (magnitude, :math:`a` = ``low``,
+    :math:`b` = ``high``; :math:`a = b` gives a constant magnitude). The toy model of Part 1 uses
+    :math:`p = 1 - S`, :math:`a = 0`, :math:`b = 1`. ``centered=True`` subtracts the mean,
+    :math:`f_k - \mathbb{E} f_k`: the zero-mean assumption of Theorem 1, as a distribution one can
+    sample.
 
-    Moments (per feature): ``mean = p (low + high) / 2`` (0 when centered),
-    ``variance = p (low^2 + low high + high^2) / 3 - (p (low + high) / 2)^2``; the second-moment
-    matrix of ``f`` in ``R^N`` is ``E[f f^T] = variance I + mean^2 1 1^T``.
+    Moments (per feature): mean :math:`\mu = p (a + b) / 2` (0 when centered), variance
+    :math:`s^2 = p (a^2 + ab + b^2) / 3 - \mu^2`; the second-moment matrix of
+    :math:`f \in \mathbb{R}^N` is :math:`\mathbb{E}[f f^\top] = s^2 I + \mu^2 \mathbf{1}\mathbf{1}^\top`.
     """
 
     p_active: float = 0.1
@@ -81,7 +83,7 @@ class Activation:
         return m2 - self.raw_mean ** 2
 
     def second_moment(self, n: int, *, dtype=_F64, device=None) -> Float[Tensor, "n n"]:
-        """``E[f f^T] = variance I + mean^2 1 1^T`` for ``n`` features."""
+        r""":math:`\mathbb{E}[f f^\top] = s^2 I + \mu^2 \mathbf{1}\mathbf{1}^\top` for ``n`` features."""
         M = torch.full((n, n), self.mean ** 2, dtype=dtype, device=device)
         return M + self.variance * torch.eye(n, dtype=dtype, device=device)
 
@@ -187,12 +189,13 @@ def _unit_or_raise(v: Tensor, labels: list[int], side: str) -> Tensor:
 # ----------------------------------------------------------------------------- Theorem 1
 def whitened_directions(X: Float[Tensor, "D N"], Y: Float[Tensor, "D M"], i, j
                         ) -> tuple[Float[Tensor, "D *P"], Float[Tensor, "D *P"]]:
-    """Theorem 1's predicted singular vectors: ``u = Sigma_X^+ x_i``, ``v = Sigma_Y^+ y_j``, unit norm.
+    r"""Theorem 1's predicted singular vectors :math:`u = \Sigma_X^+ x_i`, :math:`v = \Sigma_Y^+ y_j`,
+    unit norm.
 
-    ``Sigma_X = X X^T`` (``^+``: pseudo-inverse, the inverse when the features span ``R^D``).
-    Identity: for independent zero-mean activations of equal variance and ``T = e_i e_j^T``,
-    ``optimal_omega(X, Y, T, ...) = s * u v^T`` with ``s > 0``, so ``(u, v)`` is its top singular
-    pair (up to a joint sign).
+    :math:`\Sigma_X = X X^\top` (:math:`^+`: pseudo-inverse, the inverse when the features span
+    :math:`\mathbb{R}^D`). Identity: for independent zero-mean activations of equal variance and
+    :math:`T = e_i e_j^\top`, ``optimal_omega(X, Y, T, ...)`` :math:`= s\,u v^\top` with
+    :math:`s > 0`, so :math:`(u, v)` is its top singular pair (up to a joint sign).
 
     Args:
         X, Y: query-side ``(D, N)`` and key-side ``(D', M)`` frames, features as columns.
@@ -214,17 +217,18 @@ def whitened_directions(X: Float[Tensor, "D N"], Y: Float[Tensor, "D M"], i, j
 def probe_directions(X: Float[Tensor, "D N"], Y: Float[Tensor, "D M"], i, j,
                      activation: ActivationLike, key_activation: Optional[ActivationLike] = None
                      ) -> tuple[Float[Tensor, "D *P"], Float[Tensor, "D *P"]]:
-    """The exact singular vectors of the single-pair optimum without the zero-mean assumption.
+    r"""The exact singular vectors of the single-pair optimum without the zero-mean assumption.
 
-    ``u ∝ (X F X^T)^+ X F e_i = E[x x^T]^+ E[x f_i]`` (the least-squares linear probe of feature
-    ``i`` from ``x``), ``v ∝ (Y G Y^T)^+ Y G e_j``; unit norm. With ``F ∝ I`` (zero-mean,
+    :math:`u \propto (X F X^\top)^+ X F e_i = \mathbb{E}[x x^\top]^+\, \mathbb{E}[x f_i]` (the
+    least-squares linear probe of feature :math:`i` from :math:`x`),
+    :math:`v \propto (Y G Y^\top)^+ Y G e_j`; unit norm. With :math:`F \propto I` (zero-mean,
     independent, equal variance) this is :func:`whitened_directions`. With an :class:`Activation`
-    of mean ``mu`` and variance ``s^2``, ``X F e_i = s^2 x_i + mu^2 X 1``: the mean adds a pull
-    towards the frame's summed direction ``X 1``.
+    of mean :math:`\mu` and variance :math:`s^2`, :math:`X F e_i = s^2 x_i + \mu^2 X\mathbf{1}`:
+    the mean adds a pull towards the frame's summed direction :math:`X\mathbf{1}`.
 
     Args:
         activation, key_activation: :class:`Activation` or explicit ``(N, N)`` second moments
-            ``E[f f^T]`` (key side defaults to the query side's law).
+            :math:`\mathbb{E}[f f^\top]` (key side defaults to the query side's law).
     """
     X, Y = as_frame(X, "X"), as_frame(Y, "Y")
     ii, si = _index(i, X.shape[1], "i")
@@ -239,11 +243,11 @@ def probe_directions(X: Float[Tensor, "D N"], Y: Float[Tensor, "D M"], i, j,
 
 
 def mean_drift(X: Float[Tensor, "D N"], activation: ActivationLike) -> Float[Tensor, "N"]:
-    """``|cos|`` between Theorem 1's whitened direction and the exact singular vector
+    r""":math:`|\cos|` between Theorem 1's whitened direction and the exact singular vector
     (:func:`probe_directions`) for every feature, under ``activation`` (query side).
 
     Identity: 1 for every feature when ``activation`` has zero mean, and also whenever the
-    features are linearly independent (``N <= D``): then ``X^T Sigma_X^+ X = I`` and the mean's
+    features are linearly independent (:math:`N \le D`): then :math:`X^\top \Sigma_X^+ X = I` and the mean's
     pull cancels.
     """
     X = as_frame(X, "X")
@@ -256,20 +260,24 @@ def mean_drift(X: Float[Tensor, "D N"], activation: ActivationLike) -> Float[Ten
 def optimal_omega(X: Float[Tensor, "D N"], Y: Float[Tensor, "D M"], template: TemplateLike,
                   activation: ActivationLike, key_activation: Optional[ActivationLike] = None
                   ) -> Float[Tensor, "*batch D D"]:
-    """Closed-form minimiser of ``E[(x^T Omega y - f^T T g)^2]`` from the data's moments.
+    r"""Closed-form minimiser of :math:`\mathbb{E}[(x^\top \Omega y - f^\top T g)^2]` from the data's
+    moments.
 
-    ``Omega* = (X F X^T)^+ X F T G Y^T (Y G Y^T)^+`` with ``F = E[f f^T]``, ``G = E[g g^T]``; the
-    minimum-norm minimiser (unique when both frames span ``R^D``). Assumes the query and key
-    activations ``f, g`` are independent of each other; the features within ``f`` may be
-    correlated if ``F`` is given as a matrix. Identity (normal equations):
-    ``X F X^T Omega* Y G Y^T = X F T G Y^T`` whenever the frames span ``R^D``.
+    :math:`\Omega^* = (X F X^\top)^+ X F T G Y^\top (Y G Y^\top)^+` with
+    :math:`F = \mathbb{E}[f f^\top]`, :math:`G = \mathbb{E}[g g^\top]`; the minimum-norm minimiser
+    (unique when both frames span :math:`\mathbb{R}^D`). Assumes the query and key activations
+    :math:`f, g` are independent of each other; the features within :math:`f` may be correlated if
+    :math:`F` is given as a matrix. Identity (normal equations):
+    :math:`X F X^\top\, \Omega^*\, Y G Y^\top = X F T G Y^\top` whenever the frames span
+    :math:`\mathbb{R}^D`.
 
     Args:
         X: ``(D, N)`` query-side frame; Y: ``(D', M)`` key-side frame.
         template: ``(..., N, M)`` tensor (a batch of templates gives a batch of optima) or a
             list of ``(i, j, strength)`` triples.
         activation: :class:`Activation` (i.i.d. features) or an explicit ``(N, N)`` matrix
-            ``E[f f^T]``; key_activation: the same for ``g`` (default: same law as ``f``).
+            :math:`\mathbb{E}[f f^\top]`; key_activation: the same for :math:`g` (default: same law
+            as :math:`f`).
 
     Returns:
         ``(..., D, D')`` in ``X``'s dtype.
@@ -289,11 +297,13 @@ def attention_loss(X: Float[Tensor, "D N"], Y: Float[Tensor, "D M"], omega: Floa
                    template: TemplateLike, activation: ActivationLike,
                    key_activation: Optional[ActivationLike] = None, *, relative: bool = False
                    ) -> Float[Tensor, ""]:
-    """Exact expected squared-error attention loss ``E[(x^T Omega y - f^T T g)^2]`` from moments.
+    r"""Exact expected squared-error attention loss :math:`\mathbb{E}[(x^\top \Omega y - f^\top T g)^2]`
+    from moments.
 
-    Identity: ``= tr(F R G R^T)`` with ``R = X^T Omega Y - T`` (``f, g`` independent). With
-    ``relative=True`` it is divided by ``E[(f^T T g)^2] = tr(F T G T^T)`` (so ``Omega = 0`` scores
-    1). Differentiable in ``X``, ``Y`` and ``omega`` (computed in their dtype).
+    Identity: :math:`= \operatorname{tr}(F R G R^\top)` with :math:`R = X^\top \Omega Y - T`
+    (:math:`f, g` independent). With ``relative=True`` it is divided by
+    :math:`\mathbb{E}[(f^\top T g)^2] = \operatorname{tr}(F T G T^\top)` (so :math:`\Omega = 0`
+    scores 1). Differentiable in ``X``, ``Y`` and ``omega`` (computed in their dtype).
     """
     if not all(isinstance(t, Tensor) for t in (X, Y, omega)):
         raise SVToolsError("X, Y and omega must be tensors")
@@ -321,12 +331,12 @@ def check_normalise(normalise: str) -> None:
 
 def interference_matrix(X: Float[Tensor, "D N"], normalise: Literal["trace", "none"] = "trace"
                         ) -> Float[Tensor, "D D"]:
-    """``E_X``, the frame's deviation from isotropy.
+    r""":math:`E_X`, the frame's deviation from isotropy.
 
-    ``"trace"`` (default): ``E_X = Sigma_X / c - I`` with ``Sigma_X = X X^T`` and
-    ``c = tr(Sigma_X) / D`` (mean eigenvalue; ``N / D`` for unit-norm features). Dimensionless,
-    ``0`` iff the frame is tight, ``||E_X||_2 <= D - 1``.
-    ``"none"``: ``E_X = Sigma_X - c I`` (units of squared feature norm).
+    ``"trace"`` (default): :math:`E_X = \Sigma_X / c - I` with :math:`\Sigma_X = X X^\top` and
+    :math:`c = \operatorname{tr}(\Sigma_X) / D` (the mean eigenvalue; :math:`N / D` for unit-norm
+    features). Dimensionless, 0 iff the frame is tight, :math:`\|E_X\|_2 \le D - 1`.
+    ``"none"``: :math:`E_X = \Sigma_X - c I` (units of squared feature norm).
     """
     check_normalise(normalise)
     X = as_frame(X, "X")
@@ -341,7 +351,7 @@ def interference_matrix(X: Float[Tensor, "D N"], normalise: Literal["trace", "no
 
 
 def interference(X: Float[Tensor, "D N"], normalise: Literal["trace", "none"] = "trace") -> float:
-    """``||E_X||_2`` (largest absolute eigenvalue of :func:`interference_matrix`)."""
+    r""":math:`\|E_X\|_2` (largest absolute eigenvalue of :func:`interference_matrix`)."""
     check_normalise(normalise)
     Xf = as_frame(X, "X").to(_F64)
     S = Xf @ Xf.T
@@ -355,13 +365,14 @@ def interference(X: Float[Tensor, "D N"], normalise: Literal["trace", "none"] = 
 
 def frame_spectrum(D: int, interference: float, spectrum: Literal["spike", "power"] = "spike"
                    ) -> Float[Tensor, "D"]:
-    """Eigenvalues (descending, mean 1) of ``Sigma_X / mean`` with ``max |lambda - 1| = interference``.
+    r"""Eigenvalues (descending, mean 1) of :math:`\Sigma_X / \bar\lambda` with
+    :math:`\max_k |\lambda_k - 1| = \epsilon` (:math:`\epsilon` = ``interference``).
 
-    ``"spike"``: one direction carries the excess, ``(1 + e, c, ..., c)`` with
-    ``c = (D - 1 - e) / (D - 1)`` (a common direction shared by all features, like the dominant
-    direction of GPT-2's residual stream). ``"power"``: ``lambda_k ∝ k^(-alpha)``, ``alpha`` found
-    by bisection (a power-law spectrum, as in real activation covariances). Needs
-    ``0 <= interference < D - 1``.
+    ``"spike"``: one direction carries the excess, :math:`(1 + \epsilon, c, \dots, c)` with
+    :math:`c = (D - 1 - \epsilon) / (D - 1)` (a common direction shared by all features, like the
+    dominant direction of GPT-2's residual stream). ``"power"``:
+    :math:`\lambda_k \propto k^{-\alpha}`, :math:`\alpha` found by bisection (a power-law spectrum,
+    as in real activation covariances). Needs :math:`0 \le \epsilon < D - 1`.
     """
     D, e = int(D), float(interference)
     if D < 2:
@@ -396,7 +407,7 @@ def frame_spectrum(D: int, interference: float, spectrum: Literal["spike", "powe
 
 
 def whitening_alignment(X: Float[Tensor, "D N"]) -> Float[Tensor, "N"]:
-    """``|cos(x_i, Sigma_X^+ x_i)|`` for every feature: how well the raw feature matches the
+    r""":math:`|\cos(x_i, \Sigma_X^+ x_i)|` for every feature: how well the raw feature matches the
     singular vector Theorem 1 predicts (1 for all features iff the frame is tight)."""
     X = as_frame(X, "X")
     X64 = X.to(_F64)
@@ -405,14 +416,14 @@ def whitening_alignment(X: Float[Tensor, "D N"]) -> Float[Tensor, "N"]:
 
 
 def measure_frame(X: Float[Tensor, "D N"]) -> dict:
-    """Where a given frame (e.g. a sparse autoencoder's dictionary ``W_dec``) sits on the
+    r"""Where a given frame (e.g. a sparse autoencoder's dictionary ``W_dec``) sits on the
     alignment-vs-interference sweep: ``D``, ``N``, ``interference`` (trace-normalised
-    ``||E_X||_2``), ``interference_abs`` (unnormalised), ``cos_raw`` (mean over features of
-    ``|cos(x_i, Sigma_X^+ x_i)|``, the alignment Theorem 1 predicts for a head reading feature
-    ``i``), ``cos_raw_min``, ``bound_mean`` (:func:`mean_alignment_bound`; meaningful for
-    unit-norm columns) and ``lambda_min``, ``lambda_max`` (the extreme eigenvalues of
-    ``Sigma_X`` over their mean: ``||E_X||_2`` sees only the larger deviation, whitening sees
-    both). Columns are used as given (normalise them first if needed)."""
+    :math:`\|E_X\|_2`), ``interference_abs`` (unnormalised), ``cos_raw`` (mean over features of
+    :math:`|\cos(x_i, \Sigma_X^+ x_i)|`, the alignment Theorem 1 predicts for a head reading
+    feature :math:`i`), ``cos_raw_min``, ``bound_mean`` (:func:`mean_alignment_bound`; meaningful
+    for unit-norm columns) and ``lambda_min``, ``lambda_max`` (the extreme eigenvalues of
+    :math:`\Sigma_X` over their mean: :math:`\|E_X\|_2` sees only the larger deviation, whitening
+    sees both). Columns are used as given (normalise them first if needed)."""
     X = as_frame(X, "X")
     cos = whitening_alignment(X)
     X64 = X.to(_F64)
@@ -424,9 +435,9 @@ def measure_frame(X: Float[Tensor, "D N"]) -> dict:
 
 
 def alignment_floor(interference: float | Tensor) -> Tensor:
-    """Theorem 2, worst case: ``cos(x, Sigma_X^{-1} x) >= sqrt(1 - e^2)`` for every ``x`` when
-    ``||E_X||_2 = e < 1`` (for *any* normalisation ``E_X = Sigma_X / c - I``); 0 (no guarantee)
-    for ``e >= 1``."""
+    r"""Theorem 2, worst case: :math:`\cos(x, \Sigma_X^{-1} x) \ge \sqrt{1 - \epsilon^2}` for every
+    :math:`x` when :math:`\|E_X\|_2 = \epsilon < 1` (for *any* normalisation
+    :math:`E_X = \Sigma_X / c - I`); 0 (no guarantee) for :math:`\epsilon \ge 1`."""
     e = as_tensor(interference if isinstance(interference, Tensor) else
                   torch.as_tensor(interference, dtype=_F64), "interference").to(_F64)
     check_finite(e, "interference")
@@ -437,11 +448,13 @@ def alignment_floor(interference: float | Tensor) -> Tensor:
 
 def mean_alignment_bound(X: Optional[Float[Tensor, "D N"]] = None, *,
                          eigenvalues: Optional[Float[Tensor, "... D"]] = None) -> Tensor:
-    """Theorem 2, on average: ``mean_i cos(x_i, Sigma_X^{-1} x_i) >= HM(lambda) / AM(lambda)``.
+    r"""Theorem 2, on average: the mean over features of :math:`\cos(x_i, \Sigma_X^{-1} x_i)` is at
+    least :math:`\operatorname{HM}(\lambda) / \operatorname{AM}(\lambda)`.
 
-    For unit-norm features spanning ``R^D``, with ``lambda`` the eigenvalues of ``Sigma_X``:
-    ``mean_i cos_i >= mean_i cos_i^2 >= D^2 / (tr Sigma_X * tr Sigma_X^{-1})``, the ratio of the
-    harmonic to the arithmetic mean of the spectrum (equality when all cosines are equal). Pass a
+    For unit-norm features spanning :math:`\mathbb{R}^D`, with :math:`\lambda` the eigenvalues of
+    :math:`\Sigma_X`: :math:`\tfrac1N\sum_i \cos_i \ge \tfrac1N\sum_i \cos_i^2 \ge
+    D^2 / (\operatorname{tr}\Sigma_X \operatorname{tr}\Sigma_X^{-1})`, the ratio of the harmonic to
+    the arithmetic mean of the spectrum (equality when all cosines are equal). Pass a
     frame ``X`` or its ``eigenvalues`` (any scale, batched over leading dims).
     """
     if (X is None) == (eigenvalues is None):
@@ -460,12 +473,14 @@ def mean_alignment_bound(X: Optional[Float[Tensor, "D N"]] = None, *,
 # ----------------------------------------------------------------------------- corollary
 def unwhiten(qk: QKSVD, Sigma_X: Float[Tensor, "D D"], Sigma_Y: Optional[Float[Tensor, "Dk Dk"]] = None
              ) -> tuple[Float[Tensor, "... D r"], Float[Tensor, "... Dk r"]]:
-    """Feature estimates from singular vectors: ``Sigma_X u_k`` and ``Sigma_Y v_k``, unit norm.
+    r"""Feature estimates from singular vectors: :math:`\Sigma_X u_k` and :math:`\Sigma_Y v_k`, unit
+    norm.
 
-    Inverts Theorem 1: if ``u ∝ Sigma_X^{-1} x_i`` then ``Sigma_X u ∝ x_i`` exactly. ``Sigma_X``
-    may be the frame's ``X X^T`` or, without knowing the features, the data's second moment
-    ``E[x x^T] = X F X^T`` (equal up to scale for independent zero-mean activations of equal
-    variance; with a mean ``mu`` it returns ``∝ E[x f_i] = s^2 x_i + mu^2 X 1``).
+    Inverts Theorem 1: if :math:`u \propto \Sigma_X^{-1} x_i` then :math:`\Sigma_X u \propto x_i`
+    exactly. :math:`\Sigma_X` may be the frame's :math:`X X^\top` or, without knowing the features,
+    the data's second moment :math:`\mathbb{E}[x x^\top] = X F X^\top` (equal up to scale for
+    independent zero-mean activations of equal variance; with a mean :math:`\mu` it returns a
+    vector :math:`\propto \mathbb{E}[x f_i] = s^2 x_i + \mu^2 X\mathbf{1}`).
 
     Args:
         qk: a :class:`~svtools.qk.QKSVD` without bias coordinate, ``U (..., D, r)``, ``V (..., D', r)``.

@@ -20,7 +20,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from svtools._checks import SVToolsError, as_float, as_int, as_tensor, check_finite
+from svtools._checks import SVToolsError, as_float, as_int, as_seed, as_tensor, check_finite
 from svtools.qk import QKSVD, qk_svd
 from svtools.runtime import default_device, tqdm
 from svtools.theory.closed_forms import (Activation, ActivationLike, TemplateLike, alignment_floor, as_frame,
@@ -45,7 +45,8 @@ def sample_pairs(X: Float[Tensor, "D N"], Y: Float[Tensor, "D M"], template: Tem
                  activation: Activation, n: int, generator: torch.Generator,
                  key_activation: Optional[Activation] = None
                  ) -> tuple[Float[Tensor, "n D"], Float[Tensor, "n D"], Float[Tensor, "n"]]:
-    """``n`` independent (query, key) token pairs ``x = X f``, ``y = Y g`` and targets ``f^T T g``.
+    r"""``n`` independent (query, key) token pairs :math:`x = X f`, :math:`y = Y g` and targets
+    :math:`f^\top T g`.
 
     ``generator`` fixes the draw (its device is used). Returns ``(x, y, target)`` in ``X``'s dtype.
     """
@@ -64,10 +65,12 @@ def sample_pairs(X: Float[Tensor, "D N"], Y: Float[Tensor, "D M"], template: Tem
 
 def least_squares_omega(x: Float[Tensor, "n D"], y: Float[Tensor, "n Dk"], target: Float[Tensor, "n"],
                         *, ridge: float = 0.0, chunk: int = 65536) -> Float[Tensor, "D Dk"]:
-    """Sample least squares: ``argmin_Omega sum_n (x_n^T Omega y_n - t_n)^2 + ridge |Omega|_F^2``.
+    r"""Sample least squares: :math:`\arg\min_\Omega \sum_n (x_n^\top \Omega y_n - t_n)^2 +
+    \rho\,\|\Omega\|_F^2` (:math:`\rho` = ``ridge``).
 
-    Solves the normal equations in ``vec(Omega)`` (``D * Dk`` unknowns, at most 4096):
-    ``sum_n z_n z_n^T vec(Omega) = sum_n t_n z_n`` with ``z_n = vec(x_n y_n^T)``; minimum-norm
+    Solves the normal equations in :math:`\operatorname{vec}(\Omega)` (:math:`D D'` unknowns, at
+    most 4096): :math:`\sum_n z_n z_n^\top \operatorname{vec}(\Omega) = \sum_n t_n z_n` with
+    :math:`z_n = \operatorname{vec}(x_n y_n^\top)`; minimum-norm
     solution when the system is singular. Converges to :func:`optimal_omega` as ``n`` grows when
     the samples come from :func:`sample_pairs`.
     """
@@ -95,13 +98,13 @@ def least_squares_omega(x: Float[Tensor, "n D"], y: Float[Tensor, "n Dk"], targe
 
 
 def toy_optimal_omega(run, n_samples: int = 200_000, *, seed: int = 0) -> Float[Tensor, "D D"]:
-    """Least-squares optimum of a toy model's attention loss *at its learned frame*, from samples.
+    r"""Least-squares optimum of a toy model's attention loss *at its learned frame*, from samples.
 
     Draws ``n_samples`` examples of the toy's own data distribution
     (:func:`svtools.toy.sample_batch`, planted pairs and ``target_scale`` included), forms the
-    ``n_samples * m`` (query, key) pairs ``x = W f_q``, ``y = W f_k`` and solves
+    ``n_samples * m`` (query, key) pairs :math:`x = W f_q`, :math:`y = W f_k` and solves
     :func:`least_squares_omega`. For a toy trained with ``attn_loss="mse"`` this is what its
-    ``Omega`` should converge to at fixed ``W`` (``Omega`` enters only the attention loss); for
+    :math:`\Omega` should converge to at fixed :math:`W` (:math:`\Omega` enters only the attention loss); for
     ``"ce"`` it shows what the squared-error surrogate would have chosen.
     """
 
@@ -127,7 +130,7 @@ def toy_optimal_omega(run, n_samples: int = 200_000, *, seed: int = 0) -> Float[
 
 @dataclass
 class BilinearRun:
-    """A bilinear head ``Omega = W_Q W_K^T`` trained alone on a fixed frame.
+    r"""A bilinear head :math:`\Omega = W_Q W_K^\top` trained alone on a fixed frame.
 
     Attributes:
         W_Q, W_K: ``(D, H)`` factors (TransformerLens layout); omega: ``(D, D')``.
@@ -148,29 +151,33 @@ def train_bilinear(X: Float[Tensor, "D N"], Y: Float[Tensor, "Dk M"], template: 
                    loss: Literal["mse", "ce"] = "mse", d_head: Optional[int] = None, n_keys: int = 8,
                    target_scale: float = 1.0, steps: int = 2000, batch: int = 4096, lr: float = 1e-2,
                    seed: int = 0, device=None, progress: bool = True) -> BilinearRun:
-    """Train a head ``Omega = W_Q W_K^T`` with Adam on a FIXED frame (the frame is not learned).
+    r"""Train a head :math:`\Omega = W_Q W_K^\top` with Adam on a FIXED frame (the frame is not
+    learned).
 
     This differs from :func:`svtools.toy.train`, which learns the frame and the head together:
-    here only ``Omega`` moves, which is the object Theorem 1 speaks about.
+    here only :math:`\Omega` moves, which is the object Theorem 1 speaks about.
 
-    Losses (``beta = target_scale``, targets ``l* = beta f^T T g``):
-        ``"mse"``: ``mean (x^T Omega y - l*)^2`` over independent (query, key) pairs: its
-            minimiser is :func:`optimal_omega` (times ``beta``), so training should approach it.
-        ``"ce"``: each query meets ``n_keys`` keys; KL divergence from ``softmax(l*)`` to
-            ``softmax(x^T Omega y_j)`` (the paper's cross-entropy loss, shift-invariant per query).
+    Losses (:math:`\beta` = ``target_scale``, targets :math:`\ell^* = \beta f^\top T g`):
+        ``"mse"``: the mean of :math:`(x^\top \Omega y - \ell^*)^2` over independent (query, key)
+            pairs: its minimiser is :func:`optimal_omega` (times :math:`\beta`), so training should
+            approach it.
+        ``"ce"``: each query meets ``n_keys`` keys; KL divergence from
+            :math:`\operatorname{softmax}(\ell^*)` to :math:`\operatorname{softmax}_j(x^\top \Omega
+            y_j)` (the paper's cross-entropy loss, shift-invariant per query).
 
-    Adam with a cosine learning-rate decay to ``lr/10``; initial factors have std
-    ``0.1 / sqrt(D)``; ``d_head`` defaults to ``min(D, D')``. Deterministic given ``seed``.
+    Adam with a cosine learning-rate decay to ``lr/10``; initial factors have standard deviation
+    :math:`0.1/\sqrt{D}`; ``d_head`` defaults to :math:`\min(D, D')`. Deterministic given ``seed``.
     """
     X, Y = as_frame(X, "X"), as_frame(Y, "Y")
     key_activation = activation if key_activation is None else key_activation
     if loss not in ("mse", "ce"):
         raise SVToolsError(f"loss must be 'mse' or 'ce', got {loss!r}")
+    n_keys = as_int(n_keys, "n_keys", min_value=1)
     if loss == "ce" and n_keys < 2:
         raise SVToolsError("loss='ce' needs n_keys >= 2 (softmax over one key is constant)")
-    for nm, v in (("steps", steps), ("batch", batch)):
-        if int(v) < 1:
-            raise SVToolsError(f"{nm} must be a positive integer, got {v}")
+    steps, batch = as_int(steps, "steps", min_value=1), as_int(batch, "batch", min_value=1)
+    lr, seed = as_float(lr, "lr", lo=0.0, lo_open=True), as_seed(seed, "seed")
+    target_scale = as_float(target_scale, "target_scale")
     dev = default_device(device)
     dt = X.dtype
     D, Dk = X.shape[0], Y.shape[0]
@@ -197,6 +204,9 @@ def train_bilinear(X: Float[Tensor, "D N"], Y: Float[Tensor, "Dk M"], template: 
             logits = torch.einsum("bh,bmh->bm", f @ Xd.T @ W_Q, k @ Yd.T @ W_K)
             p_star = torch.einsum("bn,nk,bmk->bm", f, T, k).softmax(-1)
             l = (p_star * (p_star.clamp_min(1e-30).log() - logits.log_softmax(-1))).sum(-1).mean()
+        if not math.isfinite(float(l.detach())):  # the finite-loss guard: never return NaN weights
+            raise SVToolsError(f"training diverged at step {s} (loss {float(l.detach())}); lower lr (now {lr}) or "
+                               "target_scale")
         opt.zero_grad(set_to_none=True)
         l.backward()
         opt.step()
@@ -253,11 +263,13 @@ def head_report(heads: dict, X: Float[Tensor, "D N"], Y: Float[Tensor, "D M"], i
 def frame(N: int, D: int, interference: float, seed: int = 0, *,
           spectrum: Literal["spike", "power"] = "spike", normalise: Literal["trace", "none"] = "trace",
           dtype: torch.dtype = torch.float32, max_iter: int = 1000, tol: float = 1e-9) -> Float[Tensor, "D N"]:
-    """A random frame of ``N`` unit-norm features in ``R^D`` with ``||E_X||_2 = interference``.
+    r"""A random frame of :math:`N` unit-norm features in :math:`\mathbb{R}^D` with
+    :math:`\|E_X\|_2` = ``interference``.
 
-    ``Sigma_X = X X^T`` gets the eigenvalues ``(N/D) * frame_spectrum(D, interference, spectrum)``
-    in a random orthonormal basis; columns have unit norm. Built by alternating projections
-    (normalise the columns, then map ``X -> S^(1/2) (X X^T)^(-1/2) X``) until the column norms are
+    :math:`\Sigma_X = X X^\top` gets the eigenvalues :math:`N/D` times
+    ``frame_spectrum(D, interference, spectrum)`` in a random orthonormal basis; columns have unit
+    norm. Built by alternating projections (normalise the columns, then map
+    :math:`X \mapsto S^{1/2} (X X^\top)^{-1/2} X`) until the column norms are
     within ``tol`` of 1; a unit-norm frame with any such spectrum exists when ``N >= D``
     (Schur-Horn). With ``normalise="none"`` ``interference`` is in absolute units (it is divided
     by ``N / D``). Deterministic given ``seed``. Identity:
@@ -286,17 +298,18 @@ def frame(N: int, D: int, interference: float, seed: int = 0, *,
 # ----------------------------------------------------------------------------- Theorem 3
 @dataclass
 class FrameRun:
-    """A frame trained with the head ``Omega`` held fixed (Theorem 3's experiment).
+    r"""A frame trained with the head :math:`\Omega` held fixed (Theorem 3's experiment).
 
     Attributes (``L`` logged steps):
 
     - features: ``(D, N)`` final frame; bias: ``(N,)``; omega: the fixed ``(D, D)`` head.
     - step: ``(L,)``; loss_recon, loss_attn: ``(L,)`` mean reconstruction loss and relative
       attention loss (:func:`attention_loss` with ``relative=True``) since the last entry.
-    - overlap_u, overlap_v: ``(L,)`` largest ``|cos(w_k, u)|``, ``|cos(w_k, v)|`` over the
-      non-target features ``k``, with ``(u, v)`` the top singular pair of ``omega``.
-    - cos_target: ``(L, 2)`` ``|cos(w_i, u)|`` and ``|cos(w_j, v)|`` for the target pair.
-    - interference_target: ``(L, 2)`` largest ``|cos(w_i, w_k)|`` over ``k != i`` (and for ``j``).
+    - overlap_u, overlap_v: ``(L,)`` largest :math:`|\cos(w_k, u)|`, :math:`|\cos(w_k, v)|` over
+      the non-target features :math:`k`, with :math:`(u, v)` the top singular pair of ``omega``.
+    - cos_target: ``(L, 2)`` :math:`|\cos(w_i, u)|` and :math:`|\cos(w_j, v)|` for the target pair.
+    - interference_target: ``(L, 2)`` largest :math:`|\cos(w_i, w_k)|` over :math:`k \ne i` (and
+      for :math:`j`).
     """
 
     features: Float[Tensor, "D N"]
@@ -315,14 +328,17 @@ def train_frame(init: Float[Tensor, "D N"], omega: Float[Tensor, "D D"], pair: t
                 activation: Activation, *, lam: float = 1.0, recon: Literal["relu", "linear", "none"] = "relu",
                 steps: int = 1500, batch: int = 1024, lr: float = 1e-2, seed: int = 0, device=None,
                 progress: bool = True) -> FrameRun:
-    """Train the frame ``W`` (query and key side shared, as in the toy) with ``Omega`` FIXED.
+    r"""Train the frame :math:`W` (query and key side shared, as in the toy) with :math:`\Omega`
+    FIXED.
 
-    Loss: ``L_recon + lam * L_attn`` where ``L_attn`` is the exact relative squared-error
-    attention loss of the fixed head for the single pair ``T = e_i e_j^T`` (from moments, no
-    sampling noise), and ``L_recon`` is sampled:
+    Loss: :math:`L_\text{recon} + \lambda L_\text{attn}` (:math:`\lambda` = ``lam``) where
+    :math:`L_\text{attn}` is the exact relative squared-error attention loss of the fixed head for
+    the single pair :math:`T = e_i e_j^\top` (from moments, no sampling noise), and
+    :math:`L_\text{recon}` is sampled:
 
-    - ``"relu"``: the toy's tied autoencoder ``|f - ReLU(W^T W f + b)|^2`` (bias learned);
-    - ``"linear"``: ``|f - W^T W f|^2`` (the surrogate Theorem 3 (c) is proved for);
+    - ``"relu"``: the toy's tied autoencoder :math:`\|f - \mathrm{ReLU}(W^\top W f + b)\|^2`
+      (bias learned);
+    - ``"linear"``: :math:`\|f - W^\top W f\|^2` (the surrogate Theorem 3 (c) is proved for);
     - ``"none"``: attention only (isolates Theorem 3 (b)).
 
     Adam, constant ``lr``; deterministic given ``seed``; ``init`` is copied, not modified.
@@ -335,7 +351,11 @@ def train_frame(init: Float[Tensor, "D N"], omega: Float[Tensor, "D D"], pair: t
     check_finite(om, "omega")
     if recon not in ("relu", "linear", "none"):
         raise SVToolsError(f"recon must be 'relu', 'linear' or 'none', got {recon!r}")
-    i, j = (int(p) for p in pair)
+    if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+        raise SVToolsError(f"pair must be two feature indices (i, j), got {pair!r}")
+    i, j = (as_int(p, "pair") for p in pair)
+    steps, batch = as_int(steps, "steps", min_value=1), as_int(batch, "batch", min_value=1)
+    lr, seed, lam = as_float(lr, "lr", lo=0.0, lo_open=True), as_seed(seed, "seed"), as_float(lam, "lam")
     if not (0 <= i < N and 0 <= j < N):
         raise SVToolsError(f"pair {pair} out of range for {N} features")
     dev = default_device(device)
@@ -365,6 +385,8 @@ def train_frame(init: Float[Tensor, "D N"], omega: Float[Tensor, "D D"], pair: t
             l_r = torch.zeros((), dtype=dt, device=dev)
         l_a = attention_loss(W, W, om, T, activation, relative=True)
         loss = l_r + lam * l_a
+        if not math.isfinite(float(loss.detach())):  # the finite-loss guard: never return NaN weights
+            raise SVToolsError(f"training diverged at step {s} (loss {float(loss.detach())}); lower lr (now {lr})")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -392,18 +414,20 @@ def train_frame(init: Float[Tensor, "D N"], omega: Float[Tensor, "D D"], pair: t
 def alignment_sweep(levels: Iterable[float], *, N: int, D: int, spectrum: Literal["spike", "power"] = "spike",
                     seeds: Iterable[int] = (0,), n_check: int = 8, n_cov: int = 20_000,
                     tol: float = 1e-9, progress: bool = True) -> "pd.DataFrame":
-    """Alignment of raw and un-whitened singular vectors against the frame's interference.
+    r"""Alignment of raw and un-whitened singular vectors against the frame's interference.
 
     For each level ``e`` and seed: build :func:`frame` ``(N, D, e)``, then
-      * ``cos_raw``: mean over all features of ``|cos(x_i, u_i)|`` where ``u_i`` is the top left
-        singular vector of the single-pair optimum (by Theorem 1 ``u_i ∝ Sigma_X^{-1} x_i``);
-      * ``svd_check``: largest ``1 - |cos|`` between that prediction and the singular vector
+      * ``cos_raw``: mean over all features of :math:`|\cos(x_i, u_i)|` where :math:`u_i` is the
+        top left singular vector of the single-pair optimum (by Theorem 1
+        :math:`u_i \propto \Sigma_X^{-1} x_i`);
+      * ``svd_check``: largest :math:`1 - |\cos|` between that prediction and the singular vector
         actually computed by SVD of :func:`optimal_omega` for ``n_check`` pairs (zero-mean
         activations): should be at round-off level;
       * ``bound_mean`` (:func:`mean_alignment_bound`) and ``bound_worst`` (:func:`alignment_floor`);
-      * ``cos_unwhitened_est``: mean ``|cos|`` after :func:`unwhiten` with the second moment
-        ``E[x x^T]`` estimated from ``n_cov`` samples of ``x = X f`` (zero-mean activations), on
-        the ``n_check`` computed singular vectors. With the exact ``Sigma_X`` un-whitening
+      * ``cos_unwhitened_est``: mean :math:`|\cos|` after :func:`unwhiten` with the second moment
+        :math:`\mathbb{E}[x x^\top]` estimated from ``n_cov`` samples of :math:`x = X f` (zero-mean
+        activations), on the ``n_check`` computed singular vectors. With the exact
+        :math:`\Sigma_X` un-whitening
         is exact (Theorem 1), so only the estimate is interesting.
 
     ``n_check=0`` skips the SVD check and the un-whitening (frame quantities only: much faster,
@@ -411,7 +435,7 @@ def alignment_sweep(levels: Iterable[float], *, N: int, D: int, spectrum: Litera
 
     Returns a pandas DataFrame with one row per (level, seed), columns ``level, seed, D, N,
     spectrum, interference`` (measured, trace-normalised), ``interference_abs`` (the same frame's
-    ``||E_X||_2`` without normalisation, :func:`interference` with ``normalise="none"``) and the
+    :math:`\|E_X\|_2` without normalisation, :func:`interference` with ``normalise="none"``) and the
     quantities above.
     """
     import pandas as pd

@@ -38,12 +38,12 @@ def linear_template(n_pairs: int, offset: int, *, lo: Optional[float] = None) ->
 
 @dataclass
 class ToyConfig:
-    """Every knob of the toy model (defaults: the single-pair experiment at fast scale).
+    r"""Every knob of the toy model (defaults: the single-pair experiment at fast scale).
 
     Attributes:
         n_features: ``N``, number of features.
         d_model: ``D``, residual dimension.
-        d_head: ``H``, head dimension (rank bound of ``Omega``).
+        d_head: ``H``, head dimension (rank bound of :math:`\Omega`).
         n_keys: ``m``, key tokens per query.
         p_active: probability that a feature is active (the paper's ``1 - S``).
         p_plant: probability that an example gets one template pair planted (see module doc).
@@ -58,7 +58,7 @@ class ToyConfig:
         steps, batch, lr: training length, examples per step, Adam learning rate.
         optimizer: ``"adam"`` or ``"adamw"``; ``betas``, ``weight_decay``.
         lr_schedule: ``"constant"`` or ``"cosine"`` (decay to ``lr / 10``), after ``warmup`` steps.
-        init_scale: std of the head's initial weights is ``init_scale / sqrt(D)``.
+        init_scale: std of the head's initial weights is ``init_scale`` :math:`/\sqrt{D}`.
         log_every: steps between history entries (``0``: about 50 entries).
         seed: seeds initialisation and data.
         device: ``None`` picks cuda when available; ``dtype``: ``"float32"`` or ``"float64"``.
@@ -206,9 +206,10 @@ class ToyBatch:
 
 def sample_batch(cfg: ToyConfig, batch: int, generator: torch.Generator, *,
                  T: Optional[Tensor] = None, device=None, dtype=torch.float32) -> ToyBatch:
-    """Draw ``batch`` examples of the toy's data distribution (see module doc).
+    r"""Draw ``batch`` examples of the toy's data distribution (see module doc).
 
-    ``target = target_scale * f_query^T T f_key_j`` for each key ``j``. ``generator`` must live on
+    ``target`` :math:`= \beta\, f_\text{query}^\top T f_{\text{key},j}` for each key :math:`j`
+    (:math:`\beta` = ``target_scale``). ``generator`` must live on
     ``device``; the draw is deterministic given its state.
     """
     device = torch.device(device) if device is not None else generator.device
@@ -275,14 +276,15 @@ class ToyHistory:
 
 @dataclass
 class ToyRun:
-    """A trained toy model.
+    r"""A trained toy model.
 
     Attributes:
         cfg: the :class:`ToyConfig` that produced it.
         features: ``W``, ``(D, N)``, features as columns.
         bias: ``b``, ``(N,)``.
         W_Q, W_K: ``(H, D)`` head weights (``None`` for a run without head).
-        omega: ``Omega = W_Q^T W_K``, ``(D, D)`` (the Delta = 0 core for a rotary head).
+        omega: :math:`\Omega = W_Q^\top W_K`, ``(D, D)`` (the :math:`\Delta = 0` core for a rotary
+            head).
         qk: ``qk_svd(W_Q^T, W_K^T)``: ``U`` (query side), ``V`` (key side), ``(D, r)``.
         qk_rotary: rotary runs only, one decomposition per offset ``1..m`` (``qk_rotary.at_offset(d)``).
         history: :class:`ToyHistory`.
@@ -313,10 +315,10 @@ class ToyRun:
         return self.qk_rotary
 
     def offset_alignment(self) -> tuple[list[int], Tensor, Tensor, Tensor]:
-        """Rotary runs: alignment of the template with the decomposition at every trained offset.
+        r"""Rotary runs: alignment of the template with the decomposition at every trained offset.
 
         Returns ``(offsets, cos_q (n_offsets, P), cos_k (n_offsets, P), sigma_ratio (n_offsets,))``
-        with ``sigma_ratio = sigma_(P+1) / sigma_1`` at each offset."""
+        with ``sigma_ratio`` :math:`= \sigma_{P+1} / \sigma_1` at each offset."""
         qk = self._rot()
         offs = [int(o) for o in qk.rotary.offsets.tolist()]
         P = len(self.cfg.template)

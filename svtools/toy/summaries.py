@@ -44,9 +44,10 @@ def settle_steps(history: ToyHistory, *, frac: float = 0.1) -> dict[str, int]:
 
 
 def summarize(run: ToyRun, threshold: float = 0.9) -> dict[str, float]:
-    """Scalar outcome of a run: worst and median pair cosine (``min(|cos q|, |cos k|)``), number of
-    pairs aligned at ``threshold``, ``sigma_(P+1) / sigma_1`` (``P`` = number of pairs; the
-    single pair's ``sigma_2 / sigma_1``), Spearman correlation of assigned sigma with strength
+    r"""Scalar outcome of a run: worst and median pair cosine
+    (:math:`\min(|\cos_q|, |\cos_k|)`), number of pairs aligned at ``threshold``,
+    :math:`\sigma_{P+1} / \sigma_1` (:math:`P` = number of pairs; the single pair's
+    :math:`\sigma_2 / \sigma_1`), Spearman correlation of assigned :math:`\sigma` with strength
     (NaN for fewer than 3 pairs), the final losses and the attended features' largest interference."""
     from scipy.stats import spearmanr
     al = run.alignment()

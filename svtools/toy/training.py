@@ -57,13 +57,14 @@ def _data_seed(seeds: Sequence[int]) -> int:
 
 
 def train(cfg: ToyConfig, *, progress: bool = True) -> ToyRun:
-    """Train the toy model of :class:`ToyConfig` and return the weights with their SVD.
+    r"""Train the toy model of :class:`ToyConfig` and return the weights with their SVD.
 
     Deterministic for a given ``cfg`` and device: initial weights are drawn on the CPU from
     ``cfg.seed``, data from a generator on the training device seeded with ``cfg.seed + 1``.
     Shows a tqdm progress bar unless ``progress=False``.
 
-    Identity kept by the result: ``run.qk.U diag(run.qk.S) run.qk.V^T == run.omega == W_Q^T W_K``.
+    Identity kept by the result: :math:`U \operatorname{diag}(S) V^\top` (``run.qk``) ``== run.omega``
+    :math:`= W_Q^\top W_K`.
     """
     if not isinstance(cfg, ToyConfig):
         raise SVToolsError(f"cfg must be a ToyConfig (e.g. ToyConfig(steps=3) or ToyConfig.single_pair()), "
