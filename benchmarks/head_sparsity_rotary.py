@@ -164,7 +164,7 @@ def main() -> None:
     print(describe(device), f"| OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}",
           f"| cpu affinity {len(os.sched_getaffinity(0))} cores")
     print(f"Pythia-160M-shaped random model (init {args.init}), {args.prompts} prompts x {args.length} tokens, "
-          f"every head, control={control!r}; {chunk} prompt(s) per forward pass")
+          f"every head, control={args.control!r}; {chunk} prompt(s) per forward pass")
     control = None if args.control == "none" else args.control
     run = lambda: sad.head_sparsity(model, ids, attention_mask=am, progress=False, control=control)  # noqa: E731
     best = {"forward": float("inf"), "cold": float("inf"), "repeated": float("inf")}
