@@ -3,8 +3,9 @@
 One Pythia-160M-shaped layer (12 heads, d_model 768 (+1 homogeneous), d_head 64, rotary_dim 16,
 GPT-NeoX layout), random weights (seeded), float32. Methods, side by side in one run:
 
-* ``qk_svd_factored``: per-offset ``d_head x d_head`` core SVDs kept in factored form
-  (``U_o = A XA_o``), what head_sparsity uses, for the offsets it needs;
+* ``qk_svd_factored`` (:mod:`svtools.rotary`): per-offset ``d_head x d_head`` cores decomposed
+  through the eigendecomposition of their Gram matrices, kept in factored form (``U_o = A XA_o``);
+  head_sparsity uses the same per-offset bases, for the (head, offset) items it needs;
 * ``qk_svd(rotary=...)``: the same SVDs with the dense ``U, V (head, offset, d_in, r)``;
 * dense per-offset SVD: ``torch.linalg.svd`` of every ``Omega~_delta`` (769 x 769), timed on
   ``--dense-sample`` offsets and scaled linearly to all offsets (stated as such).
@@ -43,7 +44,8 @@ def main() -> None:
                     help="skip qk_svd with dense U, V above this many offsets (1024 offsets: ~5 GB result, "
                          "~11 GB peak)")
     args = ap.parse_args()
-    from svtools.qk import RotarySpec, qk_svd, qk_svd_factored, rotary_matrices
+    from svtools.qk import RotarySpec, qk_svd, rotary_matrices
+    from svtools.rotary import qk_svd_factored
 
     device = torch.device(args.device)
     g = torch.Generator().manual_seed(0)

@@ -28,7 +28,8 @@ from svtools.bridge import check_bridge, check_heads, check_layer, hf_model_of, 
 # tokenize and prepends_bos moved to svtools.bridge (documented there); they stay importable from here
 from svtools.bridge import prepends_bos, tokenize  # noqa: F401
 from svtools.models import resolve_check_tol
-from svtools.qk import QKSVD, RotarySpec, one_thread, qk_svd, random_rotation, rotated_factors
+from svtools.qk import QKSVD, RotarySpec, qk_svd, random_rotation, rotated_factors
+from svtools.rotary import offset_rotations, one_thread, rotation_seed
 from svtools.terms import homogeneous, relative_terms
 
 __all__ = ["decompose", "decompose_layers", "HeadDecomposition", "head_weights", "layer_qk", "head_rotations",
@@ -198,20 +199,19 @@ def head_rotations(seed: int, layer: int, heads: Sequence[int], inner_shape: tup
 
     Returns ``(len(heads), *inner_shape, r, r)``; ``inner_shape`` is ``()`` or ``(offset,)``.
     Rotary heads: pass ``offsets`` (the offset values, ``inner_shape`` is then ignored) and each
-    ``(seed, layer, head, offset)`` gets its own stream, so the rotation of an offset does not
-    depend on which other offsets (or how long a padded batch) are decomposed.
+    ``(seed, layer, head, offset)`` gets its own stream (:func:`svtools.rotary.offset_rotations`),
+    so the rotation of an offset does not depend on which other offsets (or how long a padded
+    batch) are decomposed. Absolute positions: :func:`svtools.qk.random_rotation` seeded with
+    :func:`svtools.rotary.rotation_seed` of ``(seed, layer, head)``.
     """
-    def head_seed(h: int) -> int:
-        return (int(seed) * 1_000_003 + int(layer) * 10_007 + int(h)) % 2**63
-
+    if offsets is not None:
+        offs = [int(o) for o in torch.as_tensor(offsets).reshape(-1).tolist()]
+        Q = offset_rotations(seed, layer, [h for h in heads for _ in offs], offs * len(heads), r,
+                             dtype=dtype, device=device)
+        return Q.reshape(len(heads), len(offs), r, r)
     with one_thread():  # many small QRs: threads only add contention
-        if offsets is not None:
-            offs = [int(o) for o in torch.as_tensor(offsets).reshape(-1).tolist()]
-            return torch.stack([torch.stack([
-                random_rotation((), r, seed=(head_seed(h) * 1_000_033 + 7 * o + 1) % 2**63, dtype=torch.float64)
-                for o in offs]) for h in heads]).to(dtype=dtype, device=device)
         return torch.stack([
-            random_rotation(tuple(inner_shape), r, seed=head_seed(h), dtype=dtype, device=device)
+            random_rotation(tuple(inner_shape), r, seed=rotation_seed(seed, layer, h), dtype=dtype, device=device)
             for h in heads])
 
 

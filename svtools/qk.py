@@ -27,8 +27,6 @@ decomposition per offset, sharing the QR factorisation.
 
 from __future__ import annotations
 
-import math
-from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Iterable, Literal, Optional
 
@@ -40,9 +38,8 @@ from torch import Tensor
 from svtools._checks import (SVToolsError, as_dtype, as_float, as_int, as_tensor, broadcast_leading, check_finite,
                              check_last_dims)
 
-__all__ = ["QKSVD", "RotarySpec", "qk_svd", "rotary_matrices", "random_rotation", "RotaryFactors",
-           "DEGENERATE_TOL", "degenerate_groups",
-           "qk_svd_factored", "one_thread"]
+__all__ = ["QKSVD", "RotarySpec", "qk_svd", "rotary_matrices", "random_rotation", "DEGENERATE_TOL",
+           "degenerate_groups"]
 
 
 @dataclass(frozen=True)
@@ -427,143 +424,3 @@ def rotated_factors(qk: QKSVD, *, seed: int = 0, rotation: Optional[Tensor] = No
             raise SVToolsError(f"rotation must have shape {tuple(qk.batch_shape + (qk.r, qk.r))}, got {tuple(Q.shape)}")
     root = qk.S.clamp_min(0).sqrt()[..., None, :]
     return (qk.U * root) @ Q, (qk.V * root) @ Q
-
-
-# ----------------------------------------------------------------------------- rotary, factored form
-
-@contextmanager
-def one_thread():
-    """Run a block with one intra-op thread (restored after).
-
-    Batched decompositions of many small (``d_head x d_head``) matrices gain nothing from
-    threads inside each call and lose a lot when the machine is busy: on a loaded machine with
-    two cores a batch of 64x64 SVDs ran 10-25x slower with 2 threads than with 1 (the threads
-    spin-wait for each other). Process-wide setting: not for use from several threads.
-    """
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
-
-
-@dataclass(frozen=True)
-class RotaryFactors:
-    r"""Rotary heads' per-offset SVDs in factored form, sharing the offset-independent side.
-
-    For offset :math:`\delta` = ``offsets[o]``: ``U[..., o] = A @ XA[..., o]``,
-    ``V[..., o] = B @ XB[..., o]`` and :math:`\tilde\Omega_\delta = A M_\delta B^\top =
-    U_o \operatorname{diag}(S_o) V_o^\top` (the same decomposition :func:`qk_svd` returns, signs
-    included, without the :math:`d_\text{in}\times r` matrices per offset). A score's terms are
-    then :math:`((\tilde x A)\, X_{A,o} S_o)_k\, ((\tilde y B)\, X_{B,o})_k`: the projections
-    :math:`\tilde x A`, :math:`\tilde y B` (the pre-rotary query and key) are shared by every
-    offset.
-
-    Shapes: ``A, B (..., d_in, d_head)`` (homogeneous ``[W; b^T]`` when ``has_bias``),
-    ``XA, XB (..., offset, d_head, r)``, ``S (..., offset, r)``; ``rotary.offsets`` lists the
-    offsets decomposed. Rank-deficient sides cannot be written this way; then ``A, B`` are the
-    identity (``d_in x d_in``) and ``XA, XB`` the full ``U, V``.
-    """
-
-    A: Float[Tensor, "... d_in d_head"]
-    B: Float[Tensor, "... d_in d_head"]
-    XA: Float[Tensor, "... offset d_head r"]
-    S: Float[Tensor, "... offset r"]
-    XB: Float[Tensor, "... offset d_head r"]
-    has_bias: bool
-    rotary: RotarySpec
-
-    @property
-    def r(self) -> int:
-        return self.S.shape[-1]
-
-    def qksvd(self) -> QKSVD:
-        """The dense :class:`QKSVD` (``U = A XA`` for every offset; memory ``offset * d_in * r``)."""
-        return QKSVD(U=self.A[..., None, :, :] @ self.XA, S=self.S, V=self.B[..., None, :, :] @ self.XB,
-                     has_bias=self.has_bias, rotary=self.rotary)
-
-
-def qk_svd_factored(
-    W_Q: Float[Tensor, "... d_model d_head"],
-    W_K: Float[Tensor, "... d_model d_head"],
-    b_Q: Optional[Float[Tensor, "... d_head"]] = None,
-    b_K: Optional[Float[Tensor, "... d_head"]] = None,
-    *,
-    rotary: RotarySpec,
-    dtype: Optional[torch.dtype] = None,
-) -> RotaryFactors:
-    r""":func:`qk_svd` of rotary heads at ``rotary.offsets``, kept in factored form.
-
-    Identity: ``qk_svd_factored(...).qksvd()`` equals ``qk_svd(..., rotary=rotary)`` (same
-    singular values and vectors, same sign convention, float rounding aside), but only the
-    ``d_head x d_head`` factors ``XA, XB`` are stored per offset: ``d_in / d_head`` times less
-    memory, and no ``d_in x d_head x r`` products per offset. Cost per offset: one
-    ``d_head x d_head`` SVD per head (run on one thread, see :func:`one_thread`). Decompose
-    only the offsets you need (e.g. those of the pairs measured).
-
-    The core of offset :math:`\delta` is :math:`R_A M_\delta R_B^\top` with :math:`R` the Cholesky
-    factors of the two sides' Gram matrices; :math:`M_\delta` is the identity on the non-rotating
-    dimensions, so
-    the core is a shared part plus the rotating block's contribution.
-    """
-    if not isinstance(rotary, RotarySpec):
-        raise SVToolsError("qk_svd_factored needs rotary=RotarySpec(...)")
-    W_Q = as_tensor(W_Q, "W_Q")
-    W_K = as_tensor(W_K, "W_K")
-    requested = as_dtype(dtype)  # the dtype rule of qk_svd: half-precision weights give float32
-    dtype = requested or torch.promote_types(W_Q.dtype, W_K.dtype)
-    if requested is None and dtype in (torch.float16, torch.bfloat16):
-        dtype = torch.float32
-    check_last_dims(W_Q, (None, None), "W_Q", "(..., d_model, d_head)")
-    d_model, d_head = W_Q.shape[-2:]
-    check_last_dims(W_K, (d_model, d_head), "W_K", f"(..., {d_model}, {d_head}) to match W_Q")
-    if rotary.rotary_dim > d_head:
-        raise SVToolsError(f"rotary_dim {rotary.rotary_dim} exceeds d_head {d_head}")
-    bias = b_Q is not None or b_K is not None
-    A = homogeneous_weights(W_Q.to(dtype), None if b_Q is None else as_tensor(b_Q, "b_Q").to(dtype), bias)
-    B = homogeneous_weights(W_K.to(dtype), None if b_K is None else as_tensor(b_K, "b_K").to(dtype), bias)
-    lead = torch.broadcast_shapes(A.shape[:-2], B.shape[:-2])
-    A, B = A.expand(lead + A.shape[-2:]), B.expand(lead + B.shape[-2:])
-    d_in = A.shape[-2]
-    r = min(d_head, d_in)
-    A64, B64 = A.to(torch.float64), B.to(torch.float64)
-    LA, infoA = torch.linalg.cholesky_ex(A64.transpose(-1, -2) @ A64)
-    LB, infoB = torch.linalg.cholesky_ex(B64.transpose(-1, -2) @ B64)
-    if d_in < d_head or bool(infoA.any()) or bool(infoB.any()):
-        qk = qk_svd(W_Q, W_K, b_Q, b_K, rotary=rotary, dtype=dtype)
-        eye = torch.eye(d_in, dtype=dtype, device=A.device).expand(lead + (d_in, d_in))
-        return RotaryFactors(A=eye, B=eye, XA=qk.U, S=qk.S, XB=qk.V, has_bias=bias, rotary=rotary)
-    RA, RB = LA.transpose(-1, -2), LB.transpose(-1, -2)
-    # shared + rotating: R_A M R_B^T = R_A[:, pass] R_B[:, pass]^T + R_A[:, rot] M_rot R_B[:, rot]^T
-    rot = torch.zeros(d_head, dtype=torch.bool)
-    half = rotary.rotary_dim // 2
-    p = torch.arange(half)
-    rot[torch.cat([p, p + half]) if rotary.layout == "neox" else torch.arange(rotary.rotary_dim)] = True
-    rot = rot.to(A.device)
-    shared = RA[..., :, ~rot] @ RB[..., :, ~rot].transpose(-1, -2)
-    colsumA = A.sum(-2).to(torch.float64)[..., None, None, :]  # for the sign convention
-    # offsets in blocks, so that the float64 work arrays stay near 64 MB whatever the offset count
-    n_heads = max(1, math.prod(lead))
-    block = max(1, (64 * 2**20) // (8 * 6 * n_heads * d_head * d_head))
-    n_off = len(rotary.offsets)
-    XA_out = torch.empty(lead + (n_off, d_head, r), dtype=dtype, device=A.device)
-    XB_out = torch.empty_like(XA_out)
-    S_out = torch.empty(lead + (n_off, r), dtype=dtype, device=A.device)
-    for s0 in range(0, n_off, block):
-        spec = replace(rotary, offsets=rotary.offsets[s0:s0 + block])
-        Mr = rotary_matrices(spec, d_head, dtype=torch.float64, device=A.device)[:, rot][:, :, rot]
-        core = shared[..., None, :, :] + RA[..., None, :, rot] @ Mr @ RB[..., None, :, rot].transpose(-1, -2)
-        with one_thread():
-            Uc, S, Vch = torch.linalg.svd(core, full_matrices=False)
-        del core
-        XA = torch.linalg.solve_triangular(RA[..., None, :, :], Uc, upper=True)  # R_A^-1 U_c
-        XB = torch.linalg.solve_triangular(RB[..., None, :, :], Vch.transpose(-1, -2), upper=True)
-        # the sign convention of qk_svd: every u_k = A XA[:, k] has a non-negative entry sum
-        sign = torch.sign(colsumA @ XA)  # (..., offset, 1, r)
-        sign = torch.where(sign == 0, torch.ones_like(sign), sign)
-        e = slice(s0, s0 + block)
-        XA_out[..., e, :, :] = (XA * sign)[..., :r]
-        XB_out[..., e, :, :] = (XB * sign)[..., :r]
-        S_out[..., e, :] = S[..., :r]
-    return RotaryFactors(A=A, B=B, XA=XA_out, S=S_out, XB=XB_out, has_bias=bias, rotary=rotary)

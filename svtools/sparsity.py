@@ -8,17 +8,17 @@ from torch import Tensor
 
 from svtools._checks import SVToolsError, as_float, as_tensor
 
-__all__ = ["n_recon", "rolls_tovee"]
+__all__ = ["n_recon", "rolls_tovee", "term_measures"]
 
 
 def _check_terms(terms, name: str = "terms") -> Tensor:
     t = as_tensor(terms, name)
     if t.ndim == 0 or t.shape[-1] == 0:
         raise SVToolsError(f"{name} must have shape (..., r) with r >= 1, got {tuple(t.shape)}")
-    if bool(torch.isnan(t).any()):
-        raise SVToolsError(f"{name} contains NaN; select valid pairs first (relative terms are NaN "
-                           "for masked pairs and for queries that see fewer than two keys)")
-    if bool(torch.isinf(t).any()):
+    if not bool(torch.isfinite(t).all()):  # one pass; then say which
+        if bool(torch.isnan(t).any()):
+            raise SVToolsError(f"{name} contains NaN; select valid pairs first (relative terms are NaN "
+                               "for masked pairs and for queries that see fewer than two keys)")
         raise SVToolsError(f"{name} contains infinite values")
     return t
 
@@ -62,14 +62,61 @@ def n_recon(terms: Float[Tensor, "... r"], frac: float = 1.0) -> Int[Tensor, "..
     total = t.sum(-1, keepdim=True)
     s = torch.where(total < 0, -torch.ones_like(total), torch.ones_like(total))
     sorted_t, _ = torch.sort(s * t, dim=-1, descending=True)
+    return _n_recon_sorted(t, total, sorted_t, frac)
+
+
+def _n_recon_sorted(t: Tensor, total: Tensor, sorted_t: Tensor, frac: float) -> Tensor:
+    """N_recon from scaled terms ``t``, their ``total`` and ``sign(total) * t`` sorted descending."""
     partial = torch.cumsum(sorted_t, dim=-1)
     target = float(frac) * total.abs()
     tol = 8 * torch.finfo(t.dtype).eps * t.abs().sum(-1, keepdim=True)
-    short = partial < target - tol  # prefixes (1..r terms) still short of the target
+    reach = partial >= target - tol  # prefixes (1..r terms) that reach the target
     zero = (target <= tol).squeeze(-1)
-    n = short.to(torch.int64).cumprod(-1).sum(-1) + 1  # first prefix that reaches, 1-based
-    n = torch.clamp(n, max=t.shape[-1])
+    # the first prefix that reaches, 1-based (r when rounding leaves every prefix short)
+    n = torch.where(reach.any(-1), torch.argmax(reach.to(torch.uint8), dim=-1) + 1, t.shape[-1])
     return torch.where(zero, torch.zeros_like(n), n)
+
+
+def term_measures(terms: Float[Tensor, "pair r"], frac: float = 1.0, *, order: bool = True) -> dict[str, Tensor]:
+    """:func:`n_recon` and :func:`rolls_tovee` of each row, its dominant index and, with ``order``,
+    the order of its terms, with one check of the input and one sort.
+
+    Returns ``n_recon``, ``rolls_tovee`` (the same values as those functions), ``score``
+    (``T = sum_k t_k``), ``dominant_k`` (``argmax_k sign(T) t_k``, the first on ties) and, with
+    ``order``, ``order`` ``(pair, r)``: indices by ``sign(T) t_k`` descending, ties in index order.
+    The N_recon of a row reads its terms in that order (scaling by ``max |t_k|`` keeps the order),
+    so with ``order`` the one stable sort serves both.
+    """
+    frac = as_float(frac, "frac", lo=0.0, hi=1.0, lo_open=True)
+    raw = _check_terms(terms)
+    if raw.ndim == 2 and len(raw) > _ROWS:  # blocks of rows that stay in cache: 1.2-1.3x faster
+        parts = [_term_measures(raw[i:i + _ROWS], frac, order) for i in range(0, len(raw), _ROWS)]
+        return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+    return _term_measures(raw, frac, order)
+
+
+_ROWS = 4096
+
+
+def _term_measures(raw: Tensor, frac: float, order: bool) -> dict[str, Tensor]:
+    score = raw.sum(-1, keepdim=True)
+    sgn = torch.where(score < 0, -torch.ones_like(score), torch.ones_like(score))
+    t = _scaled(raw)
+    total = t.sum(-1, keepdim=True)
+    s = torch.where(total < 0, -torch.ones_like(total), torch.ones_like(total))
+    out = {"score": score[..., 0], "rolls_tovee": _rolls_tovee_scaled(t).to(raw.dtype)}
+    if order:
+        o = torch.argsort(sgn * raw, dim=-1, descending=True, stable=True)
+        sorted_t = (s * t).gather(-1, o)
+        flip = (s != sgn.to(s.dtype))[..., 0]  # totals within rounding of 0: signs may disagree
+        if bool(flip.any()):
+            sorted_t[flip] = torch.sort((s * t)[flip], dim=-1, descending=True).values
+        out |= {"order": o, "dominant_k": o[..., 0]}
+    else:
+        sorted_t = torch.sort(s * t, dim=-1, descending=True).values
+        out["dominant_k"] = torch.argmax(sgn * raw, dim=-1)
+    out["n_recon"] = _n_recon_sorted(t, total, sorted_t, frac)
+    return out
 
 
 def rolls_tovee(terms: Float[Tensor, "... r"]) -> Float[Tensor, "..."]:
@@ -84,10 +131,13 @@ def rolls_tovee(terms: Float[Tensor, "... r"]) -> Float[Tensor, "..."]:
     Returns the input's dtype.
     """
     raw = _check_terms(terms)
-    t = _scaled(raw)  # scale-invariant: computed on t / max|t| so squares neither overflow nor underflow
+    # scale-invariant: computed on t / max|t| so squares neither overflow nor underflow
+    return _rolls_tovee_scaled(_scaled(raw)).to(raw.dtype)
+
+
+def _rolls_tovee_scaled(t: Tensor) -> Tensor:
     a = t.abs()
     num = a.mean(-1) ** 2
     den = (t * t).mean(-1)
-    out = torch.where(den > 0, num / torch.where(den > 0, den, torch.ones_like(den)),
-                      torch.full_like(den, float("nan")))
-    return out.to(raw.dtype)
+    return torch.where(den > 0, num / torch.where(den > 0, den, torch.ones_like(den)),
+                       torch.full_like(den, float("nan")))

@@ -5,7 +5,7 @@ subpackage with all its modules (``svtools.sad``, ``svtools.sad.engine``, ...). 
 layers (README, "Map of the package"):
 
     0  checks and run-time      _checks, runtime
-    1  linear algebra and data  qk, terms, sparsity, alignment, geometry, data
+    1  linear algebra and data  qk, rotary, factor_cache, terms, sparsity, alignment, geometry, data
     2  models                   bridge, models, decomposition
     3  studies                  sad, toy, theory, ioi, ioi_lm, sae, activations
     4  presentation             plots, report
@@ -33,7 +33,8 @@ ROOT = Path(__file__).resolve().parents[1] / "svtools"
 
 LAYERS: dict[str, int] = {
     "svtools._checks": 0, "svtools._cache": 0, "svtools.runtime": 0,
-    "svtools.qk": 1, "svtools.terms": 1, "svtools.sparsity": 1, "svtools.alignment": 1, "svtools.geometry": 1,
+    "svtools.qk": 1, "svtools.rotary": 1, "svtools.factor_cache": 1, "svtools.terms": 1, "svtools.sparsity": 1,
+    "svtools.alignment": 1, "svtools.geometry": 1,
     "svtools.data": 1,
     "svtools.bridge": 2, "svtools.models": 2, "svtools.decomposition": 2,
     "svtools.sad": 3, "svtools.toy": 3, "svtools.theory": 3, "svtools.ioi": 3, "svtools.ioi_lm": 3,
@@ -47,6 +48,8 @@ SAME_LAYER: dict[tuple[str, str], str] = {
     ("svtools._cache", "svtools._checks"): "a cache location that cannot be used is an SVToolsError",
     ("svtools.terms", "svtools.qk"): "terms are formed from a head's QKSVD",
     ("svtools.alignment", "svtools.qk"): "alignment compares a QKSVD's singular vectors with features",
+    ("svtools.rotary", "svtools.qk"): "per-offset decompositions of rotary heads: RotarySpec, homogeneous weights, qk_svd",
+    ("svtools.factor_cache", "svtools.rotary"): "the cache keeps what svtools.rotary computes, keyed by its digests",
     ("svtools.models", "svtools.bridge"): "the loader checks models and reads their patterns through the bridge",
     ("svtools.decomposition", "svtools.bridge"): "the decomposition's inputs and model facts",
     ("svtools.decomposition", "svtools.models"): "the exactness tolerance of a loaded model",

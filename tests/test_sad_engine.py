@@ -13,7 +13,8 @@ import svtools
 from svtools.decomposition import cache_attention_inputs as _run_once
 from svtools.decomposition import decompose_layers, stream_attention
 from svtools.models import UnsupportedModelError
-from svtools.qk import RotarySpec, qk_svd, qk_svd_factored
+from svtools.qk import RotarySpec, qk_svd
+from svtools.rotary import qk_svd_factored
 from svtools.sad import COLUMNS, head_sparsity, pair_measures, select_pairs
 from svtools.sad.engine import PairEngine as _PairEngine
 from svtools.sad.measure import _heads_by_layer
@@ -97,8 +98,9 @@ def test_chunk_size_does_not_change_rows(random_models, batch_tokens, monkeypatc
     kw = dict(attention_mask=am, threshold=0.3, progress=False, dtype=torch.float64, attention="relative",
               baseline="non-attended", baseline_fraction=0.3)
     one = head_sparsity(model, ids, batch_size=8, **kw)
-    import svtools.sad.engine as sad_engine
-    monkeypatch.setattr(sad_engine, "ROTARY_CACHE_BYTES", 0)  # nothing cached: every chunk decomposes its offsets
+    import svtools.factor_cache as factor_cache
+    factor_cache.FACTOR_CACHE.clear()
+    monkeypatch.setattr(factor_cache, "CACHE_BYTES", 0)  # nothing cached: every chunk decomposes its items
     pd.testing.assert_frame_equal(one, head_sparsity(model, ids, batch_size=1, **kw), check_exact=False, rtol=1e-9)
 
 
@@ -150,7 +152,7 @@ def test_stream_attention_stops_after_last_layer(random_models, batch_tokens):
 
 
 @pytest.mark.parametrize("family", ["gpt2", "neox"])
-def test_exactness_checks_fire(random_models, batch_tokens, family):
+def test_exactness_checks_fire(random_models, batch_tokens, family, monkeypatch):
     """A wrong decomposition must raise, not produce rows: the softmax check (absolute positions)
     and the per-pair sum check (rotary: the scores come from the weights, the terms from the SVD)."""
     model = random_models[family]
@@ -163,10 +165,19 @@ def test_exactness_checks_fire(random_models, batch_tokens, family):
     if family == "gpt2":
         basis.S = basis.S * torch.linspace(1.0, 1.5, basis.S.shape[-1], dtype=basis.S.dtype)
         match = "does not reproduce"
-    else:
-        basis.at_offsets(torch.arange(ids.shape[1]))
-        basis.F = type(basis.F)(**{**basis.F.__dict__, "S": basis.F.S * 1.01})
-        match = "do not sum"
+    else:  # two singular vectors swapped: still an orthonormal basis, so every pair's terms still sum
+        # to its score; the check that each basis diagonalises its offset's Gram matrix must fire
+        import svtools.factor_cache as factor_cache
+        import svtools.rotary as rotary
+        real = rotary._eigh_block
+
+        def swapped(*args):
+            V, S = real(*args)
+            return V[..., [1, 0] + list(range(2, V.shape[-1]))], S
+
+        factor_cache.FACTOR_CACHE.clear()
+        monkeypatch.setattr(rotary, "_eigh_block", swapped)
+        match = "does not diagonalise"
     from svtools.runtime import tqdm
     with pytest.raises(UnsupportedModelError, match=match):
         eng.run_chunk(ids, am, 0, tqdm(disable=True))

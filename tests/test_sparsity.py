@@ -113,3 +113,28 @@ def test_rotated_control_on_aligned_example():
     # a random direction's squared coordinates have sparseness about (r + 2) / (3 r) = 0.42 here
     assert float(rt_rot.mean()) > 3 / d_head
     assert float(n_recon(svtools.rotated_terms(qk, x, y, seed=0)).float().mean()) > 2
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("frac", [1.0, 0.7])
+def test_term_measures_equal_the_separate_measures(dtype, frac):
+    """One check and one sort: the same n_recon and rolls_tovee as the functions, the stable order,
+    its first index the dominant term; ties, zero rows and negative totals included; past the
+    4096-row blocks too."""
+    from svtools.sparsity import term_measures
+
+    g = torch.Generator().manual_seed(0)
+    t = (torch.randn(9000, 16, generator=g) * torch.rand(9000, 1, generator=g) ** 4).to(dtype)
+    t[:500] = t[:500].round()  # many exact ties
+    t[500:520] = 0  # no total at all
+    t[520:540, :2] = torch.tensor([1.0, -1.0], dtype=dtype)  # totals within rounding of zero
+    m = term_measures(t, frac)
+    assert torch.equal(m["n_recon"], n_recon(t, frac))
+    torch.testing.assert_close(m["rolls_tovee"], rolls_tovee(t), equal_nan=True, rtol=0, atol=0)
+    sgn = torch.where(t.sum(-1, keepdim=True) < 0, -1.0, 1.0).to(dtype)
+    order = torch.argsort(sgn * t, dim=-1, descending=True, stable=True)
+    assert torch.equal(m["order"], order) and torch.equal(m["dominant_k"], order[:, 0])
+    assert torch.equal(m["score"], t.sum(-1))
+    short = term_measures(t, frac, order=False)
+    assert "order" not in short and torch.equal(short["dominant_k"], order[:, 0])
+    assert torch.equal(short["n_recon"], m["n_recon"])

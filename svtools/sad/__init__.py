@@ -44,7 +44,6 @@ positions, role labels, the known IOI heads) are :mod:`svtools.ioi`; readable ta
 summaries are :mod:`svtools.report`. Devices: everything runs where the model lives.
 """
 
-from svtools.sad.engine import ROTARY_CACHE_BYTES
 from svtools.sad.frame import COLUMNS, pair_measures
 from svtools.sad.measure import CHUNK_BYTES, CONTROLS, degeneracy, head_sparsity
 from svtools.sad.selection import KINDS, baseline_pairs, pair_uniform, select_pairs
@@ -53,4 +52,4 @@ from svtools.sad.stats import (MAX_PERMUTATIONS, bootstrap, compare_kinds, compa
 
 __all__ = ["select_pairs", "pair_measures", "head_sparsity", "singular_vector_usage", "usage_difference", "reuse",
            "bootstrap", "COLUMNS", "KINDS", "baseline_pairs", "pair_uniform", "compare_kinds", "CHUNK_BYTES",
-           "ROTARY_CACHE_BYTES", "CONTROLS", "null_ratio", "compare_matched", "degeneracy", "MAX_PERMUTATIONS"]
+           "CONTROLS", "null_ratio", "compare_matched", "degeneracy", "MAX_PERMUTATIONS"]

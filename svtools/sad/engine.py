@@ -6,8 +6,10 @@ pattern (:mod:`svtools.sad.selection`), forms only those pairs' terms from per-h
 (``x~ U S`` and ``y~ V``; the rotated control: the same projections times ``S^-1/2 Q``) and
 checks exactness on every chunk and layer (the reconstructed scores must reproduce the model's
 weights, each pair's terms must sum to its score). Each layer's decomposition is built once
-per call and reused by every chunk; rotary layers are decomposed only at the offsets the measured
-pairs use, in factored form, and cached across chunks up to :data:`ROTARY_CACHE_BYTES`.
+per call and reused by every chunk; rotary layers (:mod:`svtools.sad.rotary`) are decomposed only
+at the (head, offset) items the measured pairs use (every offset up to the last measured query for
+relative attention and the spectrum null), and those are kept across calls by
+:data:`svtools.factor_cache.FACTOR_CACHE`.
 """
 
 from __future__ import annotations
@@ -22,29 +24,28 @@ from svtools._checks import UnsupportedModelError
 from svtools.bridge import model_type
 from svtools.decomposition import (attention_scale, head_rotations, head_weights, is_causal, layer_qk, rotary_spec,
                                    stream_attention, visibility_mask)
-from svtools.qk import RotaryFactors, homogeneous_weights, qk_svd_factored
+from svtools.rotary import RotaryHeads
 from svtools.sad.frame import pair_rows
 from svtools.sad.null import canonical_means, context_mean, haar_q, null_gaussians, null_rotations, spectrum_null
+from svtools.sad.rotary import RotaryLayer
 from svtools.sad.selection import baseline_pairs, select_pairs_unchecked
 from svtools.terms import merge_degenerate, relative_pair_terms
 
-__all__ = ["PairEngine", "ROTARY_CACHE_BYTES", "NULL_GRID_BYTES"]
+__all__ = ["PairEngine", "NULL_GRID_BYTES"]
 
-#: Rotary layers keep their per-offset factors across chunks up to this many bytes in all.
-ROTARY_CACHE_BYTES = 2**30
 #: The spectrum null of rotary heads forms per-offset projection grids ``(prompts, query, key, r)``
 #: one head and this many bytes at a time.
 NULL_GRID_BYTES = 64 * 2**20
-_PAIR_BLOCK = 4096  # pairs per gathered block of rotary factors
 
 
 class _LayerBasis:
     """One layer's decomposition for the pair engine, built once and reused by every chunk.
 
     Absolute positions: ``U, S, V`` of the chosen heads and the control's rotations ``Q``.
-    Rotary: the homogeneous weights ``A, B`` (the model's own pre-rotary query and key maps) and,
-    per offset actually needed, :class:`~svtools.qk.RotaryFactors` (``XA, S, XB``) and ``Q``,
-    computed on demand and kept while the cache allows. With ``null_draws``, the spectrum null
+    Rotary: :class:`~svtools.sad.rotary.RotaryLayer` (the offset-free part of the chosen heads'
+    decompositions, :class:`~svtools.rotary.RotaryHeads`, with the homogeneous weights ``A, B``;
+    the per-offset bases come from the factor cache). ``weights``: :attr:`PairEngine.weights`.
+    With ``null_draws``, the spectrum null
     (one random stream per ``(seed, layer, head)``, :func:`svtools.sad.null.null_gaussians`):
     absolute positions keep its rotations ``O = (O_q, O_k)``, each ``(draw, head, 1, 1, r, r)``;
     rotary heads keep ``N = (N_A, N_B)``, each ``(draw, head, d_head, r)``, with which a token's
@@ -53,10 +54,9 @@ class _LayerBasis:
     """
 
     def __init__(self, model: Any, layer: int, heads: list[int], dtype: torch.dtype, seed: int,
-                 control: bool, cache: dict, null_draws: int = 0) -> None:
+                 control: bool, weights: Any, null_draws: int = 0) -> None:
         self.model, self.layer, self.heads, self.dtype, self.seed, self.control = \
             model, layer, heads, dtype, seed, control
-        self.cache = cache
         self.rotary = model_type(model) in ("gpt_neox", "llama")
         idx = torch.tensor(heads)
         self.O: Optional[tuple[Tensor, Tensor]] = None
@@ -70,47 +70,16 @@ class _LayerBasis:
                                           dtype=dtype, device=qk.U.device)
                 self.O = (null_rotations(qk.U, G_q)[:, :, None, None], null_rotations(qk.V, G_k)[:, :, None, None])
             return
-        W_Q, W_K, b_Q, b_K = head_weights(model, layer)
-        sel = lambda t: None if t is None else t.index_select(0, idx.to(t.device)).to(dtype)  # noqa: E731
-        self.W = (sel(W_Q), sel(W_K), sel(b_Q), sel(b_K))
-        self.has_bias = b_Q is not None or b_K is not None
-        self.A = homogeneous_weights(self.W[0], self.W[2], self.has_bias)
-        self.B = homogeneous_weights(self.W[1], self.W[3], self.has_bias)
-        self.r = min(self.A.shape[-1], self.A.shape[-2])
-        self.offsets = torch.zeros(0, dtype=torch.long)
-        self.F: Any = None
-        self.Qo: Optional[Tensor] = None
+        W_Q, W_K, b_Q, b_K = (None if t is None else t[layer] for t in weights[:4])
+        sel = lambda t: None if t is None else t.index_select(0, idx.to(t.device))  # noqa: E731
+        rh = RotaryHeads.from_weights(sel(W_Q), sel(W_K), sel(b_Q), sel(b_K), weights[4], dtype)
+        self.rot = RotaryLayer(rh, layer, heads, seed, control)
+        self.A, self.B, self.has_bias, self.r = rh.A, rh.B, rh.has_bias, rh.r
         self.N: Optional[tuple[Tensor, Tensor]] = None
         if null_draws:
             G_q, G_k = null_gaussians(seed, null_draws, self.A.shape[-2], self.r, [(layer, h) for h in heads],
                                       dtype=dtype, device=self.A.device)
             self.N = (_null_factor(self.A, G_q, layer, "query"), _null_factor(self.B, G_k, layer, "key"))
-
-    def at_offsets(self, needed: Tensor) -> tuple[Any, Optional[Tensor], Tensor]:
-        """Factors and rotations covering ``needed`` offsets, and the slot of each offset."""
-
-        needed = torch.unique(needed.cpu())
-        missing = needed[~torch.isin(needed, self.offsets)]
-        F, Qo, offsets = self.F, self.Qo, self.offsets
-        if len(missing):
-            Fm = qk_svd_factored(*self.W, rotary=rotary_spec(self.model, missing), dtype=self.dtype)
-            Qm = head_rotations(self.seed, self.layer, self.heads, (), self.r, dtype=self.dtype,
-                                device=Fm.S.device, offsets=missing) if self.control else None
-            if F is None:
-                F, Qo, offsets = Fm, Qm, missing
-            else:
-                cat = lambda a, b: torch.cat([a, b], dim=1)  # noqa: E731
-                offsets = torch.cat([offsets, missing])
-                F = RotaryFactors(A=F.A, B=F.B, XA=cat(F.XA, Fm.XA), S=cat(F.S, Fm.S), XB=cat(F.XB, Fm.XB),
-                                  has_bias=F.has_bias, rotary=rotary_spec(self.model, offsets))
-                Qo = None if Qo is None else cat(Qo, Qm)
-            other = sum(_nbytes(getattr(b, 'F', None), getattr(b, 'Qo', None)) for b in self.cache.values()
-                        if b is not self)
-            if other + _nbytes(F, Qo) <= ROTARY_CACHE_BYTES:  # else: use now, do not keep
-                self.F, self.Qo, self.offsets = F, Qo, offsets
-        lut = torch.full((int(offsets.max()) + 1,), -1, dtype=torch.long)
-        lut[offsets] = torch.arange(len(offsets))
-        return F, Qo, lut
 
 
 def _null_factor(A: Tensor, G: Tensor, layer: int, side: str) -> Tensor:
@@ -125,12 +94,6 @@ def _null_factor(A: Tensor, G: Tensor, layer: int, side: str) -> Tensor:
                                     "null of rotary heads needs full-rank query and key maps")
     M = haar_q(QA.transpose(-1, -2)[None] @ G)  # (draw, head, d_head, r)
     return torch.linalg.solve_triangular(RA[None], M, upper=True)
-
-
-def _nbytes(F: Any, Qo: Optional[Tensor]) -> int:
-    if F is None:
-        return 0
-    return sum(t.numel() * t.element_size() for t in (F.XA, F.XB, F.S) + (() if Qo is None else (Qo,)))
 
 
 def _rotate_positions(x: Float[Tensor, "... pos d_head"], spec: Any) -> Tensor:
@@ -152,6 +115,19 @@ def _rotate_positions(x: Float[Tensor, "... pos d_head"], spec: Any) -> Tensor:
 def _hom(x: Tensor, has_bias: bool, dtype: torch.dtype) -> Tensor:
     x = x.to(dtype)
     return torch.cat([x, torch.ones_like(x[..., :1])], dim=-1) if has_bias else x
+
+
+def _pair_dot(left: Tensor, right: Tensor) -> Any:
+    """``score_of(b, h, q, k) = (left[b, h, q] * right[b, h, k]).sum(-1)`` for ``(batch, head, pos, r)``
+    tensors, gathering rows of their flat views (one index per row instead of three)."""
+    B, H, n, r = left.shape
+    lf, rf = left.reshape(-1, r), right.reshape(-1, r)
+
+    def score_of(b: Tensor, h: Tensor, q: Tensor, k: Tensor) -> Tensor:
+        row = (b * H + h) * n
+        return (lf.index_select(0, row + q) * rf.index_select(0, row + k)).sum(-1)
+
+    return score_of
 
 
 def _spec_of(model: Any) -> Any:
@@ -232,8 +208,17 @@ class PairEngine:
     def basis(self, layer: int) -> _LayerBasis:
         if layer not in self.bases:
             self.bases[layer] = _LayerBasis(self.model, layer, self.plan[layer], self.dtype, self.seed,
-                                            "rotated" in self.controls, self.bases, self.null_draws)
+                                            "rotated" in self.controls, self.weights, self.null_draws)
         return self.bases[layer]
+
+    @property
+    def weights(self) -> tuple:
+        """Every layer's ``W_Q, W_K, b_Q, b_K`` and the rotary spec, once per call (the bridge stacks
+        all layers for each weight, and finding the rotary module walks the whole model)."""
+        if not hasattr(self, "_weights"):
+            spec = _spec_of(self.model) if model_type(self.model) in ("gpt_neox", "llama") else None
+            self._weights = head_weights(self.model) + (spec,)
+        return self._weights
 
     def run_chunk(self, ids: Tensor, am: Tensor, start: int, bar: Any) -> None:
         mask = visibility_mask(self.model, am)
@@ -257,14 +242,14 @@ class PairEngine:
         if basis.rotary:
             qa = torch.einsum("bnd,hde->bhne", xq, basis.A)  # pre-rotary queries and keys
             kb = torch.einsum("bnd,hde->bhne", xk, basis.B)
-            spec = _spec_of(self.model)
+            spec = basis.rot.heads.spec
             qr, kr = _rotate_positions(qa, spec), _rotate_positions(kb, spec)
-            score_of = lambda b, h, q, k: (qr[b, h, q] * kr[b, h, k]).sum(-1)  # noqa: E731
+            score_of = _pair_dot(qr, kr)
         else:
             pu = torch.einsum("bnd,hdr->bhnr", xq, basis.U)
             pv = torch.einsum("bnd,hdr->bhnr", xk, basis.V)
             a = pu * basis.S[None, :, None, :]
-            score_of = lambda b, h, q, k: (a[b, h, q] * pv[b, h, k]).sum(-1)  # noqa: E731
+            score_of = _pair_dot(a, pv)
         sel = select_pairs_unchecked(pattern, mask, select=self.select, threshold=self.threshold,
                       exclude_first=self.exclude_first, query_mask=qvalid)
         picks = {"attended": sel}
@@ -285,17 +270,17 @@ class PairEngine:
             maskf = mask[:, 0].to(self.dtype)  # (batch, query, key)
             count = maskf.sum(-1)  # (batch, query)
         if basis.rotary:
-            needed = torch.cat([(i[:, 2] - i[:, 3]) for i in idx_all.values()])
-            if (self.relative or self.null_draws) and len(needed):
-                # a query's total (and the null's ranking of its keys) needs every offset up to its position
-                needed = torch.arange(int(max(int(i[:, 2].max()) for i in idx_all.values() if len(i))) + 1)
-            if not len(needed):
+            live = [k for k, i in idx_all.items() if len(i)]
+            if not live:
                 return
-            F, Qo, lut = basis.at_offsets(needed)
-            qf = qa if F.A is basis.A else torch.einsum("bnd,hde->bhne", xq, F.A)
-            kf = kb if F.B is basis.B else torch.einsum("bnd,hde->bhne", xk, F.B)
-            if self.relative:
-                totals = self._rotary_totals(idx_all, qf, kf, F, Qo, lut, mask)
+            bhat = basis.rot.heads.whiten_keys(kb, xk)
+            allidx = torch.cat([idx_all[k] for k in live])
+            t_all, rot_all, sig_all = basis.rot.pair_terms(allidx, qa, bhat, self.check_tol)
+            cut = dict(zip(live, torch.tensor([len(idx_all[k]) for k in live]).cumsum(0).tolist()))
+            if self.relative:  # each measured query's total over every key it sees
+                B_, H_, n_ = pattern.shape[:3]
+                tkeys = torch.unique((allidx[:, 0] * H_ + allidx[:, 1]) * n_ + allidx[:, 2])
+                ttot, rtot = basis.rot.totals(tkeys, (B_, H_, n_), qa, bhat, mask, self.check_tol)
         else:
             if basis.Q is not None:  # the control's projections: r x r rotations of the singular ones
                 root = basis.S.clamp_min(0).sqrt()[None, :, None, :]
@@ -311,16 +296,16 @@ class PairEngine:
             if self.exclude_first:
                 eligible = eligible.clone()
                 eligible[..., 0] = False
-            null = self._null_rotary(idx_all, qf, kf, F, lut, basis, mask, eligible, qvalid) if basis.rotary else \
+            null = self._null_rotary(idx_all, qa, kb, basis, mask, eligible, qvalid) if basis.rotary else \
                 self._null_absolute(idx_all, pu, pv, basis, mask, eligible, qvalid)
         for kind, idx in idx_all.items():
             if not len(idx):
                 continue
             b, h, q, k = idx.unbind(-1)
             if basis.rotary:
-                slot = lut[(q - k).cpu()].to(dev)
-                t, rot = self._rotary_pair_terms(b, h, q, k, slot, qf, kf, F, Qo)
-                sigma = F.S[h, slot]
+                e = cut[kind]
+                t, sigma = t_all[e - len(idx):e], sig_all[e - len(idx):e]
+                rot = None if rot_all is None else rot_all[e - len(idx):e]
             else:
                 t = a[b, h, q] * pv[b, h, k]
                 rot = None if basis.Q is None else arot[b, h, q] * crot[b, h, k]
@@ -331,7 +316,6 @@ class PairEngine:
             if self.relative:
                 cnt = count[b, q]
                 if basis.rotary:
-                    (tkeys, ttot), rtot = totals
                     pos = torch.searchsorted(tkeys, (b * pattern.shape[1] + h) * pattern.shape[2] + q)
                     t = relative_pair_terms(t, ttot[pos], cnt)
                     rot = None if rot is None else relative_pair_terms(rot, rtot[pos], cnt)
@@ -375,7 +359,7 @@ class PairEngine:
                             merge_tol=self.degenerate_tol)
         return self._split(res, kinds)
 
-    def _null_rotary(self, idx_all, qf, kf, F, lut, basis, mask, eligible, qvalid) -> dict[str, dict[str, Tensor]]:
+    def _null_rotary(self, idx_all, qf, kf, basis, mask, eligible, qvalid) -> dict[str, dict[str, Tensor]]:
         """The spectrum null of rotary heads: per-offset projections ``(x~ A) XA_o``, ``(y~ B) XB_o``
         and values ``S_o`` laid out as ``(prompt, query, key, r)`` grids (pair ``(q, k)`` at offset
         ``q - k``), one head and a block of prompts at a time (:data:`NULL_GRID_BYTES`)."""
@@ -385,15 +369,14 @@ class PairEngine:
         dev = qf.device
         qpos = torch.arange(n, device=dev)
         off = (qpos[:, None] - qpos[None, :]).clamp_min(0)  # (query, key) offset; future keys are masked
-        slots = lut[:n].to(dev)
         w = qvalid[:, 0].to(qf.dtype)
         w = w / w.sum(-1, keepdim=True).clamp_min(1)  # each prompt's mean over its real tokens
-        block = max(1, NULL_GRID_BYTES // max(1, 6 * n * n * F.r * qf.element_size()))
+        block = max(1, NULL_GRID_BYTES // max(1, 6 * n * n * basis.r * qf.element_size()))
         out = {name: torch.full((len(pairs),), float("nan"), dtype=torch.float64, device=dev)
                for name in ("rolls_tovee", "n_recon")}
         out["draws"] = torch.zeros(len(pairs), dtype=torch.int64, device=dev)
         for hh in range(H):
-            XA, XB, S = F.XA[hh, slots], F.XB[hh, slots], F.S[hh, slots]  # (offset, d_head, r), (offset, r)
+            XA, XB, S = basis.rot.factored(hh, n, self.check_tol)  # (offset, d_head, r), (offset, r)
             for b0 in range(0, B, block):
                 sel = (pairs[:, 1] == hh) & (pairs[:, 0] >= b0) & (pairs[:, 0] < b0 + block)
                 if not bool(sel.any()):
@@ -428,55 +411,3 @@ class PairEngine:
                 for name, v in res.items():
                     out[name][sel] = v.to(out[name].dtype)
         return self._split(out, kinds)
-
-    def _rotary_pair_terms(self, b, h, q, k, slot, qf, kf, F, Qo) -> tuple[Tensor, Optional[Tensor]]:
-        """Terms (and rotated terms) of rotary pairs: ``(q XA_o S_o) * (k XB_o)``, blocks of pairs."""
-        ts, rs = [], []
-        for s in range(0, len(b), _PAIR_BLOCK):
-            e = slice(s, s + _PAIR_BLOCK)
-            hh, ss = h[e], slot[e]
-            left = (qf[b[e], hh, q[e]][:, None, :] @ F.XA[hh, ss])[:, 0]  # (pairs, r)
-            right = (kf[b[e], hh, k[e]][:, None, :] @ F.XB[hh, ss])[:, 0]
-            S = F.S[hh, ss]
-            ts.append(left * S * right)
-            if Qo is not None:
-                root = S.clamp_min(0).sqrt()
-                Q = Qo[hh, ss]
-                rs.append(((left * root)[:, None, :] @ Q)[:, 0] * ((right * root)[:, None, :] @ Q)[:, 0])
-        return torch.cat(ts), (torch.cat(rs) if Qo is not None else None)
-
-    def _rotary_totals(self, idx_all, qf, kf, F, Qo, lut, mask) -> tuple[tuple[Tensor, Tensor], Optional[Tensor]]:
-        """Each measured query's sum of terms over every key it sees (offset-dependent bases).
-
-        Returns ``((keys, totals), rotated_totals)``: ``keys`` sorted flat (batch, head, query)
-        indices, ``totals (queries, r)``.
-        """
-        B, H, n, _ = qf.shape
-        allq = torch.cat([i[:, :3] for i in idx_all.values() if len(i)])
-        keys = torch.unique((allq[:, 0] * H + allq[:, 1]) * n + allq[:, 2])  # sorted
-        b, h, q = keys // (H * n), (keys // n) % H, keys % n
-        O = int(q.max()) + 1  # offsets 0..O-1 cover every visible key of every query
-        o = torch.arange(O, device=qf.device)
-        lut = lut[:O].to(qf.device)
-        XA, XB, S = F.XA[:, lut], F.XB[:, lut], F.S[:, lut]  # (head, offset, ...) in offset order 0..O-1
-        Qs = None if Qo is None else Qo[:, lut]
-        tot = torch.zeros(len(keys), F.r, dtype=qf.dtype, device=qf.device)
-        rtot = None if Qo is None else torch.zeros_like(tot)
-        block = max(1, _PAIR_BLOCK * 16 // max(O, 1))
-        for hh in torch.unique(h).tolist():
-            rows = (h == hh).nonzero()[:, 0]
-            for s in range(0, len(rows), block):
-                rr = rows[s:s + block]
-                bq, qq = b[rr], q[rr]
-                j = qq[:, None] - o[None, :]  # key position at each offset
-                ok = (j >= 0) & mask[bq[:, None], 0, qq[:, None], j.clamp_min(0)]
-                left = torch.einsum("pd,odr->por", qf[bq, hh, qq], XA[hh])
-                right = torch.einsum("pod,odr->por", kf[bq[:, None], hh, j.clamp_min(0)], XB[hh])
-                right = right * ok[..., None].to(right.dtype)
-                tot[rr] = (left * S[hh][None] * right).sum(1)
-                if Qs is not None:
-                    root = S[hh].clamp_min(0).sqrt()[None]
-                    lr = torch.einsum("por,ors->pos", left * root, Qs[hh])
-                    rr_ = torch.einsum("por,ors->pos", right * root, Qs[hh])
-                    rtot[rr] = (lr * rr_).sum(1)
-        return (keys, tot), rtot

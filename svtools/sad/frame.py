@@ -18,7 +18,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from svtools.sad.selection import KINDS
-from svtools.sparsity import n_recon, rolls_tovee
+from svtools.sparsity import term_measures
 
 __all__ = ["COLUMNS", "pair_measures"]
 
@@ -45,25 +45,25 @@ def _empty_frame(controls: Sequence[str] = ("spectrum",)) -> pd.DataFrame:
     return pd.DataFrame({c: pd.Series(dtype=dt[c]) for c in COLUMNS})
 
 
-def pair_measures(terms: Float[Tensor, "pair r"], frac: float = 1.0) -> dict[str, Tensor]:
+def pair_measures(terms: Float[Tensor, "pair r"], frac: float = 1.0, *, order: bool = True) -> dict[str, Tensor]:
     """N_recon, Rolls-Tovee sparseness, dominant index and the N_recon set of each pair's terms.
 
     Returns a dict of ``(pair,)`` tensors ``n_recon``, ``rolls_tovee``, ``dominant_k`` (index of
-    the largest term in the direction of the total: ``argmax_k sign(T) t_k``), ``score``
-    (``T = sum_k t_k``) and ``order`` ``(pair, r)``: indices sorted by ``sign(T) t_k``
-    descending, so ``order[p, :n_recon[p]]`` are the terms that reconstruct the score.
+    the largest term in the direction of the total: ``argmax_k sign(T) t_k``, the first on ties),
+    ``score`` (``T = sum_k t_k``) and, with ``order``, ``order`` ``(pair, r)``: indices sorted by
+    ``sign(T) t_k`` descending (stable), so ``order[p, :n_recon[p]]`` are the terms that
+    reconstruct the score (``order=False`` skips that sort). One sort serves both N_recon and
+    the order (:func:`svtools.sparsity.term_measures`); the values equal :func:`svtools.n_recon`
+    and :func:`svtools.rolls_tovee` of each row.
     """
-    nr = n_recon(terms, frac)
-    rt = rolls_tovee(terms)
-    total = terms.sum(-1, keepdim=True)
-    s = torch.where(total < 0, -torch.ones_like(total), torch.ones_like(total))
-    order = torch.argsort(s * terms, dim=-1, descending=True, stable=True)
-    return {"n_recon": nr, "rolls_tovee": rt, "dominant_k": order[:, 0], "score": total[:, 0], "order": order}
+    return term_measures(terms, frac, order=order)
 
 
 def used_tuples(order: np.ndarray, n: np.ndarray) -> list[tuple[int, ...]]:
     """The ``used`` column: each pair's first ``n[p]`` indices of ``order[p]`` (its N_recon set) as a tuple."""
-    return [tuple(int(k) for k in o[:m]) for o, m in zip(order, n)]
+    flat = tuple(order[np.arange(order.shape[1])[None, :] < n[:, None]].tolist())  # the used prefixes only
+    ends = np.cumsum(n).tolist()
+    return [flat[e - m:e] for e, m in zip(ends, n.tolist())]  # slices of a tuple are tuples
 
 
 def pair_rows(layer: int, heads: Sequence[int], idx: Int[Tensor, "pair 4"], t: Float[Tensor, "pair r"],
@@ -108,7 +108,7 @@ def pair_rows(layer: int, heads: Sequence[int], idx: Int[Tensor, "pair 4"], t: F
     else:
         cols.update(n_recon_null=np.full(len(t), np.nan), rolls_tovee_null=np.full(len(t), np.nan))
     if rot is not None:
-        mr = pair_measures(rot, frac)
+        mr = pair_measures(rot, frac, order=False)
         cols.update(n_recon_rotated=mr["n_recon"].cpu().numpy().astype(np.float64),
                     rolls_tovee_rotated=mr["rolls_tovee"].double().cpu().numpy(),
                     dominant_k_rotated=mr["dominant_k"].cpu().numpy().astype(np.float64))

@@ -61,7 +61,8 @@ from torch import Tensor
 import pandas as pd
 
 from svtools._checks import SVToolsError, as_int
-from svtools.qk import DEGENERATE_TOL, QKSVD, degenerate_groups, one_thread, qk_svd, rotated_factors
+from svtools.qk import DEGENERATE_TOL, QKSVD, degenerate_groups, qk_svd, rotated_factors
+from svtools.rotary import one_thread
 from svtools.sparsity import n_recon, rolls_tovee
 from svtools.terms import homogeneous, merge_degenerate
 
