@@ -1,4 +1,4 @@
-"""Rotary heads offset by offset: each (head, offset) decomposition, fast, from a shared factorisation.
+r"""Rotary heads offset by offset: each (head, offset) decomposition, fast, from a shared factorisation.
 
 With rotary position embeddings a head has one bilinear form per offset ``delta = i - j``,
 ``Omega~_delta = A M_delta B^T`` (``A = [W_Q; b_Q^T]``, ``B = [W_K; b_K^T]``, ``d_in x d_head``;
@@ -6,14 +6,21 @@ With rotary position embeddings a head has one bilinear form per offset ``delta 
 ``B = Q_B R_B`` (``Q_B`` orthonormal columns, ``R_B`` upper triangular: the Cholesky factor of
 ``B^T B`` when ``B`` has full column rank) and ``A^T A = R_A^T R_A``. Then the right singular
 vectors of ``Omega~_delta`` are ``Q_B v_k`` and its singular values ``sigma_k``, where
-``v_k, sigma_k^2`` are the eigenvectors and eigenvalues of the ``r x r`` Gram matrix::
+``v_k, sigma_k^2`` are the eigenvectors and eigenvalues of the ``r x r`` Gram matrix
 
-    Gamma_delta = C_delta^T C_delta = R_B M_delta^T (A^T A) M_delta R_B^T,   C_delta = R_A M_delta R_B^T,
+.. math::
 
-and the left ones are ``u_k = A M_delta R_B^T v_k / sigma_k``. A score's terms need no ``u_k``::
+    \Gamma_\delta = C_\delta^\top C_\delta = R_B M_\delta^\top (A^\top A) M_\delta R_B^\top,
+    \qquad C_\delta = R_A M_\delta R_B^\top,
 
-    t_k = sigma_k (x~ . u_k)(y~ . Q_B v_k) = (a^ . v_k)(b^ . v_k),
-    a^ = R_B M_delta^T (A^T x~),   b^ = Q_B^T y~ = R_B^-T (B^T y~),
+and the left ones are ``u_k = A M_delta R_B^T v_k / sigma_k``. A score's terms need no ``u_k``:
+
+.. math::
+
+    t_k = \sigma_k (\tilde x \cdot u_k)(\tilde y \cdot Q_B v_k) = (\hat a \cdot v_k)(\hat b \cdot v_k),
+
+    \hat a = R_B M_\delta^\top (A^\top \tilde x), \qquad
+    \hat b = Q_B^\top \tilde y = R_B^{-\top} (B^\top \tilde y),
 
 where ``A^T x~`` and ``B^T y~`` are the model's own pre-rotary query and key and ``b^`` is the same
 at every offset. So each (head, offset) needs only ``V`` (``r x r``) and ``S``:
