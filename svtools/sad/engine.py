@@ -26,7 +26,8 @@ from svtools.decomposition import (attention_scale, head_rotations, head_weights
                                    stream_attention, visibility_mask)
 from svtools.rotary import RotaryHeads
 from svtools.sad.frame import pair_rows
-from svtools.sad.null import canonical_means, context_mean, haar_q, null_gaussians, null_rotations, spectrum_null
+from svtools.sad.null import (canonical_means, context_mean, haar_q, null_gaussians, null_rotations, rows_null,
+                              spectrum_null)
 from svtools.sad.rotary import RotaryLayer
 from svtools.sad.selection import baseline_pairs, select_pairs_unchecked
 from svtools.terms import merge_degenerate, relative_pair_terms
@@ -297,7 +298,8 @@ class PairEngine:
                 eligible = eligible.clone()
                 eligible[..., 0] = False
             null = self._null_rotary(idx_all, qa, kb, basis, mask, eligible, qvalid) if basis.rotary else \
-                self._null_absolute(idx_all, pu, pv, basis, mask, eligible, qvalid)
+                self._null_absolute(idx_all, pu, pv, basis, mask, eligible, qvalid,
+                                    csum if self.relative else None)
         for kind, idx in idx_all.items():
             if not len(idx):
                 continue
@@ -346,17 +348,17 @@ class PairEngine:
             s += n
         return out
 
-    def _null_absolute(self, idx_all, pu, pv, basis, mask, eligible, qvalid) -> dict[str, dict[str, Tensor]]:
+    def _null_absolute(self, idx_all, pu, pv, basis, mask, eligible, qvalid, csum=None) -> dict[str, dict[str, Tensor]]:
         """The spectrum null (:mod:`svtools.sad.null`) of absolute-position heads: the real
-        projections ``x~ U``, ``y~ V`` rotated per draw, centred on each prompt's mean."""
+        projections ``x~ U``, ``y~ V`` rotated per draw, centred on each prompt's mean, formed only
+        for the rows and pairs the measured pairs need (:func:`svtools.sad.null.rows_null`)."""
         pairs, match, kinds = self._null_pairs(idx_all)
-        A, C = pu[:, :, :, None, :], pv[:, :, None, :, :]
         valid = qvalid[:, 0]  # (batch, pos): real tokens
-        mean_a = context_mean(A, valid[:, None, :, None], dims=(-3,)) if self.null_center else None
-        mean_c = context_mean(C, valid[:, None, None, :], dims=(-2,)) if self.null_center else None
-        res = spectrum_null(A, C, basis.S[None, :, None, None, :], pairs, basis.O, mask=mask, eligible=eligible,
-                            match=match, mean_a=mean_a, mean_c=mean_c, relative=self.relative, frac=self.frac,
-                            merge_tol=self.degenerate_tol)
+        mean_a = context_mean(pu, valid[:, None, :], dims=(-2,))[:, :, 0] if self.null_center else None
+        mean_c = context_mean(pv, valid[:, None, :], dims=(-2,))[:, :, 0] if self.null_center else None
+        res = rows_null(pu, pv, basis.S, (basis.O[0][:, :, 0, 0], basis.O[1][:, :, 0, 0]), pairs, mask=mask[:, 0],
+                        eligible=eligible[:, 0], match=match, mean_a=mean_a, mean_c=mean_c,
+                        key_sum=csum if self.relative else None, frac=self.frac, merge_tol=self.degenerate_tol)
         return self._split(res, kinds)
 
     def _null_rotary(self, idx_all, qf, kf, basis, mask, eligible, qvalid) -> dict[str, dict[str, Tensor]]:

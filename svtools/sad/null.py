@@ -52,6 +52,7 @@ model, whose features are planted and aligned, attended pairs give a ratio well 
 from __future__ import annotations
 
 import math
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Literal, Optional, Sequence
 
 import torch
@@ -63,12 +64,12 @@ import pandas as pd
 from svtools._checks import SVToolsError, as_int
 from svtools.qk import DEGENERATE_TOL, QKSVD, degenerate_groups, qk_svd, rotated_factors
 from svtools.rotary import one_thread
-from svtools.sparsity import n_recon, rolls_tovee
+from svtools.sparsity import n_recon, rolls_tovee, term_measures
 from svtools.terms import homogeneous, merge_degenerate
 
 __all__ = ["DRAWS", "SPECTRA", "null_gaussians", "haar_q", "null_rotations", "rotate_projections", "key_ranks",
-           "context_mean", "canonical_means", "NullAccumulator", "spectrum_null", "null_terms",
-           "featureless_calibration"]
+           "context_mean", "canonical_means", "NullAccumulator", "spectrum_null", "rows_null", "stable_ranks_of",
+           "keys_of_rank", "null_terms", "featureless_calibration"]
 
 #: Default number of null heads drawn per head.
 DRAWS = 16
@@ -84,14 +85,25 @@ def null_gaussians(seed: int, draws: int, d_in: int, r: int, streams: Sequence[S
     numbers on every device), then cast and moved.
     """
     draws = as_int(draws, "draws", min_value=1)
-    out = []
-    for s in streams:
+    streams = [tuple(s) for s in streams]
+    G = torch.empty(draws, len(streams), 2, int(d_in), int(r), dtype=torch.float64)
+
+    def draw(i: int) -> None:
         h = (int(seed) * 1_000_003 + 0x5EED) % 2**63
-        for v in s:
+        for v in streams[i]:
             h = (h * 1_000_033 + int(v) + 1) % 2**63
         g = torch.Generator().manual_seed(h)
-        out.append(torch.randn(draws, 2, int(d_in), int(r), generator=g, dtype=torch.float64))
-    G = torch.stack(out, 1).to(dtype=dtype, device=device)  # (draws, stream, 2, d_in, r)
+        G[:, i] = torch.randn(draws, 2, int(d_in), int(r), generator=g, dtype=torch.float64)
+
+    # independent generators: the streams are drawn side by side on the CPU's threads (the same numbers)
+    workers = min(torch.get_num_threads(), len(streams))
+    if workers > 1 and draws * d_in * r >= 2**16:
+        with ThreadPoolExecutor(workers) as pool:
+            list(pool.map(draw, range(len(streams))))
+    else:
+        for i in range(len(streams)):
+            draw(i)
+    G = G.to(dtype=dtype, device=device)  # (draws, stream, 2, d_in, r)
     return G[:, :, 0], G[:, :, 1]
 
 
@@ -437,3 +449,217 @@ def featureless_calibration(
             rows.append({"spectrum": name, "kind": kind, "pairs": len(pairs), "rt": rt, "rt_rotated": rt_rot,
                          "rt_null": rt_null, "ratio_rotated": rt / rt_rot, "ratio_null": rt / rt_null})
     return pd.DataFrame(rows)
+
+
+# ----------------------------------------------------------------------------- the fast path (rows only)
+
+#: :func:`rows_null` works on blocks of rows and pairs whose per-draw scratch stays under this many bytes.
+ROWS_BLOCK_BYTES = 32 * 2**20
+
+
+def _grouped(parts: Sequence[Tensor], groups: Sequence[Tensor], n_groups: int,
+             gather: Callable[[Tensor], Tensor]) -> list[Tensor]:
+    """``parts[i][j] @ gather(g)[0]`` for ``g = groups[i][j]``: each row times its group's matrix, as a few
+    batched products over groups of rows (:class:`svtools.sad.rotary.GroupLayout`), each matrix read once."""
+    from svtools.sad.rotary import GroupLayout
+
+    lay = GroupLayout(torch.cat(list(groups)), n_groups)
+    Y = lay.matmul(lay.place(list(parts)), gather)
+    out, at = [], 0
+    for p in parts:
+        out.append(lay.rows(Y, at, at + len(p)))
+        at += len(p)
+    return out
+
+
+def stable_ranks_of(scores: Float[Tensor, "pair key"], eligible: Bool[Tensor, "pair key"],
+                    key: Int[Tensor, "pair"]) -> Int[Tensor, "pair"]:
+    """Rank of ``key`` in its row as :func:`key_ranks` gives it (descending, stable, ineligible keys last
+    in key order), without sorting: counts of the keys before it."""
+    ar = torch.arange(scores.shape[-1], device=scores.device)
+    s_k = scores.gather(-1, key[:, None])
+    before = ar[None, :] < key[:, None]
+    el_k = eligible.gather(-1, key[:, None])[:, 0]
+    above = eligible & ((scores > s_k) | ((scores == s_k) & before))
+    return torch.where(el_k, above.sum(-1), eligible.sum(-1) + (~eligible & before).sum(-1))
+
+
+def keys_of_rank(scores: Float[Tensor, "... row key"], eligible: Bool[Tensor, "row key"],
+                 rank: Int[Tensor, "row"]) -> Int[Tensor, "... row"]:
+    """The key of rank ``rank`` in each row (:func:`key_ranks`' ``order[..., rank]``): the first largest
+    eligible score for rank 0 (no sort), a stable sort of the other rows only."""
+    s = torch.where(eligible, scores, torch.full((), -float("inf"), dtype=scores.dtype, device=scores.device))
+    out = s.argmax(-1)
+    deep = (rank > 0).nonzero()[:, 0]
+    if len(deep):
+        order = torch.sort(s[..., deep, :], dim=-1, descending=True, stable=True).indices
+        out[..., deep] = order.gather(-1, rank[deep].expand(order.shape[:-1])[..., None])[..., 0]
+    return out
+
+
+def rows_null(
+    pu: Float[Tensor, "batch head pos r"],
+    pv: Float[Tensor, "batch head pos r"],
+    S: Float[Tensor, "head r"],
+    rotations: tuple[Float[Tensor, "draw head r r"], Float[Tensor, "draw head r r"]],
+    pairs: Int[Tensor, "pair 4"],
+    *,
+    mask: Bool[Tensor, "batch query key"],
+    eligible: Bool[Tensor, "batch query key"],
+    match: Bool[Tensor, "pair"] | bool = True,
+    mean_a: Optional[Float[Tensor, "batch head r"]] = None,
+    mean_c: Optional[Float[Tensor, "batch head r"]] = None,
+    key_sum: Optional[Float[Tensor, "batch head pos r"]] = None,
+    frac: float = 1.0,
+    merge_tol: Optional[float] = None,
+    block_bytes: int = ROWS_BLOCK_BYTES,
+) -> dict[str, Tensor]:
+    """:func:`spectrum_null` for absolute-position heads, computing only what the measured pairs need.
+
+    The same numbers as :func:`spectrum_null` on the grids ``a = pu[..., :, None, :]``,
+    ``c = pv[..., None, :, :]``, ``S[None, :, None, None]`` with rotations
+    ``(O_q[:, :, None, None], O_k[:, :, None, None])`` (up to float rounding: a key whose null
+    score ties another's within rounding may be ranked the other way), at a fraction of the
+    cost: per draw, the null head's scores are formed only for the query rows of rank-matched
+    pairs, as ``w . (y~_k^T V - m_c)`` with ``w = (x~'^T S) O_k^T`` one ``r``-vector per row
+    (the row's constant ``x~'^T S m_c'`` does not change ranks, so it is left out); the real
+    ranks come from the same rows' real scores; the terms only for the pairs; all draws at
+    once, in batched products grouped by head (no loop over heads or draws).
+
+    ``pu, pv``: the real projections ``x~^T U``, ``y~^T V`` of every position; ``S (head, r)``;
+    ``rotations``: ``(O_q, O_k)``, each ``(draw, head, r, r)`` (:func:`null_rotations`);
+    ``pairs``: ``(batch, head, query, key)`` rows; ``mask``/``eligible``: ``(batch, query,
+    key)``; ``mean_a``/``mean_c``: the context means kept by centring (None: uncentred);
+    ``key_sum``: relative attention, each query's sum of key projections over its visible keys
+    (``sum_k mask[q, k] pv[k]``; None: absolute scores); ``frac``, ``merge_tol`` as in
+    :func:`spectrum_null`. Memory: blocks of rows and pairs whose scratch stays under
+    ``block_bytes``.
+
+    Returns ``rolls_tovee``, ``n_recon`` (float means over draws) and ``draws`` (int), each ``(pair,)``.
+    """
+    O_q, O_k = (o.to(dtype=pu.dtype, device=pu.device) for o in rotations)
+    D, H, r = O_q.shape[0], pu.shape[1], pu.shape[-1]
+    if O_q.shape != (D, H, r, r) or O_k.shape != O_q.shape:
+        raise SVToolsError(f"rotations must be two (draw, head={H}, r={r}, r) tensors, got "
+                           f"{tuple(O_q.shape)} and {tuple(O_k.shape)}")
+    B, n, dev, dt = pu.shape[0], pu.shape[2], pu.device, pu.dtype
+    P = len(pairs)
+    zero = torch.zeros((), dtype=dt, device=dev)
+    if mean_a is not None and mean_c is not None:
+        ca, cc = canonical_means(mean_a, mean_c, S[None], merge_tol) if merge_tol is not None else (mean_a, mean_c)
+        ma, mc = mean_a, mean_c
+    else:
+        ca = cc = ma = mc = torch.zeros(B, H, r, dtype=dt, device=dev)
+    b, h, q, k = pairs.unbind(-1)
+    match_t = torch.as_tensor(match, device=dev).expand(P)
+    Sd = S.to(dt)
+    Oall = torch.cat([O_q, O_k], 0).reshape(2 * D * H, r, r)  # group d * H + h: O_q; D * H + d * H + h: O_k
+    dd = torch.arange(D, device=dev)[:, None]
+    key = k.expand(D, P).clone()  # the null pair's key per draw
+    mi = match_t.nonzero()[:, 0]
+    if len(mi):
+        code = (b[mi] * H + h[mi]) * n + q[mi]
+        rows, inv = torch.unique(code, return_inverse=True)
+        rb, rh, rq = rows // (H * n), (rows // n) % H, rows % n
+        from svtools.sad.rotary import GroupLayout
+
+        # the keys' deviations from the context mean: null scores are w . (y~_k^T V - m_c) plus a
+        # constant per row; real scores (x~^T U S) . (y~_k^T V - m_c) are off by one too (ranks unchanged)
+        keys = (pv - mc[:, :, None, :]).reshape(B * H, n, r)
+        keys_t = lambda g: keys[g].transpose(-1, -2)  # noqa: E731
+        # where a key's eligibility does not depend on the query (no causal mask), it rides in the product:
+        # an extra coordinate, 0 for eligible keys and -inf for the others, met by a 1 in every row
+        ek = eligible.any(1)  # (batch, key): eligible for some query
+        key_only = bool((eligible == (ek[:, None, :] & eligible.any(2, keepdim=True))).all())
+        if key_only:  # (checked again on the rows measured: a row without eligible keys takes the other path)
+            bias = torch.zeros(B, n, 1, dtype=dt, device=dev).masked_fill_(~ek[..., None], -float("inf"))
+            keys_b = torch.cat([keys, bias[:, None].expand(B, H, n, 1).reshape(B * H, n, 1)], -1)
+        M = (O_q @ (Sd[None, :, :, None] * O_k.transpose(-1, -2))).reshape(D * H, r, r)  # O_q S O_k^T
+        W0 = torch.einsum("bhr,dhsr->dbhs", ca * Sd, O_k)  # ca S O_k^T per (draw, batch, head)
+        neg = torch.full((), -float("inf"), dtype=dt, device=dev)
+        per = max(1, block_bytes // max(1, D * (r + 2) * (pu.element_size() + 1) * 4))
+        for r0 in range(0, len(rows), per):
+            bb, hh, qq = rb[r0:r0 + per], rh[r0:r0 + per], rq[r0:r0 + per]
+            R = len(bb)
+            g_bh = bb * H + hh
+            sel = (inv >= r0) & (inv < r0 + R)
+            pi, ri = mi[sel], inv[sel] - r0
+            xa = pu[bb, hh, qq]
+            elig = eligible[bb, qq]  # (rows, key)
+            # the real ranks of the pairs' keys (from scores off by a constant per row: ranks unchanged)
+            real = _grouped([xa * Sd[hh]], [g_bh], B * H, keys_t)[0]
+            rk = stable_ranks_of(real[ri], elig[ri], k[pi])
+            # w = (ca + (a - m) O_q) S O_k^T, every draw: the null scores of row i are w[d, i] . keys + const
+            gdh = (dd * H + hh[None]).reshape(-1)
+            w = _grouped([(xa - ma[bb, hh]).expand(D, R, r).reshape(D * R, r)], [gdh], D * H,
+                         lambda g: M[g])[0].view(D, R, r) + W0[:, bb, hh]
+            # rank 0: the first largest null score, the scores formed and reduced block by block
+            lay = GroupLayout(g_bh.repeat(D), B * H)
+            if key_only and bool((elig == ek[bb]).all()):
+                top = lay.matmul_argmax(lay.place([torch.cat([w.view(D * R, r), torch.ones(D * R, 1, dtype=dt,
+                                                                                           device=dev)], -1)]),
+                                        lambda g: keys_b[g].transpose(-1, -2))
+            else:
+                shut = torch.ones(lay.size, n, dtype=torch.bool, device=dev)  # padding rows stay shut
+                shut.index_copy_(0, lay.cell, (~elig).repeat(D, 1))
+                top = lay.matmul_argmax(lay.place([w.view(D * R, r)]), keys_t, shut)
+                del shut
+            pick = top[lay.cell].view(D, R)[:, ri]  # (draw, pair)
+            deep = (rk > 0).nonzero()[:, 0]
+            if len(deep):  # the other ranks: those rows' scores again, and a stable sort
+                rd = ri[deep]
+                s = _grouped([w[:, rd].reshape(-1, r)], [g_bh[rd].repeat(D)], B * H, keys_t)[0]
+                s = s.view(D, len(rd), n).masked_fill_(~elig[rd], neg)
+                order = torch.sort(s, dim=-1, descending=True, stable=True).indices
+                pick[:, deep] = order.gather(-1, rk[deep].expand(D, -1)[..., None])[..., 0]
+            key[:, pi] = pick
+            del w, real, lay
+    # the terms of the null pairs, all draws, blocks of pairs
+    rt_sum = torch.zeros(P, dtype=torch.float64, device=dev)
+    nr_sum = torch.zeros_like(rt_sum)
+    cnt_ok = torch.zeros_like(rt_sum)
+    per = max(1, block_bytes // max(1, D * r * pu.element_size() * 8))
+    relative = key_sum is not None
+    first = None
+    if merge_tol is not None:
+        first = degenerate_groups(Sd, merge_tol)
+        if bool((first == torch.arange(r, device=dev)).all()):
+            first = None
+    if relative:
+        nvis = mask.sum(-1).to(dt)  # (batch, query)
+    for p0 in range(0, P, per):
+        sl = slice(p0, p0 + per)
+        pb, ph, pq, pk = b[sl], h[sl], q[sl], key[:, sl]
+        m = len(pb)
+        gq = (dd * H + ph[None]).reshape(-1)
+        gk = gq + D * H
+        xa = (pu[pb, ph, pq] - ma[pb, ph]).expand(D, m, r).reshape(-1, r)
+        xc = (pv[pb[None], ph[None], pk] - mc[pb, ph][None]).reshape(-1, r)
+        parts, groups = [xa, xc], [gq, gk]
+        if relative:
+            cnt = nvis[pb, pq]
+            parts.append((key_sum[pb, ph, pq] - cnt[:, None] * mc[pb, ph]).expand(D, m, r).reshape(-1, r))
+            groups.append(gk)
+        out = _grouped(parts, groups, 2 * D * H, lambda g: Oall[g])
+        an = (ca[pb, ph] + out[0].view(D, m, r))
+        cn = (cc[pb, ph] + out[1].view(D, m, r))
+        SS = Sd[ph]
+        t = an * SS * cn
+        if relative:
+            tot = an * SS * (cnt[:, None] * cc[pb, ph] + out[2].view(D, m, r))
+            t = t - (tot - t) / (cnt - 1).clamp_min(1)[:, None]
+            t = torch.where((cnt >= 2)[:, None], t, torch.full_like(t, float("nan")))
+        if first is not None:  # merge_degenerate with each head's groups, found once
+            t = torch.zeros_like(t).scatter_add_(-1, first[ph].expand(D, m, r), t)
+        t = t.reshape(D * m, r)
+        ok = ~torch.isnan(t).any(-1)
+        t = torch.where(ok[:, None], t, torch.ones_like(t))
+        meas = term_measures(t, frac, order=False)
+        rt = meas["rolls_tovee"].double().view(D, m)
+        ok = ok.view(D, m) & ~torch.isnan(rt)
+        rt_sum[sl] = torch.where(ok, rt, 0.0).sum(0)
+        nr_sum[sl] = torch.where(ok, meas["n_recon"].double().view(D, m), 0.0).sum(0)
+        cnt_ok[sl] = ok.double().sum(0)
+    nan = torch.full_like(cnt_ok, float("nan"))
+    return {"rolls_tovee": torch.where(cnt_ok > 0, rt_sum / cnt_ok.clamp_min(1), nan),
+            "n_recon": torch.where(cnt_ok > 0, nr_sum / cnt_ok.clamp_min(1), nan), "draws": cnt_ok.to(torch.int64)}
