@@ -99,3 +99,46 @@ def test_the_bidirectional_problem_takes_the_bias_path(monkeypatch):
         pu, pv, S, O, pairs, match, mask, eligible, valid = _problem(causal=causal)
         rows_null(pu, pv, S, O, pairs, mask=mask, eligible=eligible, match=match)
     assert calls == [True, False]
+
+
+@pytest.mark.parametrize("merge", [None, 1e-5])
+@pytest.mark.parametrize("spread", [0.01, 0.5])
+def test_rotary_rows_null_equals_the_grid_reference(merge, spread):
+    """One rotary head: offset-dependent spectra (nearly constant, and varying by half, which leaves many
+    candidate keys), kept means per offset, rank-0, deeper and unmatched pairs, a padded prompt."""
+    from svtools.sad.null import rotary_rows_null
+
+    g = torch.Generator().manual_seed(5)
+    B, n, d, r, D = 3, 10, 6, 5, 4
+    S = torch.sort(torch.rand(r, generator=g, dtype=torch.float64) + 0.5, descending=True).values
+    S = S * (1 + spread * torch.rand(n, r, generator=g, dtype=torch.float64))  # (offset, r)
+    if merge is not None:
+        S[:, 1] = S[:, 2]  # a degenerate pair at every offset
+    qdev, kdev = torch.randn(B, n, d, generator=g, dtype=torch.float64), torch.randn(B, n, d, generator=g, dtype=torch.float64)
+    N = (torch.randn(D, d, r, generator=g, dtype=torch.float64), torch.randn(D, d, r, generator=g, dtype=torch.float64))
+    mA, mC = torch.randn(B, n, r, generator=g, dtype=torch.float64), torch.randn(B, n, r, generator=g, dtype=torch.float64)
+    pos = torch.arange(n)
+    off = (pos[:, None] - pos[None, :]).clamp_min(0)
+    valid = torch.ones(B, n, dtype=torch.bool)
+    valid[2, 7:] = False
+    mask = torch.tril(torch.ones(n, n, dtype=torch.bool)) & valid[:, None, :]
+    eligible = mask & valid[:, :, None]
+    eligible[..., 0] = False
+    A = torch.randn(B, n, n, r, generator=g, dtype=torch.float64)  # any real projections: only their ranks matter
+    C = torch.randn(B, n, n, r, generator=g, dtype=torch.float64)
+    real = (A * S[off] * C).sum(-1)
+    _, order = key_ranks(real, eligible)
+    bq = [(b_, q_) for b_ in range(B) for q_ in range(2, n) if valid[b_, q_]]
+    top = torch.tensor([(b_, q_, int(order[b_, q_, 0])) for b_, q_ in bq])
+    deep = torch.tensor([(b_, q_, int(order[b_, q_, 1])) for b_, q_ in bq[::2]])
+    rnd = mask.nonzero()[torch.randperm(int(mask.sum()), generator=g)[:25]]
+    pairs = torch.cat([top, deep, rnd])
+    match = torch.arange(len(pairs)) < len(top) + len(deep)
+    fast = rotary_rows_null(qdev, kdev, N, mA, mC, S, real, pairs, eligible=eligible, match=match, merge_tol=merge)
+    da, dc = qdev @ N[0][:, None], kdev @ N[1][:, None]
+    ref = spectrum_null(A, C, S[off], pairs, projections=lambda i: (mA[:, off] + da[i][:, :, None], mC[:, off] + dc[i][:, None]),
+                        draws=D, mask=mask, eligible=eligible, match=match, merge_tol=merge)
+    ok = ~torch.isnan(ref["rolls_tovee"])
+    assert bool(ok.all()) and fast["draws"].tolist() == ref["draws"].tolist()
+    np.testing.assert_allclose(fast["rolls_tovee"].numpy(), ref["rolls_tovee"].numpy(), rtol=1e-10)
+    np.testing.assert_allclose(fast["n_recon"].numpy(), ref["n_recon"].numpy(), rtol=1e-12)

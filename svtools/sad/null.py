@@ -69,7 +69,7 @@ from svtools.terms import homogeneous, merge_degenerate
 
 __all__ = ["DRAWS", "SPECTRA", "null_gaussians", "haar_q", "null_rotations", "rotate_projections", "key_ranks",
            "context_mean", "canonical_means", "NullAccumulator", "spectrum_null", "rows_null", "stable_ranks_of",
-           "keys_of_rank", "null_terms", "featureless_calibration"]
+           "keys_of_rank", "rotary_rows_null", "null_terms", "featureless_calibration"]
 
 #: Default number of null heads drawn per head.
 DRAWS = 16
@@ -663,3 +663,145 @@ def rows_null(
     nan = torch.full_like(cnt_ok, float("nan"))
     return {"rolls_tovee": torch.where(cnt_ok > 0, rt_sum / cnt_ok.clamp_min(1), nan),
             "n_recon": torch.where(cnt_ok > 0, nr_sum / cnt_ok.clamp_min(1), nan), "draws": cnt_ok.to(torch.int64)}
+
+
+def _skew_keys(Fr: Tensor) -> Tensor:
+    """``out[..., q, j] = F[..., q - k, k]`` with ``k = n - 1 - j`` (keys in reverse order), for
+    ``Fr[..., o, j] = F[..., o, n - 1 - j]`` of shape ``(..., n, n)`` (0 where ``k > q``): a strided view of
+    a padded copy, no index tensors."""
+    n = Fr.shape[-1]
+    P = Fr.new_zeros(Fr.shape[:-2] + (n - 1 + Fr.shape[-2], n))
+    P[..., n - 1:, :] = Fr
+    st = P.stride()
+    return P.as_strided(P.shape[:-2] + (n, n), st[:-2] + (n, n + 1))  # [q, j] -> P[q + j, j]
+
+
+def _skew_queries(G: Tensor) -> Tensor:
+    """``out[..., q, j] = G[..., q, q - k]`` with ``k = n - 1 - j`` (keys in reverse order), for
+    ``G (..., n, O)`` (0 where ``k > q``)."""
+    n, O = G.shape[-2], G.shape[-1]
+    P = G.new_zeros(G.shape[:-1] + (n - 1 + O,))
+    P[..., n - 1:] = G
+    st = P.stride()
+    return P.as_strided(P.shape[:-2] + (n, n), st[:-2] + (n + O, 1))  # [q, j] -> P[q, q + j]
+
+
+def rotary_rows_null(
+    qdev: Float[Tensor, "batch pos d"],
+    kdev: Float[Tensor, "batch pos d"],
+    N: tuple[Float[Tensor, "draw d r"], Float[Tensor, "draw d r"]],
+    mean_a: Float[Tensor, "batch offset r"],
+    mean_c: Float[Tensor, "batch offset r"],
+    S: Float[Tensor, "offset r"],
+    real: Float[Tensor, "batch query key"],
+    pairs: Int[Tensor, "pair 3"],
+    *,
+    eligible: Bool[Tensor, "batch query key"],
+    match: Bool[Tensor, "pair"],
+    frac: float = 1.0,
+    merge_tol: Optional[float] = None,
+    margin: float = 1e-3,
+) -> dict[str, Tensor]:
+    """The spectrum null of one rotary head with absolute scores (:func:`spectrum_null`'s numbers), without
+    the per-draw ``(prompt, query, key, r)`` grids.
+
+    The null head's projections are offset-free, ``da = qdev N_A``, ``dc = kdev N_B``, plus the kept
+    means' real projections at each offset ``mean_a[o], mean_c[o]`` (zeros uncentred); its score of
+    ``(q, k)`` at offset ``o = q - k`` is ``sum_r S_o (mean_a_o + da_q)(mean_c_o + dc_k)``. With
+    ``S_o = Sbar + Delta_o`` every part but ``sum_r da_q Delta_o dc_k`` is a matrix product (the
+    offset-indexed ones read through strided views), and that part is bounded by
+    ``|da_q * delta| |dc_k|`` with ``delta = max_o |Delta_o|`` (Cauchy-Schwarz). Only the keys whose upper bound reaches the
+    row's best lower bound (plus ``margin`` of the row's scale, for rounding) can hold rank 0; their
+    scores are formed exactly and the first largest wins. Pairs of other ranks get their rows' exact
+    scores and a stable sort. Singular values vary little with the offset, so few keys remain.
+
+    ``qdev, kdev``: pre-rotary queries and keys minus the kept means (``n`` positions: queries up to
+    the last measured one); ``N``: ``(N_A, N_B)``; ``real``: the real scores (for the real ranks);
+    ``pairs``: ``(batch, query, key)``; ``eligible``: ``(batch, query, key)``. Returns
+    ``rolls_tovee, n_recon, draws`` like :func:`spectrum_null`.
+    """
+    N_A, N_B = (x.to(qdev) for x in N)
+    D, (B, n, _) = N_A.shape[0], qdev.shape
+    r = N_A.shape[-1]
+    dt, dev = qdev.dtype, qdev.device
+    S = S[:n].to(dt)
+    mA, mC = mean_a[:, :n].to(dt), mean_c[:, :n].to(dt)
+    da = qdev @ N_A[:, None]  # (draw, batch, query, r)
+    dc = kdev @ N_B[:, None]  # (draw, batch, key, r)
+    b, q, k = pairs.unbind(-1)
+    P = len(pairs)
+    key = k.expand(D, P).clone()
+    mi = match.nonzero()[:, 0]
+    ar = torch.arange(n, device=dev)
+    off = (ar[:, None] - ar[None, :]).clamp_min(0)  # (query, key)
+
+    def exact(dd, bb, qq, kk):  # the null scores of (draw, batch, query, key) cells, the reference's formula
+        o = (qq - kk).clamp_min(0)
+        return ((mA[bb, o] + da[dd, bb, qq]) * S[o] * (mC[bb, o] + dc[dd, bb, kk])).sum(-1)
+
+    if len(mi):
+        mb, mq, mk = b[mi], q[mi], k[mi]
+        el = eligible[mb, mq]
+        rk = stable_ranks_of(real[mb, mq], el, mk)
+        top = (rk == 0).nonzero()[:, 0]
+        if len(top):
+            Sbar = (S.amax(0) + S.amin(0)) / 2
+            delta = (S.amax(0) - S.amin(0)) / 2
+            SmA, SmC = S * mA, S * mC  # (batch, offset, r)
+            T1 = (SmA * mC).sum(-1)  # (batch, offset)
+            # everything below in reverse key order (j = n - 1 - k): the offset-indexed parts are then views
+            dcr = dc.flip(-2)
+            T2 = SmA[None] @ dcr.transpose(-1, -2)  # (draw, batch, offset, j)
+            T3 = da @ SmC.transpose(-1, -2)[None]  # (draw, batch, query, offset)
+            approx = (da * Sbar) @ dcr.transpose(-1, -2)  # (draw, batch, query, j)
+            approx += _skew_keys(T2)
+            approx += _skew_queries(T3)
+            approx += _skew_queries(T1[:, None, :].expand(B, n, n))[None]
+            del T2, T3
+            # the rows of the rank-0 pairs; each row once
+            rows, inv = torch.unique(mb[top] * n + mq[top], return_inverse=True)
+            rb, rq = rows // n, rows % n
+            ap = approx[:, rb, rq]  # (draw, row, j)
+            # |sum_r da_r Delta_o,r dc_r| <= |da * delta| |dc| (Cauchy-Schwarz): an outer product
+            bd = (da * delta).norm(dim=-1)[:, rb, rq, None] * dcr.norm(dim=-1)[:, rb]
+            e = eligible[rb, rq].flip(-1)
+            scale = margin * (ap.abs().amax(-1, keepdim=True) + bd.amax(-1, keepdim=True))
+            neg = torch.full((), -float("inf"), dtype=dt, device=dev)
+            best_low = torch.where(e, ap - bd, neg).amax(-1, keepdim=True)
+            cand = e & (ap + bd >= best_low - scale)  # (draw, row, key): every key that may be the first largest
+            del approx, ap, bd
+            cd, cr, cj = cand.nonzero().unbind(-1)
+            ck = n - 1 - cj
+            val = exact(cd, rb[cr], rq[cr], ck)
+            flat = torch.full((D * len(rows),), -float("inf"), dtype=dt, device=dev)
+            flat.scatter_reduce_(0, cd * len(rows) + cr, val, "amax")
+            is_max = val == flat[cd * len(rows) + cr]
+            first = torch.full((D * len(rows),), n, dtype=torch.long, device=dev)
+            first.scatter_reduce_(0, (cd * len(rows) + cr)[is_max], ck[is_max], "amin")
+            first = torch.where(first == n, 0, first)  # no eligible key: the reference's stable order gives key 0
+            key[:, mi[top]] = first.view(D, len(rows))[:, inv]
+        deep = (rk > 0).nonzero()[:, 0]
+        if len(deep):  # other ranks: the rows' exact scores, a stable sort
+            db, dq = mb[deep], mq[deep]
+            dd = torch.arange(D, device=dev)[:, None, None]
+            s = exact(dd, db[None, :, None], dq[None, :, None], ar[None, None, :])  # (draw, pair, key)
+            s = s.masked_fill(~el[deep], -float("inf"))
+            order = torch.sort(s, dim=-1, descending=True, stable=True).indices
+            key[:, mi[deep]] = order.gather(-1, rk[deep].expand(D, -1)[..., None])[..., 0]
+    # the null pairs' terms, all draws
+    o = (q[None] - key).clamp_min(0)  # (draw, pair)
+    dd = torch.arange(D, device=dev)[:, None]
+    t = (mA[b[None], o] + da[dd, b[None], q[None]]) * S[o] * (mC[b[None], o] + dc[dd, b[None], key])
+    if merge_tol is not None:
+        t = merge_degenerate(t, S[o], merge_tol)
+    t = t.reshape(D * P, r)
+    ok = ~torch.isnan(t).any(-1)
+    t = torch.where(ok[:, None], t, torch.ones_like(t))
+    meas = term_measures(t, frac, order=False)
+    rt = meas["rolls_tovee"].double().view(D, P)
+    ok = ok.view(D, P) & ~torch.isnan(rt)
+    cnt = ok.double().sum(0)
+    nan = torch.full_like(cnt, float("nan"))
+    return {"rolls_tovee": torch.where(cnt > 0, torch.where(ok, rt, 0.0).sum(0) / cnt.clamp_min(1), nan),
+            "n_recon": torch.where(cnt > 0, torch.where(ok, meas["n_recon"].double().view(D, P), 0.0).sum(0)
+                                   / cnt.clamp_min(1), nan), "draws": cnt.to(torch.int64)}
