@@ -1,10 +1,12 @@
-"""Benchmark: head_sparsity (rotated control on) against the model's own forward pass and a per-pair loop.
+"""Benchmark: head_sparsity (per control) against the model's own forward pass and a per-pair loop.
 
 The embedded MiniLM (6 layers x 12 heads, d_head 32), prompts of the book's plain sentences cut
 to an exact length, every head, threshold 0.5, first key excluded. For each (prompts x tokens):
 
 * ``forward``: the HuggingFace forward with ``output_attentions=True`` (all prompts in one batch);
-* ``head_sparsity``: :func:`svtools.sad.head_sparsity` with its defaults (control on);
+* ``head_sparsity``: :func:`svtools.sad.head_sparsity` with its defaults, once per ``--controls`` entry
+  (default ``spectrum`` = the calibrated null, head_sparsity's default, and ``rotated``), each row
+  printed with the machine's load average and torch's thread count at that moment;
 * ``loop``: a hand-written Python loop over the selected pairs (one forward pass with the
   cache, then ``sad_terms`` / rotated terms / N_recon / Rolls-Tovee pair by pair); skipped when
   there are more than ``--loop-max-pairs`` pairs;
@@ -14,6 +16,11 @@ attention weights that must be written (layers x heads x prompts x tokens^2 x 4 
 by the measured write bandwidth.
 
     python benchmarks/head_sparsity_vs_forward.py [--device cuda] [--lengths 16 32 ...] [--prompts 32]
+        [--counts 32 128 ...] [--controls spectrum rotated none]
+
+Measured 2026-12-05 (see the figures in ``svtools.sad.head_sparsity``'s docstring and README.md; the
+command ``python benchmarks/head_sparsity_vs_forward.py --lengths 256 --counts``):
+MINILM_FIGURES
 
 Measured on the project's shared 2-core CPU under heavy load from other jobs (load average 8-11),
 with ``OMP_WAIT_POLICY=PASSIVE`` (set below: with spinning OpenMP threads every small torch op
@@ -40,7 +47,7 @@ import math  # noqa: E402
 
 import torch  # noqa: E402
 
-from _common import bandwidth, describe, gb, hf_forward, parser, text_ids, timed  # noqa: E402
+from _common import bandwidth, conditions, describe, gb, hf_forward, parser, text_ids, timed  # noqa: E402
 
 
 def pair_loop(model, ids, am, threshold: float = 0.5, seed: int = 0) -> int:
@@ -78,6 +85,8 @@ def main() -> None:
     ap.add_argument("--counts", type=int, nargs="*", default=[32, 128, 512], help="prompt counts at --short tokens")
     ap.add_argument("--short", type=int, default=20)
     ap.add_argument("--loop-max-pairs", type=int, default=20000)
+    ap.add_argument("--controls", nargs="*", default=["spectrum", "rotated"],
+                    help="head_sparsity's control per row: spectrum, rotated or none")
     args = ap.parse_args()
     import svtools
     from svtools.sad import head_sparsity
@@ -87,25 +96,30 @@ def main() -> None:
     bw = bandwidth(device)
     print(describe(device), f"| OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}")
     print(f"MiniLM: {model.cfg.n_layers} layers x {model.cfg.n_heads} heads; write bandwidth {bw / 1e9:.1f} GB/s")
-    head = (f"{'prompts x tokens':>17}{'pairs':>8}{'forward s':>11}{'h_s s':>9}{'loop s':>9}{'h_s/fwd':>9}"
-            f"{'h_s/loop':>10}{'peak h_s':>10}{'peak fwd':>10}{'floor s':>9}")
+    head = (f"{'prompts x tokens':>17}{'control':>10}{'pairs':>8}{'forward s':>11}{'h_s s':>9}{'loop s':>9}"
+            f"{'h_s/fwd':>9}{'h_s/loop':>10}{'peak h_s':>10}{'peak fwd':>10}{'floor s':>9}  conditions")
     print(head)
     configs = [(args.prompts, n) for n in args.lengths] + [(c, args.short) for c in args.counts]
     for n_prompts, length in configs:
         ids, am = text_ids(model, n_prompts, length)
         ids, am = ids.to(device), am.to(device)
-        t_f, m_f, _ = timed(lambda: hf_forward(model, ids, am), args.repeats, device)
-        t_h, m_h, df = timed(lambda: head_sparsity(model, ids, attention_mask=am, progress=False), args.repeats,
-                             device)
-        if len(df) <= args.loop_max_pairs:
-            t_l, _, n_loop = timed(lambda: pair_loop(model, ids, am), 1, device)
-            assert n_loop == len(df), (n_loop, len(df))
-            loop, ratio_l = f"{t_l:9.2f}", f"{t_h / t_l:10.2f}"
-        else:
-            loop, ratio_l = f"{'skip':>9}", f"{'-':>10}"
-        floor = model.cfg.n_layers * model.cfg.n_heads * n_prompts * length ** 2 * 4 / bw
-        print(f"{f'{n_prompts} x {length}':>17}{len(df):>8}{t_f:>11.2f}{t_h:>9.2f}{loop}{t_h / t_f:>9.2f}{ratio_l}"
-              f"{gb(m_h):>10}{gb(m_f):>10}{floor:>9.3f}", flush=True)
+        t_l = None
+        for control in args.controls:
+            ctl = None if control == "none" else control
+            # the forward again beside each control: the ratio is of two times measured under the same load
+            t_f, m_f, _ = timed(lambda: hf_forward(model, ids, am), args.repeats, device)
+            t_h, m_h, df = timed(lambda: head_sparsity(model, ids, attention_mask=am, progress=False, control=ctl),
+                                 args.repeats, device)
+            if len(df) <= args.loop_max_pairs:
+                if t_l is None:
+                    t_l, _, n_loop = timed(lambda: pair_loop(model, ids, am), 1, device)
+                    assert n_loop == len(df), (n_loop, len(df))
+                loop, ratio_l = f"{t_l:9.2f}", f"{t_h / t_l:10.2f}"
+            else:
+                loop, ratio_l = f"{'skip':>9}", f"{'-':>10}"
+            floor = model.cfg.n_layers * model.cfg.n_heads * n_prompts * length ** 2 * 4 / bw
+            print(f"{f'{n_prompts} x {length}':>17}{control:>10}{len(df):>8}{t_f:>11.2f}{t_h:>9.2f}{loop}"
+                  f"{t_h / t_f:>9.2f}{ratio_l}{gb(m_h):>10}{gb(m_f):>10}{floor:>9.3f}  {conditions()}", flush=True)
     print("h_s = head_sparsity; peak = peak memory above the loaded model; floor = attention weights "
           "written / write bandwidth")
 

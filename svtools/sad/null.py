@@ -472,6 +472,22 @@ def _grouped(parts: Sequence[Tensor], groups: Sequence[Tensor], n_groups: int,
     return out
 
 
+def _by_head(X: Tensor, head: Tensor, mats: Tensor) -> Tensor:
+    """``X[d, p] @ mats[d, head[p]]`` for ``X (draw or 1, pair, r)``, ``mats (draw, head, r, s)``: one batched
+    product over draws per head (heads are few; no per-pair matrices, no padding)."""
+    D = mats.shape[0]
+    out = X.new_empty((D, X.shape[1], mats.shape[-1]))
+    order = torch.argsort(head, stable=True)
+    bounds = torch.cumsum(torch.bincount(head, minlength=mats.shape[1]), 0).tolist()
+    s0 = 0
+    for h, s1 in enumerate(bounds):
+        if s1 > s0:
+            idx = order[s0:s1]
+            out[:, idx] = torch.matmul(X[:, idx], mats[:, h])
+        s0 = s1
+    return out
+
+
 def stable_ranks_of(scores: Float[Tensor, "pair key"], eligible: Bool[Tensor, "pair key"],
                     key: Int[Tensor, "pair"]) -> Int[Tensor, "pair"]:
     """Rank of ``key`` in its row as :func:`key_ranks` gives it (descending, stable, ineligible keys last
@@ -553,7 +569,6 @@ def rows_null(
     b, h, q, k = pairs.unbind(-1)
     match_t = torch.as_tensor(match, device=dev).expand(P)
     Sd = S.to(dt)
-    Oall = torch.cat([O_q, O_k], 0).reshape(2 * D * H, r, r)  # group d * H + h: O_q; D * H + d * H + h: O_k
     dd = torch.arange(D, device=dev)[:, None]
     key = k.expand(D, P).clone()  # the null pair's key per draw
     mi = match_t.nonzero()[:, 0]
@@ -574,7 +589,7 @@ def rows_null(
         if key_only:  # (checked again on the rows measured: a row without eligible keys takes the other path)
             bias = torch.zeros(B, n, 1, dtype=dt, device=dev).masked_fill_(~ek[..., None], -float("inf"))
             keys_b = torch.cat([keys, bias[:, None].expand(B, H, n, 1).reshape(B * H, n, 1)], -1)
-        M = (O_q @ (Sd[None, :, :, None] * O_k.transpose(-1, -2))).reshape(D * H, r, r)  # O_q S O_k^T
+        M = O_q @ (Sd[None, :, :, None] * O_k.transpose(-1, -2))  # (draw, head, r, r): O_q S O_k^T
         W0 = torch.einsum("bhr,dhsr->dbhs", ca * Sd, O_k)  # ca S O_k^T per (draw, batch, head)
         neg = torch.full((), -float("inf"), dtype=dt, device=dev)
         per = max(1, block_bytes // max(1, D * (r + 2) * (pu.element_size() + 1) * 4))
@@ -590,9 +605,7 @@ def rows_null(
             real = _grouped([xa * Sd[hh]], [g_bh], B * H, keys_t)[0]
             rk = stable_ranks_of(real[ri], elig[ri], k[pi])
             # w = (ca + (a - m) O_q) S O_k^T, every draw: the null scores of row i are w[d, i] . keys + const
-            gdh = (dd * H + hh[None]).reshape(-1)
-            w = _grouped([(xa - ma[bb, hh]).expand(D, R, r).reshape(D * R, r)], [gdh], D * H,
-                         lambda g: M[g])[0].view(D, R, r) + W0[:, bb, hh]
+            w = _by_head((xa - ma[bb, hh])[None], hh, M) + W0[:, bb, hh]
             # rank 0: the first largest null score, the scores formed and reduced block by block
             lay = GroupLayout(g_bh.repeat(D), B * H)
             if key_only and bool((elig == ek[bb]).all()):
@@ -631,22 +644,17 @@ def rows_null(
         sl = slice(p0, p0 + per)
         pb, ph, pq, pk = b[sl], h[sl], q[sl], key[:, sl]
         m = len(pb)
-        gq = (dd * H + ph[None]).reshape(-1)
-        gk = gq + D * H
-        xa = (pu[pb, ph, pq] - ma[pb, ph]).expand(D, m, r).reshape(-1, r)
-        xc = (pv[pb[None], ph[None], pk] - mc[pb, ph][None]).reshape(-1, r)
-        parts, groups = [xa, xc], [gq, gk]
+        xa = (pu[pb, ph, pq] - ma[pb, ph])[None]
+        xc = pv[pb[None], ph[None], pk] - mc[pb, ph][None]
+        an = ca[pb, ph] + _by_head(xa, ph, O_q)
+        cn = cc[pb, ph] + _by_head(xc, ph, O_k)
         if relative:
             cnt = nvis[pb, pq]
-            parts.append((key_sum[pb, ph, pq] - cnt[:, None] * mc[pb, ph]).expand(D, m, r).reshape(-1, r))
-            groups.append(gk)
-        out = _grouped(parts, groups, 2 * D * H, lambda g: Oall[g])
-        an = (ca[pb, ph] + out[0].view(D, m, r))
-        cn = (cc[pb, ph] + out[1].view(D, m, r))
+            ksum = _by_head((key_sum[pb, ph, pq] - cnt[:, None] * mc[pb, ph])[None], ph, O_k)
         SS = Sd[ph]
         t = an * SS * cn
         if relative:
-            tot = an * SS * (cnt[:, None] * cc[pb, ph] + out[2].view(D, m, r))
+            tot = an * SS * (cnt[:, None] * cc[pb, ph] + ksum)
             t = t - (tot - t) / (cnt - 1).clamp_min(1)[:, None]
             t = torch.where((cnt >= 2)[:, None], t, torch.full_like(t, float("nan")))
         if first is not None:  # merge_degenerate with each head's groups, found once
