@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from svtools.sad.null import (context_mean, haar_q, key_ranks, keys_of_rank, null_gaussians, null_rotations,
-                              rows_null, spectrum_null, stable_ranks_of)
+from svtools.sad.null import context_mean, key_ranks, null_gaussians, null_rotations, spectrum_null
+from svtools.sad.null_fast import keys_of_rank, rotary_rows_null, rows_null, stable_ranks_of
 
 
 def _problem(seed=0, B=4, H=3, n=11, d=14, r=6, degenerate=False, causal=True):
@@ -84,7 +84,8 @@ def test_rank_helpers_agree_with_a_stable_sort():
     want = torch.randint(0, 9, (50,), generator=g)
     want[:20] = 0
     assert torch.equal(keys_of_rank(s, elig, want), order.gather(-1, want[:, None])[:, 0])
-    assert torch.equal(keys_of_rank(s.expand(3, -1, -1), elig, want), order.gather(-1, want[:, None])[:, 0].expand(3, -1))
+    want_keys = order.gather(-1, want[:, None])[:, 0]
+    assert torch.equal(keys_of_rank(s.expand(3, -1, -1), elig, want), want_keys.expand(3, -1))
 
 
 def test_the_bidirectional_problem_takes_the_bias_path(monkeypatch):
@@ -93,8 +94,11 @@ def test_the_bidirectional_problem_takes_the_bias_path(monkeypatch):
 
     calls = []
     orig = rotary.GroupLayout.matmul_argmax
-    monkeypatch.setattr(rotary.GroupLayout, "matmul_argmax",
-                        lambda self, X, gather, shut=None, **kw: calls.append(shut is None) or orig(self, X, gather, shut, **kw))
+    def spy(self, X, gather, shut=None, **kw):
+        calls.append(shut is None)
+        return orig(self, X, gather, shut, **kw)
+
+    monkeypatch.setattr(rotary.GroupLayout, "matmul_argmax", spy)
     for causal in (False, True):
         pu, pv, S, O, pairs, match, mask, eligible, valid = _problem(causal=causal)
         rows_null(pu, pv, S, O, pairs, mask=mask, eligible=eligible, match=match)
@@ -106,17 +110,16 @@ def test_the_bidirectional_problem_takes_the_bias_path(monkeypatch):
 def test_rotary_rows_null_equals_the_grid_reference(merge, spread):
     """One rotary head: offset-dependent spectra (nearly constant, and varying by half, which leaves many
     candidate keys), kept means per offset, rank-0, deeper and unmatched pairs, a padded prompt."""
-    from svtools.sad.null import rotary_rows_null
-
     g = torch.Generator().manual_seed(5)
     B, n, d, r, D = 3, 10, 6, 5, 4
     S = torch.sort(torch.rand(r, generator=g, dtype=torch.float64) + 0.5, descending=True).values
     S = S * (1 + spread * torch.rand(n, r, generator=g, dtype=torch.float64))  # (offset, r)
     if merge is not None:
         S[:, 1] = S[:, 2]  # a degenerate pair at every offset
-    qdev, kdev = torch.randn(B, n, d, generator=g, dtype=torch.float64), torch.randn(B, n, d, generator=g, dtype=torch.float64)
-    N = (torch.randn(D, d, r, generator=g, dtype=torch.float64), torch.randn(D, d, r, generator=g, dtype=torch.float64))
-    mA, mC = torch.randn(B, n, r, generator=g, dtype=torch.float64), torch.randn(B, n, r, generator=g, dtype=torch.float64)
+    rnd = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float64)  # noqa: E731
+    qdev, kdev = rnd(B, n, d), rnd(B, n, d)
+    N = (rnd(D, d, r), rnd(D, d, r))
+    mA, mC = rnd(B, n, r), rnd(B, n, r)
     pos = torch.arange(n)
     off = (pos[:, None] - pos[None, :]).clamp_min(0)
     valid = torch.ones(B, n, dtype=torch.bool)
@@ -136,8 +139,9 @@ def test_rotary_rows_null_equals_the_grid_reference(merge, spread):
     match = torch.arange(len(pairs)) < len(top) + len(deep)
     fast = rotary_rows_null(qdev, kdev, N, mA, mC, S, real, pairs, eligible=eligible, match=match, merge_tol=merge)
     da, dc = qdev @ N[0][:, None], kdev @ N[1][:, None]
-    ref = spectrum_null(A, C, S[off], pairs, projections=lambda i: (mA[:, off] + da[i][:, :, None], mC[:, off] + dc[i][:, None]),
-                        draws=D, mask=mask, eligible=eligible, match=match, merge_tol=merge)
+    ref = spectrum_null(A, C, S[off], pairs, draws=D,
+                        projections=lambda i: (mA[:, off] + da[i][:, :, None], mC[:, off] + dc[i][:, None]),
+                        mask=mask, eligible=eligible, match=match, merge_tol=merge)
     ok = ~torch.isnan(ref["rolls_tovee"])
     assert bool(ok.all()) and fast["draws"].tolist() == ref["draws"].tolist()
     np.testing.assert_allclose(fast["rolls_tovee"].numpy(), ref["rolls_tovee"].numpy(), rtol=1e-10)

@@ -26,16 +26,17 @@ from svtools.decomposition import (attention_scale, head_rotations, head_weights
                                    stream_attention, visibility_mask)
 from svtools.rotary import RotaryHeads
 from svtools.sad.frame import pair_rows
-from svtools.sad.null import (canonical_means, context_mean, haar_q, null_gaussians, null_rotations,
-                              rotary_rows_null, rows_null, spectrum_null)
+from svtools.sad.null import canonical_means, context_mean, haar_q, null_gaussians, null_rotations, spectrum_null
+from svtools.sad.null_fast import rotary_rows_null, rows_null
 from svtools.sad.rotary import RotaryLayer
 from svtools.sad.selection import baseline_pairs, select_pairs_unchecked
 from svtools.terms import merge_degenerate, relative_pair_terms
 
 __all__ = ["PairEngine", "NULL_GRID_BYTES"]
 
-#: The spectrum null of rotary heads forms per-offset projection grids ``(prompts, query, key, r)``
-#: one head and this many bytes at a time.
+#: The spectrum null of rotary heads works one head and a block of prompts at a time, the block's scratch
+#: under this many bytes: ``(draw, prompt, query, key)`` score bounds with absolute scores
+#: (:func:`svtools.sad.null_fast.rotary_rows_null`), per-offset ``(prompt, query, key, r)`` grids with relative ones.
 NULL_GRID_BYTES = 64 * 2**20
 
 
@@ -351,7 +352,7 @@ class PairEngine:
     def _null_absolute(self, idx_all, pu, pv, basis, mask, eligible, qvalid, csum=None) -> dict[str, dict[str, Tensor]]:
         """The spectrum null (:mod:`svtools.sad.null`) of absolute-position heads: the real
         projections ``x~ U``, ``y~ V`` rotated per draw, centred on each prompt's mean, formed only
-        for the rows and pairs the measured pairs need (:func:`svtools.sad.null.rows_null`)."""
+        for the rows and pairs the measured pairs need (:func:`svtools.sad.null_fast.rows_null`)."""
         pairs, match, kinds = self._null_pairs(idx_all)
         valid = qvalid[:, 0]  # (batch, pos): real tokens
         mean_a = context_mean(pu, valid[:, None, :], dims=(-2,))[:, :, 0] if self.null_center else None
@@ -363,9 +364,11 @@ class PairEngine:
 
     def _null_rotary(self, idx_all, qf, kf, basis, mask, eligible, qvalid, qr=None, kr=None
                      ) -> dict[str, dict[str, Tensor]]:
-        """The spectrum null of rotary heads: per-offset projections ``(x~ A) XA_o``, ``(y~ B) XB_o``
-        and values ``S_o`` laid out as ``(prompt, query, key, r)`` grids (pair ``(q, k)`` at offset
-        ``q - k``), one head and a block of prompts at a time (:data:`NULL_GRID_BYTES`)."""
+        """The spectrum null of rotary heads. Absolute scores: :meth:`_null_rotary_rows`. Relative scores
+        (each query's mean term over its keys needs every key's terms at its own offset): per-offset
+        projections ``(x~ A) XA_o``, ``(y~ B) XB_o`` and values ``S_o`` laid out as ``(prompt, query,
+        key, r)`` grids (pair ``(q, k)`` at offset ``q - k``), one head and a block of prompts at a time
+        (:data:`NULL_GRID_BYTES`)."""
         pairs, match, kinds = self._null_pairs(idx_all)
         B, H, _, _ = qf.shape
         n = int(pairs[:, 2].max()) + 1  # queries up to the last measured one (and their keys) suffice
@@ -378,7 +381,7 @@ class PairEngine:
         out = {name: torch.full((len(pairs),), float("nan"), dtype=torch.float64, device=dev)
                for name in ("rolls_tovee", "n_recon")}
         out["draws"] = torch.zeros(len(pairs), dtype=torch.int64, device=dev)
-        if not self.relative:  # absolute scores: no per-draw grids (svtools.sad.null.rotary_rows_null)
+        if not self.relative:  # absolute scores: no per-draw grids (svtools.sad.null_fast.rotary_rows_null)
             return self._split(self._null_rotary_rows(pairs, match, qf, kf, qr, kr, basis, eligible, w, n), kinds)
         for hh in range(H):
             XA, XB, S = basis.rot.factored(hh, n, self.check_tol)  # (offset, d_head, r), (offset, r)
