@@ -109,6 +109,8 @@ def plot_n_recon_distribution(
     ax.set_ylabel("fraction of selected pairs")
     if title:
         ax.set_title(title)
+    lo, hi = ax.get_ylim()
+    ax.set_ylim(lo, hi * 1.3)  # room for the legend above the bars
     ax.legend(frameon=True, loc="upper right")
     fig.tight_layout()
     return fig
@@ -162,6 +164,8 @@ def plot_pair_terms(
         ax.legend(frameon=True, loc="upper right")
     for ax in axes[0]:
         ax.set_ylabel(r"term $t_k$")
+    lo, hi = axes[0, 0].get_ylim()
+    axes[0, 0].set_ylim(lo, hi + 0.4 * (hi - lo))  # room for the legends above the bars (the panels share y)
     if sigma is not None:
         sg = _values(sigma, "sigma")
         if len(sg) != r:
