@@ -1,4 +1,4 @@
-"""The figures of Part 3's first chapters (svtools.plots.sad) are legible on a phone, fit the column
+"""The figures of Part 3's first chapters (svtools.plots.sad, svtools.plots.null) are legible on a phone, fit the column
 and label their axes in math, not ASCII (as tests/test_plots_legible.py requires of Parts 1-2).
 
 The frames are synthetic, with the columns the plot functions read: what is measured is layout,
@@ -14,7 +14,7 @@ import pytest
 
 from svtools import plots
 from svtools._checks import SVToolsError
-from svtools.plots import sad as sp
+from svtools.plots import null as nu, sad as sp
 
 ASCII_MATH = re.compile(r"sigma_|N_recon|tovee|Tovee|\bOmega\b|min\(\|cos|n_features|d_head|log2")
 
@@ -54,9 +54,9 @@ def _figures():
     cal = pd.DataFrame({"spectrum": np.repeat(["flat", "random init", "rank one"], 2),
                         "kind": ["attended", "random"] * 3, "ratio_rotated": [1.0, 0.99, 0.91, 0.93, 0.13, 0.13],
                         "ratio_null": [0.99, 1.0, 0.98, 0.99, 1.0, 1.0]})
-    yield "null_calibration", sp.plot_null_calibration(cal)
-    yield "null_ratio", sp.plot_null_ratio(_ratio())
-    yield "null_ratios", sp.plot_null_ratios({"IOI prompts": _ratio(), "plain sentences": _ratio()})
+    yield "null_calibration", nu.plot_null_calibration(cal)
+    yield "null_ratio", nu.plot_null_ratio(_ratio())
+    yield "null_ratios", nu.plot_null_ratios({"IOI prompts": _ratio(), "plain sentences": _ratio()})
 
 
 def test_part3_figures_are_legible_on_a_phone_and_fit_the_column():
@@ -77,10 +77,10 @@ def test_part3_figures_are_legible_on_a_phone_and_fit_the_column():
 
 
 def test_stacked_ratio_panels_share_axes_and_keep_one_legend():
-    fig = sp.plot_null_ratios({"a": _ratio(), "b": _ratio()})
+    fig = nu.plot_null_ratios({"a": _ratio(), "b": _ratio()})
     axes = fig.axes
     assert len(axes) == 2 and [ax.get_title() for ax in axes] == ["a", "b"]
     assert axes[0].get_legend() is not None and axes[1].get_legend() is None
     assert axes[0].get_xlabel() == "" and axes[1].get_xlabel() == "layer"
     with pytest.raises(SVToolsError):
-        sp.plot_null_ratios({})
+        nu.plot_null_ratios({})

@@ -1,6 +1,7 @@
 """Figures of Part 3: sparse attention decomposition (SAD), its calibrated spectrum null and the rotated control.
 
-Every function returns a matplotlib Figure. Inputs are the frames of :mod:`svtools.sad`
+Every function returns a matplotlib Figure. The null's own figures (its calibration on inputs
+without features, ratios real / null) are in :mod:`svtools.plots.null`. Inputs are the frames of :mod:`svtools.sad`
 (:func:`~svtools.sad.head_sparsity`, :func:`~svtools.toy.toy_sparsity`,
 :func:`~svtools.sad.bootstrap`, :func:`~svtools.sad.singular_vector_usage`) or plain arrays.
 """
@@ -20,9 +21,7 @@ from svtools.sparsity import n_recon, rolls_tovee
 
 __all__ = ["plot_n_recon_distribution", "plot_pair_terms", "plot_n_recon_per_head", "plot_sparseness_map",
            "plot_dominant_index", "plot_usage", "plot_summary", "plot_emergence", "plot_lm_emergence",
-           "plot_sad_vs_alignment", "plot_kind_summary", "plot_null_calibration", "plot_null_ratio",
-           "plot_null_ratios",
-           "KIND_COLORS"]
+           "plot_sad_vs_alignment", "plot_kind_summary", "KIND_COLORS"]
 
 REAL, ROT, NULL = "tab:blue", "tab:gray", "tab:orange"
 # Axis names of the measures, in mathtext.
@@ -539,98 +538,5 @@ def plot_kind_summary(summary: pd.DataFrame, *, x: str = "layer", measure: str =
     if title:
         ax.set_title(title)
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False, fontsize=9)
-    fig.tight_layout()
-    return fig
-
-
-@book_figure
-def plot_null_calibration(cal: pd.DataFrame, *, title: Optional[str] = None) -> Figure:
-    """The two controls on featureless inputs (:func:`svtools.sad.null.featureless_calibration`).
-
-    For each spectrum, bars of the ratio of mean Rolls-Tovee sparseness real / control for the
-    attended pairs, with the rotated control (grey) and the spectrum null (orange), and the same
-    ratios for random pairs as dots. Nothing aligns with anything here: a calibrated control
-    reads 1 (dotted line); a ratio below 1 is a false "sparser".
-    """
-    _need(cal, ["spectrum", "kind", "ratio_rotated", "ratio_null"], "plot_null_calibration")
-    spectra = list(dict.fromkeys(cal["spectrum"]))
-    fig, ax = subplots(width=0.85, height=3.4)
-    x = np.arange(len(spectra), dtype=float)
-    for j, (col, lab, c) in enumerate((("ratio_rotated", "rotated control", ROT),
-                                       ("ratio_null", "spectrum null", NULL))):
-        att = cal[cal["kind"] == "attended"].set_index("spectrum").reindex(spectra)[col].to_numpy(float)
-        rnd = cal[cal["kind"] == "random"].set_index("spectrum").reindex(spectra)[col].to_numpy(float)
-        xs = x + (j - 0.5) * 0.36
-        ax.bar(xs, att, width=0.34, color=c, label=f"{lab}: attended pairs")
-        ax.plot(xs, rnd, "o", color="k", ms=4, label="random pairs" if j == 0 else None)
-        for xi, v in zip(xs, att):
-            ax.text(xi, v + 0.05, f"{v:.2f}", ha="center", va="bottom")
-    ax.axhline(1.0, color="k", lw=0.8, ls=":")
-    ax.set_xticks(x)
-    ax.set_xticklabels(spectra)
-    ax.set_xlabel("spectrum of the head (inputs without features)")
-    ax.set_ylabel(RT_NAME + ", real / control")
-    ax.set_ylim(0, 1.75)
-    ax.legend(loc="upper left", ncol=1, frameon=True)
-    if title:
-        ax.set_title(title)
-    fig.tight_layout()
-    return fig
-
-
-@book_figure
-def plot_null_ratio(ratio: pd.DataFrame, *, x: str = "layer", hue: str = "kind", xlabel: Optional[str] = None,
-                    ylabel: str = RT_NAME + ", real / null", title: Optional[str] = None,
-                    ax: Optional[plt.Axes] = None, legend: Optional[str] = "lower right") -> Figure:
-    """A :func:`svtools.sad.null_ratio` frame against ``x``, one line per ``hue`` (kinds of pairs), with
-    the intervals over prompts as error bars and the line at 1 (no sparser than the null).
-    Groups are offset slightly along ``x``; ``x`` may be numbers or labels. ``legend``: its corner
-    inside the axes (a matplotlib ``loc``), or ``None`` for no legend."""
-    _need(ratio, [x, hue, "ratio", "lo", "hi"], "plot_null_ratio")
-    fig, ax = (ax.figure, ax) if ax is not None else subplots(width=0.8, height=3.2)
-    levels = list(dict.fromkeys(ratio[hue]))
-    xv = list(dict.fromkeys(ratio[x]))
-    numeric = all(isinstance(v, (int, float, np.integer, np.floating)) for v in xv)
-    pos = {v: (float(v) if numeric else float(i)) for i, v in enumerate(xv)}
-    for i, lv in enumerate(levels):
-        s = ratio[ratio[hue] == lv]
-        xs = np.array([pos[v] for v in s[x]]) + 0.08 * (i - (len(levels) - 1) / 2)
-        c = KIND_COLORS.get(lv, None) if isinstance(lv, str) else None
-        ax.errorbar(xs, s["ratio"], yerr=[s["ratio"] - s["lo"], s["hi"] - s["ratio"]], marker="o", ms=4,
-                    capsize=2, color=c, ls="-" if numeric else "none",
-                    label=str(lv) + (" pairs" if hue == "kind" else ""))
-    ax.axhline(1.0, color="k", lw=0.8, ls=":")
-    if not numeric:
-        ax.set_xticks(range(len(xv)))
-        ax.set_xticklabels([str(v) for v in xv])
-    ax.set_xlabel(x if xlabel is None else xlabel)
-    ax.set_ylabel(ylabel)
-    if title:
-        ax.set_title(title)
-    if legend:
-        lo, hi = ax.get_ylim()
-        ax.set_ylim(lo - 0.45 * (hi - lo), hi)  # room for the legend below the data
-        ax.legend(loc=legend, frameon=True)
-    fig.tight_layout()
-    return fig
-
-
-@book_figure
-def plot_null_ratios(ratios: "dict[str, pd.DataFrame]", *, x: str = "layer", hue: str = "kind",
-                     xlabel: Optional[str] = None, legend: str = "lower right") -> Figure:
-    """Several :func:`svtools.sad.null_ratio` frames (e.g. one per prompt set), one panel each,
-    stacked top to bottom with a shared ``x`` and a shared ratio axis; each panel is titled by its
-    key, and only the first has the legend (see :func:`plot_null_ratio`).
-
-    Raises:
-        SVToolsError: ``ratios`` is empty.
-    """
-    if not ratios:
-        raise SVToolsError("plot_null_ratios: no frames to plot")
-    fig, axes = subplots(len(ratios), 1, width=0.8, height=2.6 * len(ratios) + 0.4, sharex=True, sharey=True,
-                         squeeze=False)
-    for i, (ax, (name, r)) in enumerate(zip(axes[:, 0], ratios.items())):
-        plot_null_ratio(r, x=x, hue=hue, ax=ax, title=name, legend=legend if i == 0 else None,
-                        xlabel=(xlabel or x) if i == len(ratios) - 1 else "")
     fig.tight_layout()
     return fig

@@ -26,12 +26,14 @@ from svtools.sad.frame import pair_measures, used_tuples
 from svtools.sad.measure import control_names
 from svtools.sad.null import DRAWS, context_mean, null_gaussians, null_rotations, spectrum_null
 from svtools.sad.selection import Select, check_baseline, select_pairs
+from svtools.sad.stats import null_ratio
 from svtools.sparsity import n_recon, rolls_tovee
 from svtools.terms import homogeneous, relative_terms, rotated_terms, sad_terms
 from svtools.toy.model import sample_batch, template_matrix
+from svtools.toy.summaries import summarize
 from svtools.toy.training import train
 
-__all__ = ["toy_tokens", "toy_pair_sad", "toy_sparsity", "toy_sparsity_over_training"]
+__all__ = ["toy_tokens", "toy_pair_sad", "toy_sparsity", "toy_sparsity_over_training", "toy_sad_across_runs"]
 
 
 def toy_tokens(run: Any, n: int, *, seed: int = 0) -> tuple[Float[Tensor, "n D"], Float[Tensor, "n m D"], Float[Tensor, "n m"], Int[Tensor, "n"]]:
@@ -274,10 +276,6 @@ def toy_sad_across_runs(
     Raises:
         SVToolsError: ``n_features`` or ``seeds`` is empty.
     """
-    from svtools.sad.stats import null_ratio
-    from svtools.toy.summaries import summarize
-    from svtools.toy.training import train
-
     if not len(n_features) or not len(seeds):
         raise SVToolsError("toy_sad_across_runs: n_features and seeds must not be empty")
     runs = dict(runs or {})
