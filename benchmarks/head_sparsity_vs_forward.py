@@ -18,9 +18,12 @@ by the measured write bandwidth.
     python benchmarks/head_sparsity_vs_forward.py [--device cuda] [--lengths 16 32 ...] [--prompts 32]
         [--counts 32 128 ...] [--controls spectrum rotated none]
 
-Measured 2026-12-05 (see the figures in ``svtools.sad.head_sparsity``'s docstring and README.md; the
-command ``python benchmarks/head_sparsity_vs_forward.py --lengths 256 --counts``):
-MINILM_FIGURES
+Measured 2026-12-05 on the shared 2-core CPU, never quiet (``python benchmarks/head_sparsity_vs_forward.py
+--lengths 256 --counts``, best of 2-3; head_sparsity / forward, peak above the model, load):
+32 x 256, ``spectrum``: 1.59x (0.14 GB, load 2.9), 2.12x (0.17 GB, load 2.3), 1.84x (0.12 GB, load
+5.0), 1.36x (0.25 GB in a fresh process, load 9.6); ``rotated``: 0.77x, 0.89x, 0.95x, 1.16x (0.09-0.12
+GB). Single-thread CPU time, less sensitive to load: spectrum 5.8 s, rotated 3.3 s, forward 4.0-4.2 s.
+Before the rows-only null (svtools.sad.null_fast) the spectrum control took 26-33x the forward.
 
 Measured on the project's shared 2-core CPU under heavy load from other jobs (load average 8-11),
 with ``OMP_WAIT_POLICY=PASSIVE`` (set below: with spinning OpenMP threads every small torch op
@@ -28,8 +31,8 @@ cost 10-30 ms on the loaded machine and all timings, of every method, were 2-10x
 times drift, compare the ratios. CUDA: the ``--device cuda`` path exists but is untested (no GPU
 was available).
 
-Measured 2026-11-28, loaded 2-core CPU (load average 7-11), one run each (head_sparsity / forward;
-peak above the model, head_sparsity vs forward):
+Measured 2026-11-28, before the spectrum null existed (the rotated control), loaded 2-core CPU (load
+average 7-11), one run each (head_sparsity / forward; peak above the model, head_sparsity vs forward):
 32 x 16: 1.27x; 32 x 32: 1.07x; 32 x 64: 0.67x; 32 x 128: 0.87x (0.14 vs 0.60 GB); 32 x 256: 0.67x
 (0.06 vs 1.65 GB; 0.23 GB in a fresh process, where the allocator holds nothing yet); 32 x 512:
 0.85x (vs 4.35 GB); 128 x 20: 0.90x. Against the per-pair loop: 4-8x faster (0.12-0.27x its time).
