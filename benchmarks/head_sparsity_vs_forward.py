@@ -22,7 +22,8 @@ Measured 2026-12-05 on the shared 2-core CPU, never quiet (``python benchmarks/h
 --lengths 256 --counts``, best of 2-3; head_sparsity / forward, peak above the model, load):
 32 x 256, ``spectrum``: 1.59x (0.14 GB, load 2.9), 2.12x (0.17 GB, load 2.3), 1.84x (0.12 GB, load
 5.0), 1.36x (0.25 GB in a fresh process, load 9.6); ``rotated``: 0.77x, 0.89x, 0.95x, 1.16x (0.09-0.12
-GB). Single-thread CPU time, less sensitive to load: spectrum 5.8 s, rotated 3.3 s, forward 4.0-4.2 s.
+GB). Single-thread CPU time, less sensitive to load: spectrum 5.8 s, rotated 3.3-3.9 s, forward 4.0-4.4 s
+(1.40x and 0.83-0.89x).
 Before the rows-only null (svtools.sad.null_fast) the spectrum control took 26-33x the forward.
 
 Measured on the project's shared 2-core CPU under heavy load from other jobs (load average 8-11),
