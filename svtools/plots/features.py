@@ -151,14 +151,14 @@ def plot_features_over_training(frame: pd.DataFrame, *, title: Optional[str] = N
     axes[2].set_ylabel(r"directions ($N_\mathrm{recon}$)")
     axes[2].yaxis.set_major_locator(MaxNLocator(integer=True))
     # colours name the seeds (one legend, below); line styles name the series, in each panel
-    def styles(ax, entries, loc):
+    def styles(ax, entries, loc, ncol=1):
         handles = [Line2D([], [], color="0.2", ls=ls, marker=m, ms=3) for _, ls, m in entries]
         extra = [h for h in ax.get_legend_handles_labels()[0] if not str(h.get_label()).startswith("seed")]
         return ax.legend(handles + extra, [t for t, _, _ in entries] + [h.get_label() for h in extra], loc=loc,
-                         frameon=True)
+                         ncol=ncol, frameon=True)
 
     styles(axes[0], [("IO over S", "-", "o"), ("END → IO", "--", "s")], "upper left")
-    styles(axes[1], [("raw $v$", "-", "o"), (r"$\Sigma v$", ":", "")], "lower right")
+    styles(axes[1], [("raw $v$", "-", "o"), (r"$\Sigma v$", ":", "")], "lower right", ncol=2)  # low: the data sit high
     axes[2].add_artist(styles(axes[2], [("per prompt", "-", "o"), ("mean profile", "--", "s")], "upper left"))
     seeds = [Line2D([], [], color=c, lw=2) for c in colors.values()]
     axes[2].legend(seeds, [f"seed {s}" for s in colors], loc="upper center", bbox_to_anchor=(0.5, -0.34),
