@@ -147,7 +147,8 @@ def plot_features_over_training(frame: pd.DataFrame, *, title: Optional[str] = N
     axes[0].set_ylabel("accuracy,\nattention")
     axes[0].set_ylim(-0.03, 1.05)
     axes[1].set_ylabel(r"$\max_k |\cos(n, v_k)|$")
-    axes[1].set_ylim(0, 1.05)
+    axes[1].set_ylim(-0.32, 1.05)  # room below 0 for the legend; |cos| itself is in [0, 1]
+    axes[1].set_yticks([0, 0.2, 0.4, 0.6, 0.8, 1.0])
     axes[2].set_ylabel(r"directions ($N_\mathrm{recon}$)")
     axes[2].yaxis.set_major_locator(MaxNLocator(integer=True))
     # colours name the seeds (one legend, below); line styles name the series, in each panel
@@ -158,7 +159,7 @@ def plot_features_over_training(frame: pd.DataFrame, *, title: Optional[str] = N
                          ncol=ncol, frameon=True)
 
     styles(axes[0], [("IO over S", "-", "o"), ("END → IO", "--", "s")], "upper left")
-    styles(axes[1], [("raw $v$", "-", "o"), (r"$\Sigma v$", ":", "")], "lower right", ncol=2)  # low: the data sit high
+    styles(axes[1], [("raw $v$", "-", "o"), (r"$\Sigma v$", ":", "")], "lower right", ncol=2)  # below 0
     axes[2].add_artist(styles(axes[2], [("per prompt", "-", "o"), ("mean profile", "--", "s")], "upper left"))
     seeds = [Line2D([], [], color=c, lw=2) for c in colors.values()]
     axes[2].legend(seeds, [f"seed {s}" for s in colors], loc="upper center", bbox_to_anchor=(0.5, -0.34),
