@@ -146,3 +146,29 @@ def test_rotary_rows_null_equals_the_grid_reference(merge, spread):
     assert bool(ok.all()) and fast["draws"].tolist() == ref["draws"].tolist()
     np.testing.assert_allclose(fast["rolls_tovee"].numpy(), ref["rolls_tovee"].numpy(), rtol=1e-10)
     np.testing.assert_allclose(fast["n_recon"].numpy(), ref["n_recon"].numpy(), rtol=1e-12)
+
+
+def test_null_cache_keeps_copies_and_keys_on_weights():
+    from svtools.sad import engine
+
+    engine.clear_null_cache()
+    calls = []
+
+    def make():
+        calls.append(1)
+        return torch.randn(2, 3, generator=torch.Generator().manual_seed(len(calls))), torch.zeros(2)
+
+    U = torch.randn(4, 3, generator=torch.Generator().manual_seed(0))
+    a = engine._null_cached(("O", 0, 16, 1, (0,), torch.float32, "cpu", engine._digest(U)), make)
+    a[0].fill_(7.0)  # a caller's copy: the kept entry is unchanged
+    b = engine._null_cached(("O", 0, 16, 1, (0,), torch.float32, "cpu", engine._digest(U)), make)
+    assert len(calls) == 1 and not bool((b[0] == 7.0).any())
+    U2 = U.clone()
+    U2[0, 0] += 1e-6  # other weights: another key, computed again
+    assert engine._digest(U2) != engine._digest(U)
+    engine._null_cached(("O", 0, 16, 1, (0,), torch.float32, "cpu", engine._digest(U2)), make)
+    assert len(calls) == 2
+    engine.clear_null_cache()
+    engine._null_cached(("O", 0, 16, 1, (0,), torch.float32, "cpu", engine._digest(U)), make)
+    assert len(calls) == 3
+    engine.clear_null_cache()

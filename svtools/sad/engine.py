@@ -14,7 +14,9 @@ relative attention and the spectrum null), and those are kept across calls by
 
 from __future__ import annotations
 
-from typing import Any, Optional
+import hashlib
+from collections import OrderedDict
+from typing import Any, Callable, Optional
 
 import torch
 from jaxtyping import Float
@@ -32,7 +34,7 @@ from svtools.sad.rotary import RotaryLayer
 from svtools.sad.selection import baseline_pairs, select_pairs_unchecked
 from svtools.terms import merge_degenerate, relative_pair_terms
 
-__all__ = ["PairEngine", "NULL_GRID_BYTES"]
+__all__ = ["PairEngine", "NULL_GRID_BYTES", "NULL_CACHE_BYTES", "clear_null_cache"]
 
 #: The spectrum null of rotary heads works one head and a block of prompts at a time, the block's scratch
 #: under this many bytes: ``(draw, prompt, query, key)`` score bounds with absolute scores
@@ -68,9 +70,13 @@ class _LayerBasis:
             self.Q = head_rotations(seed, layer, heads, (), qk.r, dtype=dtype, device=qk.U.device) if control else None
             self.r = qk.r
             if null_draws:
-                G_q, G_k = null_gaussians(seed, null_draws, qk.d_in, self.r, [(layer, h) for h in heads],
-                                          dtype=dtype, device=qk.U.device)
-                self.O = (null_rotations(qk.U, G_q)[:, :, None, None], null_rotations(qk.V, G_k)[:, :, None, None])
+                def rotations() -> tuple[Tensor, Tensor]:
+                    G_q, G_k = null_gaussians(seed, null_draws, qk.d_in, self.r, [(layer, h) for h in heads],
+                                              dtype=dtype, device=qk.U.device)
+                    return null_rotations(qk.U, G_q)[:, :, None, None], null_rotations(qk.V, G_k)[:, :, None, None]
+
+                self.O = _null_cached(("O", seed, null_draws, layer, tuple(heads), dtype, str(qk.U.device),
+                                       _digest(qk.U), _digest(qk.V)), rotations)
             return
         W_Q, W_K, b_Q, b_K = (None if t is None else t[layer] for t in weights[:4])
         sel = lambda t: None if t is None else t.index_select(0, idx.to(t.device))  # noqa: E731
@@ -79,9 +85,54 @@ class _LayerBasis:
         self.A, self.B, self.has_bias, self.r = rh.A, rh.B, rh.has_bias, rh.r
         self.N: Optional[tuple[Tensor, Tensor]] = None
         if null_draws:
-            G_q, G_k = null_gaussians(seed, null_draws, self.A.shape[-2], self.r, [(layer, h) for h in heads],
-                                      dtype=dtype, device=self.A.device)
-            self.N = (_null_factor(self.A, G_q, layer, "query"), _null_factor(self.B, G_k, layer, "key"))
+            def factors() -> tuple[Tensor, Tensor]:
+                G_q, G_k = null_gaussians(seed, null_draws, self.A.shape[-2], self.r, [(layer, h) for h in heads],
+                                          dtype=dtype, device=self.A.device)
+                return _null_factor(self.A, G_q, layer, "query"), _null_factor(self.B, G_k, layer, "key")
+
+            self.N = _null_cached(("N", seed, null_draws, layer, tuple(heads), dtype, str(self.A.device),
+                                   _digest(self.A), _digest(self.B)), factors)
+
+
+#: Bytes of null rotations (absolute positions: ``O``) and null factors (rotary: ``N``) that
+#: :func:`_null_cached` keeps across calls, least recently used out first (MiniLM's 72 heads x 16 draws:
+#: 9.4 MB in float32). 0 keeps nothing.
+NULL_CACHE_BYTES = 64 * 2**20
+_NULL_CACHE: "OrderedDict[tuple, tuple[Tensor, Tensor]]" = OrderedDict()
+
+
+def clear_null_cache() -> None:
+    """Forget every null rotation and factor kept across calls (:data:`NULL_CACHE_BYTES`)."""
+    _NULL_CACHE.clear()
+
+
+def _digest(t: Tensor) -> str:
+    """A digest of a tensor's values, dtype and shape: a cache key that a changed model can never match."""
+    x = t.detach().contiguous().cpu()
+    h = hashlib.blake2b(f"{x.dtype}{tuple(x.shape)}".encode(), digest_size=16)
+    h.update(x.view(torch.uint8).numpy().tobytes() if x.numel() else b"")
+    return h.hexdigest()
+
+
+def _null_cached(key: tuple, make: Callable[[], tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
+    """The spectrum null's rotations or factors of one layer's heads, kept across calls.
+
+    They depend only on the seed, the draws, the layer, the heads (one random stream per ``(seed, layer,
+    head)``, :func:`svtools.sad.null.null_gaussians`) and the head's weights (``U, V`` or ``A, B``, in
+    ``key`` as digests), never on the prompts, so a second call on the same model skips drawing the
+    Gaussians (float64, ``draws x 2 x d_in x r`` per head) and their QR. Copies are returned (a caller
+    can never change a kept entry)."""
+    hit = _NULL_CACHE.get(key)
+    if hit is None:
+        hit = make()
+        size = sum(t.numel() * t.element_size() for t in hit)
+        if size <= NULL_CACHE_BYTES:
+            _NULL_CACHE[key] = hit
+            while sum(sum(t.numel() * t.element_size() for t in v) for v in _NULL_CACHE.values()) > NULL_CACHE_BYTES:
+                _NULL_CACHE.popitem(last=False)
+        return tuple(t.clone() for t in hit)  # type: ignore[return-value]
+    _NULL_CACHE.move_to_end(key)
+    return tuple(t.clone() for t in hit)  # type: ignore[return-value]
 
 
 def _null_factor(A: Tensor, G: Tensor, layer: int, side: str) -> Tensor:
