@@ -113,10 +113,40 @@ def _term_measures(raw: Tensor, frac: float, order: bool) -> dict[str, Tensor]:
             sorted_t[flip] = torch.sort((s * t)[flip], dim=-1, descending=True).values
         out |= {"order": o, "dominant_k": o[..., 0]}
     else:
-        sorted_t = torch.sort(s * t, dim=-1, descending=True).values
         out["dominant_k"] = torch.argmax(sgn * raw, dim=-1)
+        out["n_recon"] = _n_recon_partial(t, total, frac)
+        return out
     out["n_recon"] = _n_recon_sorted(t, total, sorted_t, frac)
     return out
+
+
+#: :func:`_n_recon_partial` reads this many largest terms first; rows that need more are sorted in full.
+_PARTIAL_K = 8
+
+
+def _n_recon_partial(t: Tensor, total: Tensor, frac: float) -> Tensor:
+    """:func:`_n_recon_sorted` of ``sign(total) * t`` without sorting whole rows: the ``_PARTIAL_K``
+    largest terms (``topk``, cheaper than a sort of every term), their partial sums; only the rows
+    that these do not bring to the target are sorted in full. The same numbers: a row's first
+    ``_PARTIAL_K`` sorted values and their running sums are those of the full sort."""
+    r = t.shape[-1]
+    if t.ndim != 2 or r <= _PARTIAL_K:
+        st = torch.where(total < 0, -t, t)
+        return _n_recon_sorted(t, total, torch.sort(st, dim=-1, descending=True).values, frac)
+    st = torch.where(total < 0, -t, t)
+    top = torch.topk(st, _PARTIAL_K, dim=-1, sorted=True).values
+    partial = torch.cumsum(top, dim=-1)
+    target = float(frac) * total.abs()
+    tol = 8 * torch.finfo(t.dtype).eps * t.abs().sum(-1, keepdim=True)
+    reach = partial >= target - tol
+    zero = (target <= tol).squeeze(-1)
+    found = reach.any(-1)
+    n = torch.argmax(reach.to(torch.uint8), dim=-1) + 1
+    rest = (~found).nonzero()[:, 0]
+    if len(rest):
+        n[rest] = _n_recon_sorted(t[rest], total[rest], torch.sort(st[rest], dim=-1, descending=True).values, frac)
+        zero[rest] = False  # _n_recon_sorted has set those rows' zeros
+    return torch.where(zero, torch.zeros_like(n), n)
 
 
 def rolls_tovee(terms: Float[Tensor, "... r"]) -> Float[Tensor, "..."]:

@@ -138,3 +138,20 @@ def test_term_measures_equal_the_separate_measures(dtype, frac):
     short = term_measures(t, frac, order=False)
     assert "order" not in short and torch.equal(short["dominant_k"], order[:, 0])
     assert torch.equal(short["n_recon"], m["n_recon"])
+
+
+@pytest.mark.parametrize("frac", [1.0, 0.6])
+def test_term_measures_partial_n_recon_matches_full_sort(frac):
+    """order=False reads the largest terms first (topk) and sorts only rows that need more: the same N_recon."""
+    from svtools.sparsity import _PARTIAL_K, term_measures
+
+    g = torch.Generator().manual_seed(1)
+    t = torch.randn(6000, 32, generator=g).abs() + 0.1  # dense rows of one sign: N_recon above _PARTIAL_K
+    t[3000:] = t[3000:] ** 3  # heavy tails: mostly below
+    t[:300] = t[:300].round()  # ties
+    t[300:320] = 0
+    t[320:400] -= t[320:400].mean(-1, keepdim=True)  # totals near zero
+    got = term_measures(t, frac, order=False)["n_recon"]
+    want = n_recon(t, frac)
+    assert bool((want <= _PARTIAL_K).any()) and bool((want > _PARTIAL_K).any())
+    assert torch.equal(got, want)
