@@ -25,6 +25,13 @@ Measured 2026-12-05 on the shared 2-core CPU, never quiet (``python benchmarks/h
 GB). Single-thread CPU time, less sensitive to load: spectrum 5.8 s, rotated 3.3-3.9 s, forward 4.0-4.4 s
 (1.40x and 0.83-0.89x).
 Before the rows-only null (svtools.sad.null_fast) the spectrum control took 26-33x the forward.
+After keeping the null rotations across calls and N_recon by topk (same day, same command, best of 2,
+so the second call, which reuses the rotations, counts): ``spectrum`` 1.20x (0.15 GB, load 2.2),
+1.75x (0.34 GB, load 2.6), 2.27x (0.28 GB, load 1.9); ``rotated`` 1.48x, 0.87x, 0.53x: the two-thread
+forward took 2.4-4.3 s across these runs, so these ratios are mostly noise. Single-thread CPU time
+(``torch.set_num_threads(1)``, ``time.process_time``, load 1.8-2.4): spectrum 4.76-4.95 s on a
+repeated call, 5.49-5.64 s on a first call, forward 4.0-4.3 s (1.14-1.19x and 1.31-1.37x; 1.33-1.43x
+before).
 
 Measured on the project's shared 2-core CPU under heavy load from other jobs (load average 8-11),
 with ``OMP_WAIT_POLICY=PASSIVE`` (set below: with spinning OpenMP threads every small torch op

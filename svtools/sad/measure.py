@@ -245,9 +245,13 @@ def head_sparsity(
     timed beside it; the machine was never quiet (1-minute load average 2.3-10 from other jobs, in
     brackets), and load slows the two-thread forward more than this code, so the ratios swing.
     MiniLM, 32 prompts x 256 tokens, every head (``python benchmarks/head_sparsity_vs_forward.py
-    --lengths 256 --counts``): ``control="spectrum"`` (the default, 16 draws) 1.6-2.1x the forward
-    (load 2.3-2.9; 1.4-1.8x at 5-10), peak memory above the model 0.14-0.25 GB; ``control="rotated"``
-    0.77-0.89x (load 2.7-2.8), 0.09-0.12 GB. Rotary, Pythia-160M-shaped random model, peaked attention,
+    --lengths 256 --counts``): ``control="spectrum"`` (the default, 16 draws) 1.2-2.3x the forward
+    (load 1.9-2.6, best of 2 calls; the two-thread forward itself took 2.4-4.3 s across runs), peak memory
+    above the model 0.15-0.34 GB; ``control="rotated"`` 0.53-1.5x in the same runs (0.77-0.89x earlier),
+    0.06-0.14 GB. Single-thread CPU time, less sensitive to load (load 1.8-2.4): ``"spectrum"`` 4.8-5.0 s
+    against the forward's 4.0-4.3 s (1.14-1.19x) on a repeated call on the same model (the null rotations
+    are kept across calls, :data:`svtools.sad.engine.NULL_CACHE_BYTES`), 5.5-5.6 s (1.31-1.37x) on a
+    first call. Rotary, Pythia-160M-shaped random model, peaked attention,
     4 x 256 tokens, 141,993 pairs at 254 offsets (``python benchmarks/head_sparsity_rotary.py
     --control rotated`` / ``--control spectrum``): ``"rotated"`` a cold call (empty factor cache)
     6.0-6.9x, a repeated call 1.6-2.1x (load 2.7-3.1); ``"spectrum"`` cold 19.6x, repeated 15.2x
