@@ -88,3 +88,21 @@ def batch_tokens():
     am = torch.ones_like(ids)
     am[1, 8:] = 0
     return ids, am
+
+
+@pytest.fixture(autouse=True)
+def _never_train_the_books_runs(monkeypatch):
+    """Unit tests never train what the book trains: a test that would train the default IOI LM
+    config (any seed; the book's runs take minutes each) fails here instead. Loading it from a
+    filled cache is not training; tests train tiny configs."""
+    from svtools.ioi_lm import training
+
+    real = training._about_to_train
+
+    def guard(cfg, seeds):
+        if training._key_config(cfg) == training._key_config(training.IOILMConfig()):
+            pytest.fail(f"this unit test would train the book's IOI LM (the default config, seeds {list(seeds)}): "
+                        "train a tiny IOILMConfig instead", pytrace=False)
+        real(cfg, seeds)
+
+    monkeypatch.setattr(training, "_about_to_train", guard)

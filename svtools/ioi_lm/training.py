@@ -12,7 +12,9 @@ import dataclasses
 import hashlib
 import json
 import math
+import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -32,7 +34,12 @@ from svtools.ioi_lm.language import (FILLER_TEMPLATES, TEST_NAMES, TEST_TEMPLATE
 from svtools.models import load_model
 from svtools.runtime import default_device, tqdm
 
-__all__ = ["IOILMConfig", "IOILMRun", "train", "CODE_VERSION", "cache_dir", "name_codes", "ioi_accuracy"]
+#: AdamW's implementation: ``foreach`` (one kernel per operation over all parameters) instead of
+#: torch's per-parameter loop on the CPU; bit-identical weights (checked over 300 default-config
+#: steps). ``fused`` changed the numbers and is not used.
+_ADAMW_KW: dict = {"foreach": True}
+
+__all__ = ["IOILMConfig", "IOILMRun", "train", "train_seeds", "CODE_VERSION", "cache_dir", "name_codes", "ioi_accuracy"]
 
 #: Bumped whenever a change to this module changes what ``train`` produces (it is part of the
 #: cache key, so old cached runs are not reused after such a change).
@@ -416,14 +423,101 @@ def train(cfg: Optional[IOILMConfig] = None, *, seed: Optional[int] = None, prog
     cache = as_bool(cache, "cache")
     key = _key(cfg, seed)
     where = cache_dir() if cache else None
-    if cache:
-        _cache.check_root(where)
-        _cache.clean_stale(where, "ioi_lm_")
+    if not cache:
+        _about_to_train(cfg, [seed])
+        return _build(cfg, seed, key, None, default_device(device), progress)
+    _cache.check_root(where)
+    _cache.clean_stale(where, "ioi_lm_")
+    hit = _load_cached(where / key, cfg, seed)
+    if hit is not None:
+        return hit
+    # One trainer per run: a second process asking for the same run (another notebook, a
+    # background train_seeds) waits here, then loads what the first one cached.
+    with _cache.lock(f"ioi_lm-{key}"):
         hit = _load_cached(where / key, cfg, seed)
         if hit is not None:
             return hit
+        _about_to_train(cfg, [seed])
+        return _build(cfg, seed, key, where, default_device(device), progress)
 
+
+def train_seeds(cfg: Optional[IOILMConfig] = None, seeds: Sequence[int] = (0, 1, 2), *,
+                processes: Optional[int] = None, device: str | torch.device | None = None,
+                progress: bool = False) -> list[IOILMRun]:
+    """Train (or load) several seeds of ``cfg``, in parallel processes when more than one core is free.
+
+    Seeds already in the cache are loaded; the others are trained by ``train(cfg, seed=s)``, each in
+    its own process (one torch thread each) when ``processes`` > 1, else one after another here.
+    Each run's numbers do not depend on where it ran: a CPU run is deterministic and its process
+    shares nothing with the others, so the weights are bit-identical to a serial run's
+    (``tests/test_ioi_lm_parallel.py``). Two callers asking for the same run never train it twice:
+    :func:`train` holds the run's cache lock while it trains, and the second one loads the result.
+
+    Args:
+        cfg: the config (default :class:`IOILMConfig`).
+        seeds: the training seeds.
+        processes: how many processes train at once; default: the cores this process may use
+            (``os.sched_getaffinity``; ``SVTOOLS_TRAIN_PROCESSES`` overrides), at most one per
+            missing seed. Other load on the machine is not subtracted: parallel runs take no
+            longer than serial ones there either. On CUDA the seeds train here, one after another.
+        device: as in :func:`train` (default cuda when available, else cpu).
+        progress: progress bars (serial training only).
+
+    Returns:
+        The runs, in the order of ``seeds``.
+
+    Raises:
+        SVToolsError: a bad argument; a worker's error (re-raised with the seed that failed).
+    """
+    cfg = IOILMConfig() if cfg is None else cfg
+    if not isinstance(cfg, IOILMConfig):
+        raise SVToolsError(f"cfg must be an IOILMConfig, got {type(cfg).__name__}")
+    if isinstance(seeds, (int, np.integer)) or not isinstance(seeds, Sequence):
+        raise SVToolsError(f"seeds must be a sequence of ints, got {seeds!r}")
+    seeds = [as_seed(s, "seeds[i]", max_value=SEED_MAX) for s in seeds]
     dev = default_device(device)
+    where = cache_dir()
+    _cache.check_root(where)
+    missing = [s for s in dict.fromkeys(seeds) if _check_entry(where / _key(cfg, s), cfg, s)[1] is not None]
+    if processes is None:
+        env = os.environ.get("SVTOOLS_TRAIN_PROCESSES")
+        processes = as_int(env, "SVTOOLS_TRAIN_PROCESSES", min_value=1) if env else _cores()
+    processes = as_int(processes, "processes", min_value=1)
+    n = min(processes, len(missing))
+    if n > 1 and dev.type == "cpu":
+        _about_to_train(cfg, missing)
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(max_workers=n, mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = {s: pool.submit(_train_worker, cfg, s) for s in missing}
+            for s, f in futures.items():
+                err = f.exception()
+                if err is not None:
+                    raise SVToolsError(f"training seed {s} in a worker process failed: {err}") from err
+    return [train(cfg, seed=s, progress=progress, device=dev) for s in seeds]
+
+
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+def _train_worker(cfg: IOILMConfig, seed: int) -> str:
+    """One seed in a worker process of :func:`train_seeds` (CPU); returns the run's directory."""
+    return str(train(cfg, seed=seed, progress=False, device="cpu").path)
+
+
+def _about_to_train(cfg: IOILMConfig, seeds: list[int]) -> None:
+    """Called just before ``seeds`` of ``cfg`` are trained (not loaded): a hook for the unit
+    tests' guard (tests/conftest.py), which fails a test that would train the book's runs."""
+
+
+def _build(cfg: IOILMConfig, seed: int, key: str, where: Optional[Path], dev: torch.device,
+           progress: bool) -> IOILMRun:
+    """Train ``(cfg, seed)`` on ``dev``; publish the run into ``where`` (None: a temporary directory)."""
     # the build directory first: a cache that cannot be written is said before minutes of training
     with _cache.building(where, prefix=f"ioi_lm_{key}_") as tmp:
         tok = build_tokenizer()
@@ -431,7 +525,8 @@ def train(cfg: Optional[IOILMConfig] = None, *, seed: Optional[int] = None, prog
         decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
         no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
         opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                                 {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.98))
+                                 {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.98),
+                                **_ADAMW_KW)
         ckpts = cfg.checkpoint_steps()
         hist: list[dict] = []
         threads = torch.get_num_threads()
@@ -450,9 +545,85 @@ def train(cfg: Optional[IOILMConfig] = None, *, seed: Optional[int] = None, prog
                 "files": _cache.file_sizes(tmp, [_ckpt_name(s) for s in ckpts])}
         (tmp / "meta.json").write_text(json.dumps(info))
         path = tmp
-        if cache:  # atomic; when a concurrent trainer of this key published first, its entry is kept
+        if where is not None:  # atomic; when a concurrent trainer of this key published first, its entry is kept
             path = _cache.publish(tmp, where / key, lambda p: _check_entry(p, cfg, seed)[1] is None)
     return IOILMRun(cfg=cfg, seed=seed, path=path, checkpoints=ckpts, history=pd.DataFrame(hist), seconds=seconds)
+
+
+def _step_data(cfg: IOILMConfig, seed: int, tok: Any, step: int
+               ) -> tuple[Optional[Tensor], Tensor, Tensor, Tensor]:
+    """Training step ``step``'s data: ``(codes, ids, am, w)``.
+
+    ``codes``: ``(names, d_model)`` the name codes of this step (``cfg.resample_names``; else
+    None); ``ids``, ``am``: ``(batch, seq)`` right-padded token ids and attention mask; ``w``:
+    ``(batch, seq - 1)`` the weight of each target token: 1, ``answer_weight`` at an IOI
+    sentence's answer (the target two before the end: "... to IO ."), 0 at padding. A function
+    of ``(cfg, seed, step)`` only (its own generators; the global RNG is untouched), so it can
+    be computed ahead of the step that uses it.
+    """
+    codes = name_codes(cfg, seed, step)[1] if cfg.freeze_names and cfg.resample_names else None
+    texts, is_ioi = training_batch(cfg.batch, seed * 1_000_003 + step, cfg.ioi_fraction, cfg.filler_test_share)
+    ids, am = encode(tok, texts)
+    w = am[:, 1:].to(torch.float32)
+    if cfg.answer_weight != 1.0:
+        last = am.sum(1) - 1  # index of the final "." in ids; the answer target is at last - 2
+        rows = torch.nonzero(torch.tensor(is_ioi)).flatten()
+        w[rows, last[rows] - 2] = cfg.answer_weight
+    return codes, ids, am, w
+
+
+#: Steps of data prepared ahead of the training loop (in a background thread).
+PREFETCH = 16
+
+
+class _Prefetch:
+    """Iterator over ``_step_data(cfg, seed, tok, step)`` for ``step`` in ``steps``, computed up to
+    :data:`PREFETCH` steps ahead in a daemon thread (the data's Python work overlaps the step's
+    torch kernels, which release the GIL). The values are those computed inline, bit for bit:
+    each step's data depends only on ``(cfg, seed, step)``. An error in the thread is raised
+    by ``next``; :meth:`close` stops the thread."""
+
+    def __init__(self, cfg: IOILMConfig, seed: int, tok: Any, steps: range) -> None:
+        import queue
+        import threading
+
+        self._q: Any = queue.Queue(maxsize=PREFETCH)
+        self._stop = threading.Event()
+        self._n = len(steps)
+
+        def work() -> None:
+            try:
+                for step in steps:
+                    item = ("ok", _step_data(cfg, seed, tok, step))
+                    while not self._stop.is_set():
+                        try:
+                            self._q.put(item, timeout=0.1)
+                            break
+                        except queue.Full:
+                            continue
+                    if self._stop.is_set():
+                        return
+            except BaseException as exc:  # handed to the training loop
+                self._q.put(("error", exc))
+
+        self._thread = threading.Thread(target=work, name="ioi_lm-data", daemon=True)
+        self._thread.start()
+
+    def __iter__(self) -> "_Prefetch":
+        return self
+
+    def __next__(self) -> tuple[Optional[Tensor], Tensor, Tensor, Tensor]:
+        if self._n == 0:
+            raise StopIteration
+        kind, item = self._q.get()
+        if kind == "error":
+            raise item
+        self._n -= 1
+        return item
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
 
 
 def _train_loop(model, opt, tok, cfg: IOILMConfig, seed: int, ckpts: list[int], out: Path, dev: torch.device,
@@ -464,45 +635,40 @@ def _train_loop(model, opt, tok, cfg: IOILMConfig, seed: int, ckpts: list[int], 
         ids, codes = name_codes(cfg, seed)
         frozen = (ids.to(dev), codes.to(dev))
     wte = model.transformer.wte.weight
-    with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
-        torch.manual_seed(seed)
-        for step in tqdm(range(cfg.steps + 1), desc=f"ioi_lm seed {seed}", disable=not progress):
-            if step in ckpts:
-                if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
-                    raise SVToolsError(f"training diverged before step {step} (non-finite weights; lr={cfg.lr}, "
+    data = _Prefetch(cfg, seed, tok, range(cfg.steps))
+    try:
+        with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+            torch.manual_seed(seed)
+            for step in tqdm(range(cfg.steps + 1), desc=f"ioi_lm seed {seed}", disable=not progress):
+                if step in ckpts:
+                    if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
+                        raise SVToolsError(f"training diverged before step {step} (non-finite weights; lr={cfg.lr}, "
+                                           f"weight_decay={cfg.weight_decay}); nothing is cached. Lower cfg.lr.")
+                    model.eval()
+                    save_model(model, str(out / _ckpt_name(step)))
+                    model.train()
+                if step == cfg.steps:
+                    break
+                codes, ids, am, w = next(data)
+                if codes is not None:  # this step's names: fresh codes (the checkpoints hold the fixed ones)
+                    with torch.no_grad():
+                        wte[frozen[0]] = codes.to(dev)
+                lr = _lr_at(cfg, step)
+                for g in opt.param_groups:
+                    g["lr"] = lr
+                opt.zero_grad(set_to_none=True)
+                loss = _loss_backward(model, ids, am, w, cfg.buckets, dev)
+                if not math.isfinite(loss):  # the finite-loss guard: a NaN run is never cached
+                    raise SVToolsError(f"training diverged at step {step}: the loss is {loss} (lr={cfg.lr}, "
                                        f"weight_decay={cfg.weight_decay}); nothing is cached. Lower cfg.lr.")
-                model.eval()
-                save_model(model, str(out / _ckpt_name(step)))
-                model.train()
-            if step == cfg.steps:
-                break
-            if cfg.resample_names:  # this step's names: fresh codes (the checkpoints hold the fixed ones)
-                with torch.no_grad():
-                    wte[frozen[0]] = name_codes(cfg, seed, step)[1].to(dev)
-            texts, is_ioi = training_batch(cfg.batch, seed * 1_000_003 + step, cfg.ioi_fraction,
-                                             cfg.filler_test_share)
-            ids, am = encode(tok, texts)
-            # weight of each target token: 1, answer_weight at an IOI sentence's answer (the
-            # target two before the end: "... to IO ."), 0 at padding
-            w = am[:, 1:].to(torch.float32)
-            if cfg.answer_weight != 1.0:
-                last = am.sum(1) - 1  # index of the final "." in ids; the answer target is at last - 2
-                rows = torch.nonzero(torch.tensor(is_ioi)).flatten()
-                w[rows, last[rows] - 2] = cfg.answer_weight
-            lr = _lr_at(cfg, step)
-            for g in opt.param_groups:
-                g["lr"] = lr
-            opt.zero_grad(set_to_none=True)
-            loss = _loss_backward(model, ids, am, w, cfg.buckets, dev)
-            if not math.isfinite(loss):  # the finite-loss guard: a NaN run is never cached
-                raise SVToolsError(f"training diverged at step {step}: the loss is {loss} (lr={cfg.lr}, "
-                                   f"weight_decay={cfg.weight_decay}); nothing is cached. Lower cfg.lr.")
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            if frozen is not None:  # the name rows stay as drawn (weight decay included)
-                with torch.no_grad():
-                    wte[frozen[0]] = frozen[1]
-            hist.append({"step": step, "loss": loss, "lr": lr})
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                opt.step()
+                if frozen is not None:  # the name rows stay as drawn (weight decay included)
+                    with torch.no_grad():
+                        wte[frozen[0]] = frozen[1]
+                hist.append({"step": step, "loss": loss, "lr": lr})
+    finally:
+        data.close()
 
 
 def _loss_backward(model: Any, ids: Tensor, am: Tensor, w: Tensor, buckets: int, dev: torch.device) -> float:
