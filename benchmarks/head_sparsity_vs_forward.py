@@ -40,7 +40,7 @@ import math  # noqa: E402
 
 import torch  # noqa: E402
 
-from _common import bandwidth, describe, gb, hf_forward, parser, text_ids, timed  # noqa: E402
+from _common import bandwidth, describe, gb, hf_forward, machine, parser, text_ids, timed  # noqa: E402
 
 
 def pair_loop(model, ids, am, threshold: float = 0.5, seed: int = 0) -> int:
@@ -105,7 +105,7 @@ def main() -> None:
             loop, ratio_l = f"{'skip':>9}", f"{'-':>10}"
         floor = model.cfg.n_layers * model.cfg.n_heads * n_prompts * length ** 2 * 4 / bw
         print(f"{f'{n_prompts} x {length}':>17}{len(df):>8}{t_f:>11.2f}{t_h:>9.2f}{loop}{t_h / t_f:>9.2f}{ratio_l}"
-              f"{gb(m_h):>10}{gb(m_f):>10}{floor:>9.3f}", flush=True)
+              f"{gb(m_h):>10}{gb(m_f):>10}{floor:>9.3f}  {machine()}", flush=True)
     print("h_s = head_sparsity; peak = peak memory above the loaded model; floor = attention weights "
           "written / write bandwidth")
 

@@ -16,7 +16,8 @@ import torch
 from safetensors.torch import load_file
 
 from svtools import SVToolsError, ioi_lm
-from svtools.ioi_lm import training
+from svtools.ioi_lm import batches, training
+from svtools.runtime import Prefetch
 
 TINY = ioi_lm.IOILMConfig(n_layers=2, n_heads=2, d_model=16, steps=12, n_checkpoints=5, batch=8, warmup=2)
 ROOT = Path(__file__).resolve().parents[1]
@@ -99,10 +100,10 @@ def test_prefetched_data_is_the_inline_data():
     inline (and errors in the thread reach the loop)."""
     tok = ioi_lm.build_tokenizer()
     steps = range(7)
-    got = list(training._Prefetch(TINY, 5, tok, steps))
+    got = list(Prefetch(lambda s: batches.step_data(TINY, 5, tok, s), steps, depth=3))
     assert len(got) == len(steps)
     for step, item in zip(steps, got):
-        want = training._step_data(TINY, 5, tok, step)
+        want = batches.step_data(TINY, 5, tok, step)
         assert all(torch.equal(a, b) for a, b in zip(item, want))
     assert not torch.equal(got[0][1][:, :4], got[1][1][:, :4])  # steps differ
 
@@ -113,7 +114,11 @@ def test_prefetched_data_is_the_inline_data():
         raise Boom("tokenizer failed")
 
     with pytest.raises(Boom):
-        list(training._Prefetch(TINY, 5, bad_tok, steps))
+        list(Prefetch(lambda s: batches.step_data(TINY, 5, bad_tok, s), steps))
+    early = Prefetch(lambda s: s * s, range(10**6), depth=2)  # left early: close() stops the thread
+    assert [next(early) for _ in range(3)] == [0, 1, 4]
+    early.close()
+    assert not early._thread.is_alive()
 
 
 def test_foreach_adamw_is_bit_identical_to_the_loop(cache, monkeypatch):

@@ -73,7 +73,8 @@ on the CPU only. A run is trained by one process at a time (a lock in the cache)
 process asking for it waits and loads it.
 
 Modules: :mod:`svtools.ioi_lm.language` (the templates, names, filler sentences, training texts
-and the word-level tokenizer), :mod:`svtools.ioi_lm.training` (the config, the model, training,
+and the word-level tokenizer), :mod:`svtools.ioi_lm.batches` (the name codes and each training
+step's data), :mod:`svtools.ioi_lm.training` (the config, the model, training, seeds in parallel,
 the on-disk cache and a run's checkpoints and accuracy), :mod:`svtools.ioi_lm.measures` (heads
 found by role, measurements over checkpoints and seeds). Every public name is importable from
 ``svtools.ioi_lm``.
@@ -83,7 +84,8 @@ from svtools.ioi_lm.language import (ACTIONS, FILLER_TEMPLATES, LM_NAMES, OPENIN
                                      TRAIN_NAMES, TRAIN_TEMPLATES, build_tokenizer, filler_sentences, name_ids,
                                      training_texts)
 from svtools.ioi_lm.measures import ROLE_PAIRS, over_checkpoints, over_seeds, role_attention, top_heads
-from svtools.ioi_lm.training import (CODE_VERSION, IOILMConfig, IOILMRun, cache_dir, ioi_accuracy, name_codes, train,
+from svtools.ioi_lm.batches import name_codes
+from svtools.ioi_lm.training import (CODE_VERSION, IOILMConfig, IOILMRun, cache_dir, ioi_accuracy, train,
                                      train_seeds)
 
 __all__ = ["IOILMConfig", "IOILMRun", "train", "train_seeds", "CODE_VERSION", "cache_dir", "TRAIN_TEMPLATES",

@@ -30,14 +30,18 @@ from svtools import _cache
 from svtools._checks import SVToolsError, as_bool, as_float, as_int, as_seed
 from svtools.data.ioi import IOIDataset, ioi_prompts
 from svtools.ioi_lm.language import (FILLER_TEMPLATES, TEST_NAMES, TEST_TEMPLATES, TRAIN_NAMES, TRAIN_TEMPLATES,
-                                     build_tokenizer, encode, name_ids, training_batch, vocabulary)
+                                     build_tokenizer, vocabulary)
 from svtools.models import load_model
-from svtools.runtime import default_device, tqdm
+from svtools.ioi_lm.batches import SEED_MAX, name_codes, step_data
+from svtools.runtime import Prefetch, default_device, tqdm
 
 #: AdamW's implementation: ``foreach`` (one kernel per operation over all parameters) instead of
 #: torch's per-parameter loop on the CPU; bit-identical weights (checked over 300 default-config
 #: steps). ``fused`` changed the numbers and is not used.
 _ADAMW_KW: dict = {"foreach": True}
+
+#: Steps of data prepared ahead of the training loop, in a background thread (:class:`svtools.runtime.Prefetch`).
+PREFETCH = 16
 
 __all__ = ["IOILMConfig", "IOILMRun", "train", "train_seeds", "CODE_VERSION", "cache_dir", "name_codes", "ioi_accuracy"]
 
@@ -49,10 +53,6 @@ CODE_VERSION = 4
 def cache_dir() -> Path:
     """Where trained runs live: ``$SVTOOLS_CACHE/ioi_lm`` (default ``~/.cache/svtools/ioi_lm``)."""
     return _cache.root() / "ioi_lm"
-
-
-#: Seeds of :func:`train` lie in ``[0, SEED_MAX]`` (the name codes derive generator seeds from it).
-SEED_MAX = 2**32 - 1
 
 
 # ----------------------------------------------------------------------------- config
@@ -177,34 +177,6 @@ def _new_model(cfg: IOILMConfig, vocab_size: int, seed: int, training: bool = Fa
         with torch.no_grad():
             model.transformer.wte.weight[ids] = codes
     return model
-
-
-def name_codes(cfg: IOILMConfig, seed: int, step: Optional[int] = None) -> tuple[Tensor, Tensor]:
-    """The name embeddings when ``cfg.freeze_names``: ``(ids, codes)``, ``codes`` ``(names, d_model)``.
-
-    ``codes[i] = name_shared * n + g_i / sqrt(d_model)``: one unit vector ``n`` shared by every
-    name (so a name is recognisable as a name) plus an independent Gaussian code ``g_i ~ N(0, I)``
-    per name. ``n`` is drawn from a generator seeded by ``seed``.
-
-    ``step=None``: the run's fixed codes (``g_i`` from the same generator), the name rows of every
-    saved checkpoint. ``step=k``: the codes the training step ``k`` uses when
-    ``cfg.resample_names`` (same ``n``, fresh ``g_i`` from a generator seeded by ``seed`` and
-    ``k``). Training never learns these rows (the embedding is tied to the unembedding, so neither
-    side of a name is learnt): nothing in the model is specific to one name, and any name, held out
-    or not, is to the model a draw from the same distribution.
-    """
-    if step is not None and (isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0):
-        raise SVToolsError(f"step must be None or a non-negative int, got {step!r}")
-    seed = as_seed(seed, "seed", max_value=SEED_MAX)
-    g = torch.Generator().manual_seed(int(seed) + 7919)
-    n = torch.randn(cfg.d_model, generator=g, dtype=torch.float64)
-    n = n / n.norm()
-    ids = name_ids()
-    if step is not None:
-        g = torch.Generator().manual_seed((int(seed) + 7919) * 1_000_003 + int(step) + 1)
-    g_codes = torch.randn(len(ids), cfg.d_model, generator=g, dtype=torch.float64)
-    codes = cfg.name_shared * n + g_codes / math.sqrt(cfg.d_model)
-    return ids, codes.float()
 
 
 def _key_config(cfg: IOILMConfig) -> dict:
@@ -550,82 +522,6 @@ def _build(cfg: IOILMConfig, seed: int, key: str, where: Optional[Path], dev: to
     return IOILMRun(cfg=cfg, seed=seed, path=path, checkpoints=ckpts, history=pd.DataFrame(hist), seconds=seconds)
 
 
-def _step_data(cfg: IOILMConfig, seed: int, tok: Any, step: int
-               ) -> tuple[Optional[Tensor], Tensor, Tensor, Tensor]:
-    """Training step ``step``'s data: ``(codes, ids, am, w)``.
-
-    ``codes``: ``(names, d_model)`` the name codes of this step (``cfg.resample_names``; else
-    None); ``ids``, ``am``: ``(batch, seq)`` right-padded token ids and attention mask; ``w``:
-    ``(batch, seq - 1)`` the weight of each target token: 1, ``answer_weight`` at an IOI
-    sentence's answer (the target two before the end: "... to IO ."), 0 at padding. A function
-    of ``(cfg, seed, step)`` only (its own generators; the global RNG is untouched), so it can
-    be computed ahead of the step that uses it.
-    """
-    codes = name_codes(cfg, seed, step)[1] if cfg.freeze_names and cfg.resample_names else None
-    texts, is_ioi = training_batch(cfg.batch, seed * 1_000_003 + step, cfg.ioi_fraction, cfg.filler_test_share)
-    ids, am = encode(tok, texts)
-    w = am[:, 1:].to(torch.float32)
-    if cfg.answer_weight != 1.0:
-        last = am.sum(1) - 1  # index of the final "." in ids; the answer target is at last - 2
-        rows = torch.nonzero(torch.tensor(is_ioi)).flatten()
-        w[rows, last[rows] - 2] = cfg.answer_weight
-    return codes, ids, am, w
-
-
-#: Steps of data prepared ahead of the training loop (in a background thread).
-PREFETCH = 16
-
-
-class _Prefetch:
-    """Iterator over ``_step_data(cfg, seed, tok, step)`` for ``step`` in ``steps``, computed up to
-    :data:`PREFETCH` steps ahead in a daemon thread (the data's Python work overlaps the step's
-    torch kernels, which release the GIL). The values are those computed inline, bit for bit:
-    each step's data depends only on ``(cfg, seed, step)``. An error in the thread is raised
-    by ``next``; :meth:`close` stops the thread."""
-
-    def __init__(self, cfg: IOILMConfig, seed: int, tok: Any, steps: range) -> None:
-        import queue
-        import threading
-
-        self._q: Any = queue.Queue(maxsize=PREFETCH)
-        self._stop = threading.Event()
-        self._n = len(steps)
-
-        def work() -> None:
-            try:
-                for step in steps:
-                    item = ("ok", _step_data(cfg, seed, tok, step))
-                    while not self._stop.is_set():
-                        try:
-                            self._q.put(item, timeout=0.1)
-                            break
-                        except queue.Full:
-                            continue
-                    if self._stop.is_set():
-                        return
-            except BaseException as exc:  # handed to the training loop
-                self._q.put(("error", exc))
-
-        self._thread = threading.Thread(target=work, name="ioi_lm-data", daemon=True)
-        self._thread.start()
-
-    def __iter__(self) -> "_Prefetch":
-        return self
-
-    def __next__(self) -> tuple[Optional[Tensor], Tensor, Tensor, Tensor]:
-        if self._n == 0:
-            raise StopIteration
-        kind, item = self._q.get()
-        if kind == "error":
-            raise item
-        self._n -= 1
-        return item
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
-
-
 def _train_loop(model, opt, tok, cfg: IOILMConfig, seed: int, ckpts: list[int], out: Path, dev: torch.device,
                 hist: list[dict], progress: bool) -> None:
     from safetensors.torch import save_model
@@ -635,7 +531,7 @@ def _train_loop(model, opt, tok, cfg: IOILMConfig, seed: int, ckpts: list[int], 
         ids, codes = name_codes(cfg, seed)
         frozen = (ids.to(dev), codes.to(dev))
     wte = model.transformer.wte.weight
-    data = _Prefetch(cfg, seed, tok, range(cfg.steps))
+    data = Prefetch(lambda step: step_data(cfg, seed, tok, step), range(cfg.steps), depth=PREFETCH)
     try:
         with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
             torch.manual_seed(seed)
