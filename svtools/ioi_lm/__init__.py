@@ -68,8 +68,7 @@ parallel; with the training data prepared ahead in a thread and AdamW's ``foreac
 implementation, both checked to leave every weight unchanged). CUDA runs
 (``train(device="cuda")``: model, data and optimiser on the GPU) are deterministic up to
 floating-point reduction order and will not reproduce the CPU runs' weights; that path has not
-been run in this repository (no GPU was available), and the three default seeds were validated
-on the CPU only. A run is trained by one process at a time (a lock in the cache): a second
+been tested on a GPU, and the three default seeds were validated on the CPU only. A run is trained by one process at a time (a lock in the cache): a second
 process asking for it waits and loads it.
 
 Modules: :mod:`svtools.ioi_lm.language` (the templates, names, filler sentences, training texts

@@ -390,7 +390,7 @@ def train(cfg: Optional[IOILMConfig] = None, *, seed: Optional[int] = None, prog
     its ``foreach`` implementation; both leave the weights bit-identical to the straightforward
     loop's (checked over 300 default-config steps; ``benchmarks/ioi_lm_step.py`` compares them).
     ``device="cuda"`` trains on the GPU (model, data and optimiser there); that path has not been
-    run in this repository (no GPU was available) and would not reproduce the CPU runs' weights.
+    tested on a GPU, and it would not reproduce the CPU runs' weights.
 
     Raises:
         SVToolsError: a bad argument; training diverged (the loss or the weights became
