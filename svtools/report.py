@@ -52,7 +52,8 @@ from svtools.runtime import elapsed, scale_name
 __all__ = ["COLUMN_CHARS", "TABLE_CHARS", "Table", "format_table", "format_mean_sd", "format_settings",
            "format_summary", "format_number", "format_range",
            "format_list", "format_pm", "format_interval", "format_duration", "format_count", "wrap",
-           "glue", "glue_run_time", "GLUED"]
+           "glue", "glue_run_time", "GLUED", "interval_cells", "format_interval_table",
+           "format_matched"]
 
 #: Characters of printed (monospace) output that fit the book's column at 1400 px without
 #: scrolling (measured with ``scripts/screenshots.py``). :func:`wrap` breaks lines here.
@@ -438,3 +439,115 @@ def glue_run_time() -> str:
     sentence = f"This chapter ran in {t} at the {scale}, on {hw}."
     print(wrap(sentence))
     return sentence
+
+
+# ------------------------------------------------------------------------ estimates with intervals
+
+def interval_cells(df: pd.DataFrame, estimate: str = "ratio", lo: str = "lo", hi: str = "hi", *,
+                   digits: int = 2) -> pd.Series:
+    """One ``"0.65 [0.63, 0.67]"`` string per row of ``df``: the columns ``estimate``, ``lo``, ``hi``
+    with ``digits`` fixed decimals (``"0.00"``, never ``"-0.00"`` or ``"2.0e-03"``: the three numbers read
+    on one scale).
+
+    Raises:
+        SVToolsError: a column is missing (the message names the columns ``df`` has).
+    """
+    check_columns(df, [estimate, lo, hi], "interval_cells")
+    digits = as_int(digits, "digits", min_value=0, max_value=15)
+    def fixed(x: Any) -> str:  # fixed decimals (an interval reads as one scale), no "-0.00"
+        x = _scalar(x)
+        if _missing(x):
+            return _MISSING
+        text = f"{float(x):.{digits}f}"
+        return text[1:] if text.startswith("-") and float(text) == 0 else text
+
+    return pd.Series([f"{fixed(e)} [{fixed(a)}, {fixed(b)}]" for e, a, b in zip(df[estimate], df[lo], df[hi])],
+                     index=df.index, dtype=object)
+
+
+def format_interval_table(
+    df: pd.DataFrame,
+    index: Union[str, Sequence[str]],
+    columns: Optional[str] = None,
+    *,
+    estimate: str = "ratio",
+    lo: str = "lo",
+    hi: str = "hi",
+    digits: int = 2,
+    names: Optional[Mapping[Any, str]] = None,
+    extra: Optional[Mapping[str, str]] = None,
+    max_chars: int = TABLE_CHARS,
+) -> Table:
+    """Estimates with their intervals as a small table: one row per value of ``index``, cells
+    ``"estimate [lo, hi]"`` (e.g. a :func:`svtools.sad.null_ratio` frame, one row per layer).
+
+    Args:
+        df: one row per group, with the columns ``index``, ``estimate``, ``lo``, ``hi`` (and
+            ``columns``).
+        index: the column(s) that make the rows (e.g. ``"layer"`` or ``["layer", "head"]``).
+        columns: a column whose values become the table's columns (e.g. ``"kind"``: one column of
+            intervals per kind of pair); ``None``: one column, named ``names[estimate]`` or
+            ``"<estimate> [95% interval]"``.
+        estimate, lo, hi: the columns of the estimate and its interval.
+        digits: decimals.
+        names: words for index levels, for values of ``columns`` and for ``estimate``.
+        extra: ``{column of df: name in words}``, plain columns shown after the intervals (taken
+            from the first row of each index group, e.g. a count of pairs).
+        max_chars: see :func:`format_table`.
+
+    Returns:
+        a :class:`Table`; groups with no row are shown as missing ("–").
+
+    Raises:
+        SVToolsError: a named column is not in ``df``.
+    """
+    index = [index] if isinstance(index, str) else list(index)
+    names = dict(names or {})
+    check_columns(df, index + [estimate, lo, hi] + ([columns] if columns else []) + list(extra or {}),
+                  "format_interval_table")
+    cells = df.assign(_cell=interval_cells(df, estimate, lo, hi, digits=digits))
+    if columns:
+        wide = cells.pivot_table(index=index, columns=columns, values="_cell", aggfunc="first", sort=False)
+        order = list(dict.fromkeys(df[columns]))
+        wide = wide[[c for c in order if c in wide.columns]]
+        wide.columns = [names.get(c, str(c)) for c in wide.columns]
+    else:
+        wide = cells.set_index(index)[["_cell"]]
+        wide.columns = [names.get(estimate, f"{estimate} [95% interval]")]
+    wide.columns.name = None
+    if extra:
+        first = df.groupby(index, sort=False)[list(extra)].first()
+        wide = wide.join(first.rename(columns=dict(extra)))
+    wide.index = wide.index.set_names([names.get(n, n) for n in wide.index.names])
+    return format_table(wide, digits=digits, max_chars=max_chars)
+
+
+def format_matched(cmp: pd.DataFrame, *, index: Union[str, Sequence[str], None] = None, digits: int = 2,
+                   names: Optional[Mapping[Any, str]] = None, max_chars: int = TABLE_CHARS) -> Table:
+    """A :func:`svtools.sad.compare_matched` frame as a small table: the raw and the score-matched
+    difference of the two kinds, each with its 95% interval, and the coverage (share of the first
+    kind's pairs in score bins the second kind reaches).
+
+    Args:
+        cmp: the frame (columns ``raw_diff, raw_lo, raw_hi, matched_diff, matched_lo, matched_hi,
+            coverage``, and the ``index`` columns).
+        index: the column(s) that make the rows (e.g. ``"layer"``); ``None``: rows as they are,
+            without an index.
+        names: words for the ``index`` columns.
+
+    Raises:
+        SVToolsError: a column is missing.
+    """
+    idx = [] if index is None else [index] if isinstance(index, str) else list(index)
+    check_columns(cmp, idx + ["raw_diff", "raw_lo", "raw_hi", "matched_diff", "matched_lo", "matched_hi",
+                              "coverage"], "format_matched")
+    out = pd.DataFrame({"raw difference": interval_cells(cmp, "raw_diff", "raw_lo", "raw_hi", digits=digits),
+                        "at matched scores": interval_cells(cmp, "matched_diff", "matched_lo", "matched_hi",
+                                                            digits=digits),
+                        "coverage": cmp["coverage"].to_numpy(dtype=float)}, index=cmp.index)
+    for c in idx:
+        out[c] = cmp[c].to_numpy()
+    out = out.set_index(idx) if idx else out
+    if idx:
+        out.index = out.index.set_names([(names or {}).get(n, n) for n in out.index.names])
+    return format_table(out, digits=digits, index=None if idx else False, max_chars=max_chars)

@@ -1,6 +1,7 @@
 """Figures of Part 3: sparse attention decomposition (SAD), its calibrated spectrum null and the rotated control.
 
-Every function returns a matplotlib Figure. Inputs are the frames of :mod:`svtools.sad`
+Every function returns a matplotlib Figure. The null's own figures (its calibration on inputs
+without features, ratios real / null) are in :mod:`svtools.plots.null`. Inputs are the frames of :mod:`svtools.sad`
 (:func:`~svtools.sad.head_sparsity`, :func:`~svtools.toy.toy_sparsity`,
 :func:`~svtools.sad.bootstrap`, :func:`~svtools.sad.singular_vector_usage`) or plain arrays.
 """
@@ -20,10 +21,13 @@ from svtools.sparsity import n_recon, rolls_tovee
 
 __all__ = ["plot_n_recon_distribution", "plot_pair_terms", "plot_n_recon_per_head", "plot_sparseness_map",
            "plot_dominant_index", "plot_usage", "plot_summary", "plot_emergence", "plot_lm_emergence",
-           "plot_sad_vs_alignment", "plot_kind_summary", "plot_null_calibration", "plot_null_ratio",
-           "KIND_COLORS"]
+           "plot_sad_vs_alignment", "plot_kind_summary", "KIND_COLORS"]
 
 REAL, ROT, NULL = "tab:blue", "tab:gray", "tab:orange"
+# Axis names of the measures, in mathtext.
+NRECON = r"$N_\mathrm{recon}$"
+RT_NAME = r"Rolls–Tovée $S$"
+MEASURE_NAMES = {"n_recon": NRECON, "rolls_tovee": RT_NAME}
 #: Colours of the pair kinds of :func:`svtools.sad.head_sparsity`, of the rotated control and of the null.
 KIND_COLORS = {"attended": REAL, "non-attended": "tab:red", "random": "tab:green", "rotated": ROT, "null": NULL}
 
@@ -77,7 +81,7 @@ def plot_n_recon_distribution(
         real = _values(data, "data")
         rot = None if rotated is None else _values(rotated, "rotated")
     compare_label = compare_label or "rotated control"
-    fig, ax = (ax.figure, ax) if ax is not None else subplots(figsize=(6, 3.6))
+    fig, ax = (ax.figure, ax) if ax is not None else subplots(height=3.4)
     series = [(real, label, REAL)] + ([(rot, compare_label, NULL if "null" in compare_label else ROT)]
                                       if rot is not None else [])
     integer = measure.startswith("n_recon") and all(np.allclose(v, np.round(v)) for v, _, _ in series)
@@ -91,18 +95,22 @@ def plot_n_recon_distribution(
         for i, (v, lab, c) in enumerate(series):
             frac = np.bincount(v.astype(int), minlength=hi + 1) / len(v)
             ax.bar(ks + (i - (len(series) - 1) / 2) * w, frac, width=w, color=c, label=f"{lab} (median {np.median(v):g})")
-        ax.set_xlabel("N_recon (number of terms needed to reconstruct the score)")
+        ax.set_xlabel(NRECON + " (terms needed to reach the score)")
     else:
         bins = np.linspace(min(v.min() for v, _, _ in series), max(v.max() for v, _, _ in series), 31)
         for v, lab, c in series:
             ax.hist(v, bins=bins, weights=np.full(len(v), 1 / len(v)), color=c, alpha=0.6,
                     label=f"{lab} (median {np.median(v):.2f})")
-        ax.set_xlabel(measure.replace("_", " ") + (" (1 = dense, 1/r = one term)" if "rolls" in measure else ""))
+        ax.set_xlabel(MEASURE_NAMES.get(measure, measure.replace("_", " "))
+                      + (r" (1 = dense, $1/r$ = one term)" if "rolls" in measure else ""))
     for v, _, c in series:
         ax.axvline(np.median(v), color=c, ls="--", lw=1)
     ax.set_ylabel("fraction of selected pairs")
-    ax.set_title(title or f"{measure.replace('_', ' ')}: singular basis vs {compare_label} ({len(real)} pairs)")
-    ax.legend(frameon=False)
+    if title:
+        ax.set_title(title)
+    lo, hi = ax.get_ylim()
+    ax.set_ylim(lo, hi * 1.3)  # room for the legend above the bars
+    ax.legend(frameon=True, loc="upper right")
     fig.tight_layout()
     return fig
 
@@ -146,22 +154,24 @@ def plot_pair_terms(
         order = np.argsort(-s * v, kind="stable")
         used = np.zeros(r, bool)
         used[order[:nr]] = True
-        ax.bar(np.arange(r)[used], v[used], color=c, label=f"the {nr} terms of N_recon")
+        ax.bar(np.arange(r)[used], v[used], color=c, label=f"the {nr} terms of " + NRECON)
         ax.bar(np.arange(r)[~used], v[~used], color=c, alpha=0.3, label="other terms")
         ax.axhline(0, color="k", lw=0.6)
-        ax.set_xlabel("singular index k (sigma descending)" if lab == "singular basis" or "rotat" not in lab
-                      else "rotated direction k")
-        ax.set_title(f"{lab}: score {v.sum():.3g}, N_recon {nr}, RT {rt:.2f}")
+        ax.set_xlabel(r"singular index $k$ ($\sigma_k$ descending)" if "rotat" not in lab
+                      else r"rotated direction $k$")
+        ax.set_title(f"{lab}: score {v.sum():.3g}, " + NRECON + f" = {nr}, $S$ = {rt:.2f}")
         ax.legend(frameon=True, loc="upper right")
     for ax in axes[0]:
-        ax.set_ylabel("term of the score")
+        ax.set_ylabel(r"term $t_k$")
+    lo, hi = axes[0, 0].get_ylim()
+    axes[0, 0].set_ylim(lo, hi + 0.4 * (hi - lo))  # room for the legends above the bars (the panels share y)
     if sigma is not None:
         sg = _values(sigma, "sigma")
         if len(sg) != r:
             raise SVToolsError(f"sigma has length {len(sg)}, terms {r}")
         tw = axes[0, 0].twinx()
         tw.plot(np.arange(r), sg, color="tab:orange", marker=".", lw=1)
-        tw.set_ylabel("singular value sigma_k", color="tab:orange")
+        tw.set_ylabel(r"$\sigma_k$", color="tab:orange")
     if title:
         fig.suptitle(title)
     fig.tight_layout()
@@ -214,12 +224,13 @@ def plot_n_recon_per_head(df: pd.DataFrame, heads: Optional[Sequence[tuple[int, 
     ax.set_xticks(pos)
     ax.set_xticklabels(labels)
     ax.set_xlabel("head (layer.head)")
-    ax.set_ylabel(measure.replace("_", " ") + (" (terms)" if measure == "n_recon" else ""))
+    ax.set_ylabel(MEASURE_NAMES.get(measure, measure.replace("_", " ")) + (" (terms)" if measure == "n_recon" else ""))
     ax.legend(handles=[Patch(color=c, label=lab) for _, _, lab, c in groups], loc="upper left",
               ncol=2, frameon=True)
     ymax = ax.get_ylim()[1]
     ax.set_ylim(top=ymax * 1.3)  # room for the legend above the boxes
-    ax.set_title(title or f"{measure.replace('_', ' ')} per head (boxes: quartiles, whiskers 1.5 IQR)")
+    if title:
+        ax.set_title(title)
     fig.tight_layout()
     return fig
 
@@ -255,18 +266,18 @@ def plot_sparseness_map(df: pd.DataFrame, *, measure: str = "rolls_tovee", contr
     vmin, vmax = float(finite.min()), float(finite.max())
     lr = np.log2(mats[2])
     d = float(np.nanmax(np.abs(lr))) if np.isfinite(lr).any() else 1.0
-    names = {"rolls_tovee": "Rolls-Tovee sparseness", "n_recon": "N_recon"}
-    nm = names.get(measure, measure)
+    nm = MEASURE_NAMES.get(measure, measure)
+    short = {"rolls_tovee": "$S$", "n_recon": NRECON}.get(measure, measure)
     cname = "null heads" if control == "null" else "rotated control"
     for ax, m, t, kw, lab in zip(axes, [mats[0], mats[1], lr], [f"{nm}: singular basis", f"{nm}: {cname}",
-                                                                 f"real / {cname} (log2)"],
+                                                                 f"real / {cname}, " + r"$\log_2$"],
                                  [dict(cmap="viridis", vmin=vmin, vmax=vmax),
                                   dict(cmap="viridis", vmin=vmin, vmax=vmax), dict(cmap="RdBu_r", vmin=-d, vmax=d)],
-                                 [f"mean {nm}", f"mean {nm}", "log2 ratio"]):
+                                 [f"mean {short}", f"mean {short}", r"$\log_2$ ratio"]):
         im = ax.imshow(m, aspect="auto", origin="upper", **kw)
         ax.set_xlabel("head")
         ax.set_ylabel("layer")
-        ax.set_title(t, fontsize=10)
+        ax.set_title(t)
         ax.set_xticks(range(n_heads))
         ax.set_yticks(range(n_layers))
         fig.colorbar(im, ax=ax, label=lab)
@@ -293,16 +304,16 @@ def plot_dominant_index(df: pd.DataFrame, *, title: Optional[str] = None) -> Fig
     frac = np.bincount(k, minlength=r) / len(k)
     axes[0].bar(np.arange(r), frac, color=REAL)
     axes[0].axhline(1 / r, color="k", ls=":", lw=1, label=f"uniform (1/{r})")
-    axes[0].set_xlabel("singular index k of the largest term\n(0 = largest sigma)")
+    axes[0].set_xlabel("singular index $k$ of the\nlargest term ($0$: largest $\\sigma$)")
     axes[0].set_ylabel("fraction of selected pairs")
     top = np.mean(k < max(1, r // 8))
-    axes[0].set_title(f"{100 * (1 - top):.0f}% of pairs: largest term\noutside the top {max(1, r // 8)} of {r}")
+    axes[0].set_title(f"{100 * (1 - top):.0f}% outside\nthe top {max(1, r // 8)} of {r}")
     axes[0].legend(frameon=False)
     s = df["dominant_sigma"].to_numpy()
     axes[1].hist(s, bins=np.linspace(0, 1, 26), weights=np.full(len(s), 1 / len(s)), color=REAL)
-    axes[1].set_xlabel("sigma_k / sigma_0\nof the largest term")
+    axes[1].set_xlabel("$\\sigma_k/\\sigma_0$ of the\nlargest term")
     axes[1].set_ylabel("fraction of selected pairs")
-    axes[1].set_title(f"median sigma_k / sigma_0 = {np.median(s):.2f}", fontsize=10)
+    axes[1].set_title(f"median {np.median(s):.2f}")
     if title:
         fig.suptitle(title)
     fig.tight_layout()
@@ -334,10 +345,11 @@ def plot_usage(df: pd.DataFrame, layer: int, head: int, *, max_prompts: int = 40
     M /= np.maximum(n, 1)[:, None]
     fig, ax = subplots(figsize=(min(12, 2 + 0.18 * r), 0.12 * len(prompts) + 1.8))
     im = ax.imshow(M, aspect="auto", cmap="Blues", vmin=0, vmax=1, interpolation="nearest")
-    ax.set_xlabel("singular index k (0 = largest sigma)")
+    ax.set_xlabel(r"singular index $k$ ($0$: largest $\sigma$)")
     ax.set_ylabel("prompt")
-    ax.set_title(title or f"head {layer}.{head}: singular vectors used per prompt ({len(sub)} pairs)", fontsize=10)
-    fig.colorbar(im, ax=ax, label="fraction of the prompt's pairs using k")
+    if title:
+        ax.set_title(title)
+    fig.colorbar(im, ax=ax, label=r"share of the prompt's pairs using $k$")
     fig.tight_layout()
     return fig
 
@@ -483,17 +495,18 @@ def plot_sad_vs_alignment(pairs: pd.DataFrame, *, x: str = "cos", measures: Sequ
     _need(pairs, [x, hue, *measures], "plot_sad_vs_alignment")
     fig, axes = subplots(len(measures), 1, height=2.9 * len(measures), sharex=True, squeeze=False)
     levels = sorted(pairs[hue].unique())
-    cmap = plt.get_cmap("viridis")
+    colors = ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown"]  # no yellow on white
+    hue_name = {"n_features": "$N$", "seed": "seed"}.get(hue, hue.replace("_", " "))
     for ax, m in zip(axes[:, 0], measures):
         for i, lv in enumerate(levels):
             g = pairs[pairs[hue] == lv]
-            ax.scatter(g[x], g[m], s=22, color=cmap(i / max(1, len(levels) - 1)), label=f"{hue.replace('_', ' ')} = {lv}",
+            ax.scatter(g[x], g[m], s=22, color=colors[i % len(colors)], label=f"{hue_name} = {lv}",
                        alpha=0.85, edgecolor="none")
         unit = " (terms)" if m.startswith("n_recon") else " (1 = dense)" if "rolls" in m else ""
-        ax.set_ylabel(m.replace("_", " ") + unit)
+        ax.set_ylabel(MEASURE_NAMES.get(m, m.replace("_", " ")) + unit)
         ax.grid(alpha=0.3)
-    axes[0, 0].legend(loc="upper left", frameon=True)
-    axes[-1, 0].set_xlabel("alignment of the pair: min(|cos q|, |cos k|)")
+    axes[0, 0].legend(loc="best" if len(pairs) < 500 else "upper left", frameon=True)
+    axes[-1, 0].set_xlabel(r"alignment of the pair, $\min(|\cos_q|, |\cos_k|)$" if x == "cos" else x)
     if title:
         axes[0, 0].set_title(title)
     fig.tight_layout()
@@ -522,74 +535,6 @@ def plot_kind_summary(summary: pd.DataFrame, *, x: str = "layer", measure: str =
     unit = " (1 = dense)" if "rolls" in measure else " (terms)" if "n_recon" in measure else ""
     ax.set_xlabel(xlabel or x)
     ax.set_ylabel(f"{stat} {measure.replace('_', ' ')}{unit}")
-    if title:
-        ax.set_title(title)
-    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False, fontsize=9)
-    fig.tight_layout()
-    return fig
-
-
-@book_figure
-def plot_null_calibration(cal: pd.DataFrame, *, title: Optional[str] = None) -> Figure:
-    """The two controls on featureless inputs (:func:`svtools.sad.null.featureless_calibration`).
-
-    For each spectrum, bars of the ratio of mean Rolls-Tovee sparseness real / control for the
-    attended pairs, with the rotated control (grey) and the spectrum null (orange), and the same
-    ratios for random pairs as dots. Nothing aligns with anything here: a calibrated control
-    reads 1 (dotted line); a ratio below 1 is a false "sparser".
-    """
-    _need(cal, ["spectrum", "kind", "ratio_rotated", "ratio_null"], "plot_null_calibration")
-    spectra = list(dict.fromkeys(cal["spectrum"]))
-    fig, ax = subplots(width=0.7, height=3.1)
-    x = np.arange(len(spectra), dtype=float)
-    for j, (col, lab, c) in enumerate((("ratio_rotated", "rotated control", ROT),
-                                       ("ratio_null", "spectrum null", NULL))):
-        att = cal[cal["kind"] == "attended"].set_index("spectrum").reindex(spectra)[col].to_numpy(float)
-        rnd = cal[cal["kind"] == "random"].set_index("spectrum").reindex(spectra)[col].to_numpy(float)
-        xs = x + (j - 0.5) * 0.36
-        ax.bar(xs, att, width=0.34, color=c, label=f"{lab}: attended pairs")
-        ax.plot(xs, rnd, "o", color="k", ms=4, label="random pairs" if j == 0 else None)
-        for xi, v in zip(xs, att):
-            ax.text(xi, v + 0.02, f"{v:.2f}", ha="center", va="bottom", fontsize=8)
-    ax.axhline(1.0, color="k", lw=0.8, ls=":")
-    ax.set_xticks(x)
-    ax.set_xticklabels(spectra)
-    ax.set_xlabel("spectrum of the head (inputs without features)")
-    ax.set_ylabel("Rolls-Tovee, real / control")
-    ax.set_ylim(0, 1.25)
-    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False, fontsize=9)
-    if title:
-        ax.set_title(title)
-    fig.tight_layout()
-    return fig
-
-
-@book_figure
-def plot_null_ratio(ratio: pd.DataFrame, *, x: str = "layer", hue: str = "kind", xlabel: Optional[str] = None,
-                    ylabel: str = "Rolls-Tovee, real / null", title: Optional[str] = None,
-                    ax: Optional[plt.Axes] = None) -> Figure:
-    """A :func:`svtools.sad.null_ratio` frame against ``x``, one line per ``hue`` (kinds of pairs), with
-    the intervals over prompts as error bars and the line at 1 (no sparser than the null).
-    Groups are offset slightly along ``x``; ``x`` may be numbers or labels."""
-    _need(ratio, [x, hue, "ratio", "lo", "hi"], "plot_null_ratio")
-    fig, ax = (ax.figure, ax) if ax is not None else subplots(width=0.72, height=3.2)
-    levels = list(dict.fromkeys(ratio[hue]))
-    xv = list(dict.fromkeys(ratio[x]))
-    numeric = all(isinstance(v, (int, float, np.integer, np.floating)) for v in xv)
-    pos = {v: (float(v) if numeric else float(i)) for i, v in enumerate(xv)}
-    for i, lv in enumerate(levels):
-        s = ratio[ratio[hue] == lv]
-        xs = np.array([pos[v] for v in s[x]]) + 0.08 * (i - (len(levels) - 1) / 2)
-        c = KIND_COLORS.get(lv, None) if isinstance(lv, str) else None
-        ax.errorbar(xs, s["ratio"], yerr=[s["ratio"] - s["lo"], s["hi"] - s["ratio"]], marker="o", ms=4,
-                    capsize=2, color=c, ls="-" if numeric else "none",
-                    label=str(lv).replace("-", " ") + (" pairs" if hue == "kind" else ""))
-    ax.axhline(1.0, color="k", lw=0.8, ls=":")
-    if not numeric:
-        ax.set_xticks(range(len(xv)))
-        ax.set_xticklabels([str(v) for v in xv])
-    ax.set_xlabel(xlabel or x)
-    ax.set_ylabel(ylabel)
     if title:
         ax.set_title(title)
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False, fontsize=9)

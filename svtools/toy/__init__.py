@@ -41,11 +41,11 @@ decomposition on the toy, where the features are known). Every public name is im
 """
 
 from svtools.toy.model import ToyBatch, ToyConfig, ToyHistory, ToyRun, linear_template, sample_batch, template_matrix
-from svtools.toy.sad import toy_pair_sad, toy_sparsity, toy_sparsity_over_training, toy_tokens
+from svtools.toy.sad import toy_pair_sad, toy_sad_across_runs, toy_sparsity, toy_sparsity_over_training, toy_tokens
 from svtools.toy.summaries import failing_pairs, settle_step, settle_steps, summarize
 from svtools.toy.training import sweep, train, train_seeds
 
 __all__ = ["ToyConfig", "ToyRun", "ToyHistory", "ToyBatch", "train", "train_seeds", "sample_batch",
            "settle_step", "settle_steps", "summarize", "sweep",
            "template_matrix", "linear_template", "failing_pairs",
-           "toy_tokens", "toy_pair_sad", "toy_sparsity", "toy_sparsity_over_training"]
+           "toy_tokens", "toy_pair_sad", "toy_sparsity", "toy_sparsity_over_training", "toy_sad_across_runs"]

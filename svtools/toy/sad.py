@@ -5,7 +5,8 @@
 * :func:`toy_sparsity` — SAD of the toy head's attended pairs (the toy analogue of
   :func:`svtools.sad.head_sparsity`), with the spectrum null (and the rotated control on request);
 * :func:`toy_pair_sad` — SAD of each template pair's clean score beside its measured alignment;
-* :func:`toy_sparsity_over_training` — :func:`toy_sparsity` at several points of one run.
+* :func:`toy_sparsity_over_training` — :func:`toy_sparsity` at several points of one run;
+* :func:`toy_sad_across_runs` — alignment and the null ratio over runs whose alignment varies.
 """
 
 from __future__ import annotations
@@ -25,12 +26,14 @@ from svtools.sad.frame import pair_measures, used_tuples
 from svtools.sad.measure import control_names
 from svtools.sad.null import DRAWS, context_mean, null_gaussians, null_rotations, spectrum_null
 from svtools.sad.selection import Select, check_baseline, select_pairs
+from svtools.sad.stats import null_ratio
 from svtools.sparsity import n_recon, rolls_tovee
 from svtools.terms import homogeneous, relative_terms, rotated_terms, sad_terms
 from svtools.toy.model import sample_batch, template_matrix
+from svtools.toy.summaries import summarize
 from svtools.toy.training import train
 
-__all__ = ["toy_tokens", "toy_pair_sad", "toy_sparsity", "toy_sparsity_over_training"]
+__all__ = ["toy_tokens", "toy_pair_sad", "toy_sparsity", "toy_sparsity_over_training", "toy_sad_across_runs"]
 
 
 def toy_tokens(run: Any, n: int, *, seed: int = 0) -> tuple[Float[Tensor, "n D"], Float[Tensor, "n m D"], Float[Tensor, "n m"], Int[Tensor, "n"]]:
@@ -239,3 +242,52 @@ def toy_sparsity_over_training(
                      "loss_attn": float(run.history.loss_attn[-1]),
                      "loss_recon": float(run.history.loss_recon[-1]), "pairs": len(df)})
     return pd.concat(frames, ignore_index=True), pd.DataFrame(runs)
+
+
+def toy_sad_across_runs(
+    base: Any,
+    n_features: Sequence[int],
+    seeds: Sequence[int],
+    n: int = 2000,
+    *,
+    runs: Optional[dict] = None,
+    sample_seed: int = 3,
+    n_boot: int = 300,
+    progress: bool = False,
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Alignment and calibrated sparsity of toy runs whose alignment varies (more features in the
+    same dimensions interfere more).
+
+    For every ``N`` in ``n_features`` and seed in ``seeds``, trains
+    ``base.replace(n_features=N, p_active=2/N, seed=seed)`` (or takes ``runs[(N, seed)]`` when
+    given), then measures:
+
+    * per run: :func:`~svtools.toy.summarize` (alignment of the template pairs) and the null ratio
+      of its attended *planted* pairs (:func:`toy_sparsity` on ``n`` fresh examples drawn with
+      ``sample_seed``; :func:`svtools.sad.null_ratio` with ``n_boot`` resamples of examples);
+    * per template pair: :func:`toy_pair_sad` (its alignment and the SAD of its clean score).
+
+    Returns:
+        ``(per_run, per_pair)``: ``per_run`` has ``n_features, seed``, the columns of
+        :func:`~svtools.toy.summarize`, ``pairs`` (attended planted pairs), ``RT`` and ``RT null``
+        (mean Rolls–Tovée, real and null), ``ratio, lo, hi``; ``per_pair`` the columns of
+        :func:`toy_pair_sad` plus ``n_features, seed``.
+
+    Raises:
+        SVToolsError: ``n_features`` or ``seeds`` is empty.
+    """
+    if not len(n_features) or not len(seeds):
+        raise SVToolsError("toy_sad_across_runs: n_features and seeds must not be empty")
+    runs = dict(runs or {})
+    run_rows, pair_rows = [], []
+    for N in n_features:
+        for s in seeds:
+            r = runs.get((N, s))
+            if r is None:
+                r = train(base.replace(n_features=int(N), p_active=2.0 / int(N), seed=int(s)), progress=progress)
+            pair_rows.append(toy_pair_sad(r).assign(n_features=N, seed=s))
+            df = toy_sparsity(r, n, seed=sample_seed).query("planted").assign(layer=0, head=0)
+            q = null_ratio(df, by=[], n_boot=n_boot).iloc[0]
+            run_rows.append({"n_features": N, "seed": s, **summarize(r), "pairs": len(df), "RT": q["real"],
+                             "RT null": q["null"], "ratio": q["ratio"], "lo": q["lo"], "hi": q["hi"]})
+    return pd.DataFrame(run_rows), pd.concat(pair_rows, ignore_index=True)
