@@ -27,6 +27,14 @@ control columns: the rotary control's draw changed, so only their distribution i
 
 Use ``taskset -c 0,1`` to measure on two cores of a larger machine (and ``OMP_NUM_THREADS=2``).
 
+Measured 2026-12-05 on the project's shared 2-core CPU (never quiet; load average in brackets), one
+run each: ``--control rotated --repeats 2``: forward 2.72-3.06 s, cold 6.01-6.91x, repeated 1.59-2.13x
+(best times 6.77x / 1.79x; load 2.7-3.1); ``--control spectrum --repeats 1``: cold 19.6x, repeated
+15.2x (load 3.2; 36,864 items: the null needs every offset up to the last measured query); the
+spectrum control before svtools.sad.null_fast: 138x cold, 132x repeated (rotated then: 7.68x / 2.43x).
+The rotary spectrum null's rows agree with that previous implementation exactly (3 x 96 tokens, layers
+0, 5, 11, attended / non-attended / random pairs: n_recon_null and rolls_tovee_null identical).
+
 Measured 2026-12-04 on two quiet cores of a 16-core Xeon (``taskset -c 0,1``, torch 2.11, one run
 of ``--repeats 4 --reference``): forward 1.90-2.11 s; cold 10.9-14.2 s (5.2-7.5x, best times
 5.7x); repeated 3.1-4.2 s (1.5-2.1x, best 1.65x); the previous engine (main before issue 21)
@@ -179,9 +187,10 @@ def main() -> None:
         print(f"repeat {i}: forward {t_f:6.2f} s | cold {t_c:6.2f} s ({t_c / t_f:5.2f}x) | repeated {t_r:6.2f} s "
               f"({t_r / t_f:5.2f}x) | {machine()}")
     offsets = int((cold["query"] - cold["key"]).nunique())
-    print(f"{len(cold)} pairs at {offsets} distinct offsets; {items // 2} (head, offset) items decomposed and "
-          f"as many control rotations drawn by a cold call; factor cache {gb(FACTOR_CACHE.nbytes)} "
-          f"(limit {gb(FACTOR_CACHE.max_bytes)})")
+    what = (f"{items // 2} (head, offset) items decomposed and as many control rotations drawn" if control == "rotated"
+            else f"{items} (head, offset) items decomposed")
+    print(f"{len(cold)} pairs at {offsets} distinct offsets; {what} by a cold call; factor cache "
+          f"{gb(FACTOR_CACHE.nbytes)} (limit {gb(FACTOR_CACHE.max_bytes)})")
     print(f"best of {args.repeats}: forward {best['forward']:.2f} s, cold {best['cold']:.2f} s, "
           f"repeated {best['repeated']:.2f} s")
     print(f"RATIO cold / forward: {best['cold'] / best['forward']:.2f}x   repeated / forward: "

@@ -1,10 +1,12 @@
-"""Benchmark: head_sparsity (rotated control on) against the model's own forward pass and a per-pair loop.
+"""Benchmark: head_sparsity (per control) against the model's own forward pass and a per-pair loop.
 
 The embedded MiniLM (6 layers x 12 heads, d_head 32), prompts of the book's plain sentences cut
 to an exact length, every head, threshold 0.5, first key excluded. For each (prompts x tokens):
 
 * ``forward``: the HuggingFace forward with ``output_attentions=True`` (all prompts in one batch);
-* ``head_sparsity``: :func:`svtools.sad.head_sparsity` with its defaults (control on);
+* ``head_sparsity``: :func:`svtools.sad.head_sparsity` with its defaults, once per ``--controls`` entry
+  (default ``spectrum`` = the calibrated null, head_sparsity's default, and ``rotated``), each row
+  printed with the machine's load average and torch's thread count at that moment;
 * ``loop``: a hand-written Python loop over the selected pairs (one forward pass with the
   cache, then ``sad_terms`` / rotated terms / N_recon / Rolls-Tovee pair by pair); skipped when
   there are more than ``--loop-max-pairs`` pairs;
@@ -14,6 +16,15 @@ attention weights that must be written (layers x heads x prompts x tokens^2 x 4 
 by the measured write bandwidth.
 
     python benchmarks/head_sparsity_vs_forward.py [--device cuda] [--lengths 16 32 ...] [--prompts 32]
+        [--counts 32 128 ...] [--controls spectrum rotated none]
+
+Measured 2026-12-05 on the shared 2-core CPU, never quiet (``python benchmarks/head_sparsity_vs_forward.py
+--lengths 256 --counts``, best of 2-3; head_sparsity / forward, peak above the model, load):
+32 x 256, ``spectrum``: 1.59x (0.14 GB, load 2.9), 2.12x (0.17 GB, load 2.3), 1.84x (0.12 GB, load
+5.0), 1.36x (0.25 GB in a fresh process, load 9.6); ``rotated``: 0.77x, 0.89x, 0.95x, 1.16x (0.09-0.12
+GB). Single-thread CPU time, less sensitive to load: spectrum 5.8 s, rotated 3.3-3.9 s, forward 4.0-4.4 s
+(1.40x and 0.83-0.89x).
+Before the rows-only null (svtools.sad.null_fast) the spectrum control took 26-33x the forward.
 
 Measured on the project's shared 2-core CPU under heavy load from other jobs (load average 8-11),
 with ``OMP_WAIT_POLICY=PASSIVE`` (set below: with spinning OpenMP threads every small torch op
@@ -21,8 +32,8 @@ cost 10-30 ms on the loaded machine and all timings, of every method, were 2-10x
 times drift, compare the ratios. CUDA: the ``--device cuda`` path exists but is untested (no GPU
 was available).
 
-Measured 2026-11-28, loaded 2-core CPU (load average 7-11), one run each (head_sparsity / forward;
-peak above the model, head_sparsity vs forward):
+Measured 2026-11-28, before the spectrum null existed (the rotated control), loaded 2-core CPU (load
+average 7-11), one run each (head_sparsity / forward; peak above the model, head_sparsity vs forward):
 32 x 16: 1.27x; 32 x 32: 1.07x; 32 x 64: 0.67x; 32 x 128: 0.87x (0.14 vs 0.60 GB); 32 x 256: 0.67x
 (0.06 vs 1.65 GB; 0.23 GB in a fresh process, where the allocator holds nothing yet); 32 x 512:
 0.85x (vs 4.35 GB); 128 x 20: 0.90x. Against the per-pair loop: 4-8x faster (0.12-0.27x its time).
@@ -40,7 +51,7 @@ import math  # noqa: E402
 
 import torch  # noqa: E402
 
-from _common import bandwidth, describe, gb, hf_forward, machine, parser, text_ids, timed  # noqa: E402
+from _common import bandwidth, conditions, describe, gb, hf_forward, parser, text_ids, timed  # noqa: E402
 
 
 def pair_loop(model, ids, am, threshold: float = 0.5, seed: int = 0) -> int:
@@ -78,6 +89,8 @@ def main() -> None:
     ap.add_argument("--counts", type=int, nargs="*", default=[32, 128, 512], help="prompt counts at --short tokens")
     ap.add_argument("--short", type=int, default=20)
     ap.add_argument("--loop-max-pairs", type=int, default=20000)
+    ap.add_argument("--controls", nargs="*", default=["spectrum", "rotated"],
+                    help="head_sparsity's control per row: spectrum, rotated or none")
     args = ap.parse_args()
     import svtools
     from svtools.sad import head_sparsity
@@ -87,25 +100,30 @@ def main() -> None:
     bw = bandwidth(device)
     print(describe(device), f"| OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}")
     print(f"MiniLM: {model.cfg.n_layers} layers x {model.cfg.n_heads} heads; write bandwidth {bw / 1e9:.1f} GB/s")
-    head = (f"{'prompts x tokens':>17}{'pairs':>8}{'forward s':>11}{'h_s s':>9}{'loop s':>9}{'h_s/fwd':>9}"
-            f"{'h_s/loop':>10}{'peak h_s':>10}{'peak fwd':>10}{'floor s':>9}")
+    head = (f"{'prompts x tokens':>17}{'control':>10}{'pairs':>8}{'forward s':>11}{'h_s s':>9}{'loop s':>9}"
+            f"{'h_s/fwd':>9}{'h_s/loop':>10}{'peak h_s':>10}{'peak fwd':>10}{'floor s':>9}  conditions")
     print(head)
     configs = [(args.prompts, n) for n in args.lengths] + [(c, args.short) for c in args.counts]
     for n_prompts, length in configs:
         ids, am = text_ids(model, n_prompts, length)
         ids, am = ids.to(device), am.to(device)
-        t_f, m_f, _ = timed(lambda: hf_forward(model, ids, am), args.repeats, device)
-        t_h, m_h, df = timed(lambda: head_sparsity(model, ids, attention_mask=am, progress=False), args.repeats,
-                             device)
-        if len(df) <= args.loop_max_pairs:
-            t_l, _, n_loop = timed(lambda: pair_loop(model, ids, am), 1, device)
-            assert n_loop == len(df), (n_loop, len(df))
-            loop, ratio_l = f"{t_l:9.2f}", f"{t_h / t_l:10.2f}"
-        else:
-            loop, ratio_l = f"{'skip':>9}", f"{'-':>10}"
-        floor = model.cfg.n_layers * model.cfg.n_heads * n_prompts * length ** 2 * 4 / bw
-        print(f"{f'{n_prompts} x {length}':>17}{len(df):>8}{t_f:>11.2f}{t_h:>9.2f}{loop}{t_h / t_f:>9.2f}{ratio_l}"
-              f"{gb(m_h):>10}{gb(m_f):>10}{floor:>9.3f}  {machine()}", flush=True)
+        t_l = None
+        for control in args.controls:
+            ctl = None if control == "none" else control
+            # the forward again beside each control: the ratio is of two times measured under the same load
+            t_f, m_f, _ = timed(lambda: hf_forward(model, ids, am), args.repeats, device)
+            t_h, m_h, df = timed(lambda: head_sparsity(model, ids, attention_mask=am, progress=False, control=ctl),
+                                 args.repeats, device)
+            if len(df) <= args.loop_max_pairs:
+                if t_l is None:
+                    t_l, _, n_loop = timed(lambda: pair_loop(model, ids, am), 1, device)
+                    assert n_loop == len(df), (n_loop, len(df))
+                loop, ratio_l = f"{t_l:9.2f}", f"{t_h / t_l:10.2f}"
+            else:
+                loop, ratio_l = f"{'skip':>9}", f"{'-':>10}"
+            floor = model.cfg.n_layers * model.cfg.n_heads * n_prompts * length ** 2 * 4 / bw
+            print(f"{f'{n_prompts} x {length}':>17}{control:>10}{len(df):>8}{t_f:>11.2f}{t_h:>9.2f}{loop}"
+                  f"{t_h / t_f:>9.2f}{ratio_l}{gb(m_h):>10}{gb(m_f):>10}{floor:>9.3f}  {conditions()}", flush=True)
     print("h_s = head_sparsity; peak = peak memory above the loaded model; floor = attention weights "
           "written / write bandwidth")
 

@@ -51,8 +51,7 @@ RAW_TEX = re.compile(r"\\\(|\\\[")
 #: Pages not yet converted to the conventions (result box, glued numbers, captioned figures,
 #: tables that fit): their figure, width and words checks are reported, not failed, here and in
 #: ``scripts/screenshots.py``. Remove a page once converted (issue 22, second round).
-PENDING = {"book/quickstart", "book/part3/index", "book/part3/01_sad_toy", "book/part3/02_sad_real_models",
-           "book/part3/03_emergence", "book/part3/04_known_features"}
+PENDING: set[str] = set()
 
 #: Words that are about us, not for readers (case-insensitive).
 PROCESS_WORDS = re.compile(r"unverified|\b2-core\b|low priority|since replaced|no GPU was available|"

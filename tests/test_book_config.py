@@ -206,6 +206,40 @@ class _Keys(set):
         return set.__contains__(self, key) or any(p.match(key) for p in self.patterns)
 
 
+def _loop_glued_keys(src: str) -> tuple[set[str], list[str]]:
+    """Keys glued in a loop over literal keys, read with ``ast``: ``for name, value in {"a": ...}.items():
+    glue(name, value)`` and ``for name in ("a", "b"): glue(name, ...)`` give ``a`` and ``b``; an f-string
+    key (``glue(f"one_{what}_{s}", ...)``) gives a pattern. Cells that do not parse (IPython magics)
+    give nothing here."""
+    import ast
+
+    try:
+        tree = ast.parse(src)
+    except SyntaxError:
+        return set(), []
+    literal, patterns = set(), []
+    dicts = {t.id: n.value for n in ast.walk(tree) if isinstance(n, ast.Assign) and isinstance(n.value, ast.Dict)
+             for t in n.targets if isinstance(t, ast.Name)}  # found = {"a": ...}; for k, v in found.items()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "glue" and node.args \
+                and isinstance(node.args[0], ast.JoinedStr):
+            patterns.append("".join(v.value if isinstance(v, ast.Constant) else "{}" for v in node.args[0].values))
+        if not isinstance(node, ast.For):
+            continue
+        target = node.target.elts[0] if isinstance(node.target, ast.Tuple) else node.target
+        glued = any(isinstance(c, ast.Call) and getattr(c.func, "id", None) == "glue" and c.args
+                    and isinstance(c.args[0], ast.Name) and c.args[0].id == getattr(target, "id", None)
+                    for c in ast.walk(node))
+        it = node.iter
+        if isinstance(it, ast.Call) and isinstance(it.func, ast.Attribute) and it.func.attr == "items":
+            it = it.func.value
+        it = dicts.get(it.id, it) if isinstance(it, ast.Name) else it
+        keys = it.keys if isinstance(it, ast.Dict) else it.elts if isinstance(it, (ast.Tuple, ast.List)) else []
+        if glued:
+            literal |= {k.value for k in keys if isinstance(k, ast.Constant) and isinstance(k.value, str)}
+    return literal, patterns
+
+
 def _glued_keys(path: Path) -> _Keys:
     """Keys a notebook's code cells glue (``glue("key", ...)``; ``glue_run_time`` glues three)."""
     literal, patterns = set(), []
@@ -214,6 +248,9 @@ def _glued_keys(path: Path) -> _Keys:
             src = "".join(cell["source"])
             for f, k in GLUED_KEY.findall(src):
                 (patterns.append(k) if f else literal.add(k))
+            loop_literal, loop_patterns = _loop_glued_keys(src)
+            literal |= loop_literal
+            patterns += loop_patterns
             if "glue_run_time(" in src:
                 literal |= {"run_time", "run_scale", "run_hardware"}
     return _Keys(literal, patterns)
@@ -258,3 +295,14 @@ def test_every_pasted_number_is_glued(path: Path):
         elif path.suffix != ".ipynb" or ref not in _glued_keys(path):
             missing.append(ref)
     assert not missing, f"pasted but never glued: {missing}"
+
+
+def test_loop_glued_keys_reads_literal_loops_only():
+    src = ('found = {"a": 1, "b": 2}\nfor name, value in found.items():\n    glue(name, value)\n'
+           'for k in ("c", "d"):\n    glue(k, 0)\nfor k, v in {"e": 1}.items():\n    print(k)\n'
+           'for s in range(3):\n    glue(f"one_{s}_x", s)\nfor k in make_keys():\n    glue(k, 1)\n')
+    literal, patterns = _loop_glued_keys(src)
+    assert literal == {"a", "b", "c", "d"}  # "e" is never glued; make_keys() cannot be read
+    keys = _Keys(literal, patterns)
+    assert "one_2_x" in keys and "one_2_y" not in keys
+    assert _loop_glued_keys("%pip install x\n") == (set(), [])

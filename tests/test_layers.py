@@ -39,7 +39,7 @@ LAYERS: dict[str, int] = {
     "svtools.bridge": 2, "svtools.models": 2, "svtools.decomposition": 2,
     "svtools.sad": 3, "svtools.toy": 3, "svtools.theory": 3, "svtools.ioi": 3, "svtools.ioi_lm": 3,
     "svtools.sae": 3, "svtools.activations": 3, "svtools.intervene": 3, "svtools.features": 3, "svtools.ov": 3,
-    "svtools.ioi_causal": 3,
+    "svtools.ioi_causal": 3, "svtools.emergence": 3,
     "svtools.plots": 4, "svtools.report": 4,
 }
 

@@ -12,6 +12,7 @@ from typing import Optional, Sequence
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
 
 from svtools._checks import SVToolsError
@@ -27,7 +28,7 @@ INTERVENTION_STYLE = {
     "sad null": ("tab:blue", "remove matched random sets"),
     "decision": ("tab:red", "remove the decision's top set"),
     "decision null": ("tab:red", "remove matched random sets"),
-    "zero omega": ("tab:gray", "zero the head's Omega"),
+    "zero omega": ("tab:gray", r"zero the head's $\Omega$"),
 }
 
 
@@ -57,17 +58,17 @@ def plot_direction_profiles(profiles: pd.DataFrame, *, pair_io: str, pair_s: str
         g = profiles[profiles["seed"] == s].sort_values("k").head(n_show)
         k = g["k"].to_numpy()
         unit = lambda v: v / max(float(np.abs(v).max()), 1e-300)  # noqa: E731
-        ax.bar(k - 0.2, unit(g["sad_mean"].to_numpy()), width=0.4, color="tab:blue", label="END->IO term (SAD)")
+        ax.bar(k - 0.2, unit(g["sad_mean"].to_numpy()), width=0.4, color="tab:blue", label="END → IO term (SAD)")
         ax.bar(k + 0.2, unit(g["decision_mean"].to_numpy()), width=0.4, color="tab:red",
-               label="decision term t(IO) - t(S1)")
+               label=r"decision $t_k(\mathrm{IO}) - t_k(\mathrm{S1})$")
         known = (g[pair_io] - g[pair_s]).to_numpy()
         ax.plot(k + 0.2, unit(known), "D", color="black", ms=4, label="predicted by the name codes")
         ax.plot(k, unit(g["sigma"].to_numpy()), "-", color="tab:gray", lw=1.2, label="singular value")
         ax.axhline(0, color="black", lw=0.6)
         head = g["head_label"].iloc[0] if "head_label" in g else ""
-        ax.set_ylabel(f"seed {s} {head}\n(share of max)")
+        ax.set_ylabel(f"seed {s}, {head}\n(share of max)")
         ax.set_ylim(-0.45, 1.1)
-    axes[-1, 0].set_xlabel("singular direction k (largest singular value first)")
+    axes[-1, 0].set_xlabel(r"singular direction $k$ (largest $\sigma_k$ first)")
     axes[-1, 0].set_xticks(range(n_show))
     axes[-1, 0].legend(loc="upper center", bbox_to_anchor=(0.5, -0.35), ncol=2, frameon=False)
     if title:
@@ -88,8 +89,9 @@ def plot_intervention_effects(summary: pd.DataFrame, *, columns: Sequence[str] =
     range over draws).
     """
     _need(summary, ["seed", "intervention", "column", "mean", "lo", "hi"], "plot_intervention_effects")
-    labels = labels or {"end_io": "END -> IO attention", "selectivity": "selectivity log(p_IO / p_S1)",
-                        "logit_diff": "logit IO - logit S (nats)", "io_over_s": "IO over S accuracy"}
+    labels = labels or {"end_io": "END → IO\nattention", "selectivity": r"$\log(p_\mathrm{IO} / p_\mathrm{S1})$",
+                        "logit_diff": r"$\ell_\mathrm{IO} - \ell_\mathrm{S}$ (nats)",
+                        "io_over_s": "IO over S\naccuracy"}
     order = [i for i in INTERVENTION_STYLE if i in set(summary["intervention"])]
     seeds = sorted(summary["seed"].unique())
     fig, axes = subplots(len(columns), 1, height=2.1 * len(columns) + 0.5, sharex=True, squeeze=False)
@@ -128,31 +130,45 @@ def plot_features_over_training(frame: pd.DataFrame, *, title: Optional[str] = N
     """
     _need(frame, ["seed", "step", "io_over_s", "end_io", "name_raw", "name_raw_q95", "name_unwhitened",
                   "name_unwhitened_q95", "decision_nrecon", "profile_nrecon"], "plot_features_over_training")
-    fig, axes = subplots(3, 1, height=7.6, sharex=True)
+    fig, axes = subplots(3, 1, height=8.0, sharex=True)
     colors = dict(zip(sorted(frame["seed"].unique()), ("tab:blue", "tab:orange", "tab:green", "tab:purple")))
     for s, g in frame.groupby("seed"):
         g = g.sort_values("step")
         c = colors[s]
-        axes[0].plot(g["step"], g["io_over_s"], "-o", color=c, ms=3, label=f"seed {s}: IO over S")
-        axes[0].plot(g["step"], g["end_io"], "--s", color=c, ms=3, label=f"seed {s}: END -> IO")
+        axes[0].plot(g["step"], g["io_over_s"], "-o", color=c, ms=3, label=f"seed {s}")
+        axes[0].plot(g["step"], g["end_io"], "--s", color=c, ms=3)
         axes[1].plot(g["step"], g["name_raw"], "-o", color=c, ms=3, label=f"seed {s}")
         axes[1].plot(g["step"], g["name_unwhitened"], ":", color=c, lw=1.5)
-        axes[2].plot(g["step"], g["decision_nrecon"], "-o", color=c, ms=3, label=f"seed {s}: per prompt")
-        axes[2].plot(g["step"], g["profile_nrecon"], "--s", color=c, ms=3, label=f"seed {s}: mean profile")
+        axes[2].plot(g["step"], g["decision_nrecon"], "-o", color=c, ms=3)
+        axes[2].plot(g["step"], g["profile_nrecon"], "--s", color=c, ms=3)
     q = frame.groupby("step")[["name_raw_q95", "name_unwhitened_q95"]].mean()
-    axes[1].plot(q.index, q["name_raw_q95"], "--", color="0.4", label="null q95, raw")
-    axes[1].plot(q.index, q["name_unwhitened_q95"], "--", color="0.75", label="null q95, un-whitened")
-    axes[0].set_ylabel("share / weight")
+    axes[1].plot(q.index, q["name_raw_q95"], "--", color="0.4", label="null 95%, raw")
+    axes[1].plot(q.index, q["name_unwhitened_q95"], "--", color="0.75", label=r"null 95%, $\Sigma v$")
+    axes[0].set_ylabel("accuracy,\nattention")
     axes[0].set_ylim(-0.03, 1.05)
-    axes[1].set_ylabel("max_k |cos(name, v_k)|")
-    axes[1].set_ylim(0, 1.05)
-    axes[2].set_ylabel("directions used (N_recon)")
+    axes[1].set_ylabel(r"$\max_k |\cos(n, v_k)|$")
+    axes[1].set_ylim(-0.32, 1.05)  # room below 0 for the legend; |cos| itself is in [0, 1]
+    axes[1].set_yticks([0, 0.2, 0.4, 0.6, 0.8, 1.0])
+    axes[2].set_ylabel(r"directions ($N_\mathrm{recon}$)")
     axes[2].yaxis.set_major_locator(MaxNLocator(integer=True))
-    for ax, loc in zip(axes, ("upper left", "lower right", "upper left")):
-        ax.legend(loc=loc, fontsize=8, ncol=2, frameon=True)
+    # colours name the seeds (one legend, below); line styles name the series, in each panel
+    def styles(ax, entries, loc, ncol=1):
+        handles = [Line2D([], [], color="0.2", ls=ls, marker=m, ms=3) for _, ls, m in entries]
+        extra = [h for h in ax.get_legend_handles_labels()[0] if not str(h.get_label()).startswith("seed")]
+        return ax.legend(handles + extra, [t for t, _, _ in entries] + [h.get_label() for h in extra], loc=loc,
+                         ncol=ncol, frameon=True)
+
+    styles(axes[0], [("IO over S", "-", "o"), ("END → IO", "--", "s")], "upper left")
+    styles(axes[1], [("raw $v$", "-", "o"), (r"$\Sigma v$", ":", "")], "lower right", ncol=2)  # below 0
+    axes[2].add_artist(styles(axes[2], [("per prompt", "-", "o"), ("mean profile", "--", "s")], "upper left"))
+    seeds = [Line2D([], [], color=c, lw=2) for c in colors.values()]
+    axes[2].legend(seeds, [f"seed {s}" for s in colors], loc="upper center", bbox_to_anchor=(0.5, -0.34),
+                   ncol=len(seeds), frameon=False)
     axes[2].set_xscale("symlog", linthresh=10)
     axes[2].set_xlim(0, frame["step"].max() * 1.1)
     axes[2].set_xlabel("training step (log scale past 10)")
+    for ax, letter in zip(axes, "abc"):
+        ax.set_title(f"({letter})", loc="left")
     if title:
         axes[0].set_title(title)
     fig.tight_layout()

@@ -31,6 +31,8 @@ Modules (every public name is importable from ``svtools.sad``):
   :data:`COLUMNS`;
 * :mod:`svtools.sad.null` — the calibrated spectrum null (definition, centring, rank matching,
   the featureless calibration);
+* :mod:`svtools.sad.null_fast` — the same null computed only where the measured pairs need it
+  (what :func:`head_sparsity` runs);
 * :mod:`svtools.sad.engine` — the streaming engine: each layer's pairs selected and decomposed
   inside one forward pass, rotary heads at the offsets used, exactness checked on every chunk;
 * :mod:`svtools.sad.measure` — :func:`head_sparsity`, the entry point, and :func:`degeneracy`

@@ -27,14 +27,16 @@ from svtools.decomposition import (attention_scale, head_rotations, head_weights
 from svtools.rotary import RotaryHeads
 from svtools.sad.frame import pair_rows
 from svtools.sad.null import canonical_means, context_mean, haar_q, null_gaussians, null_rotations, spectrum_null
+from svtools.sad.null_fast import rotary_rows_null, rows_null
 from svtools.sad.rotary import RotaryLayer
 from svtools.sad.selection import baseline_pairs, select_pairs_unchecked
 from svtools.terms import merge_degenerate, relative_pair_terms
 
 __all__ = ["PairEngine", "NULL_GRID_BYTES"]
 
-#: The spectrum null of rotary heads forms per-offset projection grids ``(prompts, query, key, r)``
-#: one head and this many bytes at a time.
+#: The spectrum null of rotary heads works one head and a block of prompts at a time, the block's scratch
+#: under this many bytes: ``(draw, prompt, query, key)`` score bounds with absolute scores
+#: (:func:`svtools.sad.null_fast.rotary_rows_null`), per-offset ``(prompt, query, key, r)`` grids with relative ones.
 NULL_GRID_BYTES = 64 * 2**20
 
 
@@ -296,8 +298,9 @@ class PairEngine:
             if self.exclude_first:
                 eligible = eligible.clone()
                 eligible[..., 0] = False
-            null = self._null_rotary(idx_all, qa, kb, basis, mask, eligible, qvalid) if basis.rotary else \
-                self._null_absolute(idx_all, pu, pv, basis, mask, eligible, qvalid)
+            null = self._null_rotary(idx_all, qa, kb, basis, mask, eligible, qvalid, qr, kr) if basis.rotary else \
+                self._null_absolute(idx_all, pu, pv, basis, mask, eligible, qvalid,
+                                    csum if self.relative else None)
         for kind, idx in idx_all.items():
             if not len(idx):
                 continue
@@ -346,23 +349,26 @@ class PairEngine:
             s += n
         return out
 
-    def _null_absolute(self, idx_all, pu, pv, basis, mask, eligible, qvalid) -> dict[str, dict[str, Tensor]]:
+    def _null_absolute(self, idx_all, pu, pv, basis, mask, eligible, qvalid, csum=None) -> dict[str, dict[str, Tensor]]:
         """The spectrum null (:mod:`svtools.sad.null`) of absolute-position heads: the real
-        projections ``x~ U``, ``y~ V`` rotated per draw, centred on each prompt's mean."""
+        projections ``x~ U``, ``y~ V`` rotated per draw, centred on each prompt's mean, formed only
+        for the rows and pairs the measured pairs need (:func:`svtools.sad.null_fast.rows_null`)."""
         pairs, match, kinds = self._null_pairs(idx_all)
-        A, C = pu[:, :, :, None, :], pv[:, :, None, :, :]
         valid = qvalid[:, 0]  # (batch, pos): real tokens
-        mean_a = context_mean(A, valid[:, None, :, None], dims=(-3,)) if self.null_center else None
-        mean_c = context_mean(C, valid[:, None, None, :], dims=(-2,)) if self.null_center else None
-        res = spectrum_null(A, C, basis.S[None, :, None, None, :], pairs, basis.O, mask=mask, eligible=eligible,
-                            match=match, mean_a=mean_a, mean_c=mean_c, relative=self.relative, frac=self.frac,
-                            merge_tol=self.degenerate_tol)
+        mean_a = context_mean(pu, valid[:, None, :], dims=(-2,))[:, :, 0] if self.null_center else None
+        mean_c = context_mean(pv, valid[:, None, :], dims=(-2,))[:, :, 0] if self.null_center else None
+        res = rows_null(pu, pv, basis.S, (basis.O[0][:, :, 0, 0], basis.O[1][:, :, 0, 0]), pairs, mask=mask[:, 0],
+                        eligible=eligible[:, 0], match=match, mean_a=mean_a, mean_c=mean_c,
+                        key_sum=csum if self.relative else None, frac=self.frac, merge_tol=self.degenerate_tol)
         return self._split(res, kinds)
 
-    def _null_rotary(self, idx_all, qf, kf, basis, mask, eligible, qvalid) -> dict[str, dict[str, Tensor]]:
-        """The spectrum null of rotary heads: per-offset projections ``(x~ A) XA_o``, ``(y~ B) XB_o``
-        and values ``S_o`` laid out as ``(prompt, query, key, r)`` grids (pair ``(q, k)`` at offset
-        ``q - k``), one head and a block of prompts at a time (:data:`NULL_GRID_BYTES`)."""
+    def _null_rotary(self, idx_all, qf, kf, basis, mask, eligible, qvalid, qr=None, kr=None
+                     ) -> dict[str, dict[str, Tensor]]:
+        """The spectrum null of rotary heads. Absolute scores: :meth:`_null_rotary_rows`. Relative scores
+        (each query's mean term over its keys needs every key's terms at its own offset): per-offset
+        projections ``(x~ A) XA_o``, ``(y~ B) XB_o`` and values ``S_o`` laid out as ``(prompt, query,
+        key, r)`` grids (pair ``(q, k)`` at offset ``q - k``), one head and a block of prompts at a time
+        (:data:`NULL_GRID_BYTES`)."""
         pairs, match, kinds = self._null_pairs(idx_all)
         B, H, _, _ = qf.shape
         n = int(pairs[:, 2].max()) + 1  # queries up to the last measured one (and their keys) suffice
@@ -375,6 +381,8 @@ class PairEngine:
         out = {name: torch.full((len(pairs),), float("nan"), dtype=torch.float64, device=dev)
                for name in ("rolls_tovee", "n_recon")}
         out["draws"] = torch.zeros(len(pairs), dtype=torch.int64, device=dev)
+        if not self.relative:  # absolute scores: no per-draw grids (svtools.sad.null_fast.rotary_rows_null)
+            return self._split(self._null_rotary_rows(pairs, match, qf, kf, qr, kr, basis, eligible, w, n), kinds)
         for hh in range(H):
             XA, XB, S = basis.rot.factored(hh, n, self.check_tol)  # (offset, d_head, r), (offset, r)
             for b0 in range(0, B, block):
@@ -411,3 +419,44 @@ class PairEngine:
                 for name, v in res.items():
                     out[name][sel] = v.to(out[name].dtype)
         return self._split(out, kinds)
+
+    def _null_rotary_rows(self, pairs, match, qf, kf, qr, kr, basis, eligible, w, n) -> dict[str, Tensor]:
+        """The rotary spectrum null with absolute scores, head by head and in blocks of prompts whose
+        ``(draw, prompt, query, key)`` scratch stays under :data:`NULL_GRID_BYTES`."""
+        B, H = qf.shape[:2]
+        dev = qf.device
+        D = basis.N[0].shape[0]
+        block = max(1, NULL_GRID_BYTES // max(1, 6 * D * n * n * qf.element_size()))
+        out = {name: torch.full((len(pairs),), float("nan"), dtype=torch.float64, device=dev)
+               for name in ("rolls_tovee", "n_recon")}
+        out["draws"] = torch.zeros(len(pairs), dtype=torch.int64, device=dev)
+        for hh in range(H):
+            sel_h = pairs[:, 1] == hh
+            if not bool(sel_h.any()):
+                continue
+            XA, XB, S = basis.rot.factored(hh, n, self.check_tol)  # (offset, d_head, r), (offset, r)
+            if self.null_center:  # the prompt's mean input: its projection at each offset is kept
+                qbar = torch.einsum("bn,bnd->bd", w, qf[:, hh])
+                kbar = torch.einsum("bn,bnd->bd", w, kf[:, hh])
+                mean_a = torch.einsum("bd,odr->bor", qbar, XA)
+                mean_c = torch.einsum("bd,odr->bor", kbar, XB)
+                if self.degenerate_tol is not None:  # basis-free inside degenerate groups
+                    mean_a, mean_c = canonical_means(mean_a, mean_c, S[None], self.degenerate_tol)
+            else:
+                qbar = kbar = torch.zeros(B, qf.shape[-1], dtype=qf.dtype, device=dev)
+                mean_a = mean_c = torch.zeros(B, n, basis.r, dtype=qf.dtype, device=dev)
+            for b0 in range(0, B, block):
+                sel = sel_h & (pairs[:, 0] >= b0) & (pairs[:, 0] < b0 + block)
+                if not bool(sel.any()):
+                    continue
+                bb = slice(b0, b0 + block)
+                p = pairs[sel]
+                real = qr[bb, hh, :n] @ kr[bb, hh, :n].transpose(-1, -2)
+                res = rotary_rows_null(qf[bb, hh, :n] - qbar[bb, None], kf[bb, hh, :n] - kbar[bb, None],
+                                       (basis.N[0][:, hh], basis.N[1][:, hh]), mean_a[bb], mean_c[bb], S, real,
+                                       torch.stack([p[:, 0] - b0, p[:, 2], p[:, 3]], -1),
+                                       eligible=eligible[bb, 0, :n, :n], match=match[sel], frac=self.frac,
+                                       merge_tol=self.degenerate_tol)
+                for name, v in res.items():
+                    out[name][sel] = v.to(out[name].dtype)
+        return out

@@ -231,19 +231,30 @@ def head_sparsity(
     per-head projections ``(batch, head, pos, r)``, and the measured pairs' terms; rotary layers
     add each used (head, offset) item's ``V`` and rotation (``2 * r * r`` numbers), kept across
     calls up to :data:`svtools.factor_cache.CACHE_BYTES` (an eighth of the machine's memory). The
-    spectrum null adds, per draw, the null head's ``(batch, head, query, key)`` scores and key
-    ranks (rotary heads: per-offset grids of ``(prompts, query, key, r)`` numbers, one head and
-    :data:`svtools.sad.engine.NULL_GRID_BYTES` at a time); its time grows with ``null_draws``.
-    Rotary, ``control="rotated"``, measured on two quiet cores of a 16-core Xeon (``taskset -c 0,1
-    python benchmarks/head_sparsity_rotary.py``: Pythia-160M-shaped random model, peaked attention,
-    4 x 256 tokens, 141,993 pairs using 28,442 (head, offset) items at 254 offsets): a cold call
-    (empty cache) 5.2-7.5x the HF forward pass over four repeats (best times: 5.7x), a repeated
-    call 1.5-2.1x (best: 1.65x); the previous engine took 22.3x. Measured on a CPU with
-    ``benchmarks/`` (``OMP_WAIT_POLICY=PASSIVE``, ``control="rotated"``): MiniLM, 32 prompts x 256
-    tokens, peak memory above the model 0.23 GB in a fresh process (the HF forward with
-    ``output_attentions=True`` alone: 1.6 GB), time 0.67x that forward pass (128 x 20: 0.90x);
-    time grows with the number of prompts as prompts^0.90. See benchmarks/ for the figures. The
-    code is device-agnostic: it runs where the model lives (the benchmarks measure the CPU).
+    spectrum null forms, for all ``null_draws`` draws at once, null scores only for the query
+    rows that carry a rank-matched pair, each reduced to its first largest key as it is formed,
+    and terms only for the measured pairs (:func:`svtools.sad.null_fast.rows_null`, blocks of
+    :data:`svtools.sad.null_fast.ROWS_BLOCK_BYTES`); rotary heads with absolute scores bound the
+    offset-dependent part of the null scores and score exactly only the keys that can rank first
+    (:func:`svtools.sad.null_fast.rotary_rows_null`, one head and
+    :data:`svtools.sad.engine.NULL_GRID_BYTES` at a time), and need every offset's decomposition
+    up to the last measured query; rotary heads with ``attention="relative"`` still form
+    per-offset ``(prompts, query, key, r)`` grids per draw (slow). Its time grows with
+    ``null_draws``. Measured 2026-12-05 on the project's shared 2-core CPU (2 torch threads,
+    ``OMP_WAIT_POLICY=PASSIVE``), each time against the HF forward pass (``output_attentions=True``)
+    timed beside it; the machine was never quiet (1-minute load average 2.3-10 from other jobs, in
+    brackets), and load slows the two-thread forward more than this code, so the ratios swing.
+    MiniLM, 32 prompts x 256 tokens, every head (``python benchmarks/head_sparsity_vs_forward.py
+    --lengths 256 --counts``): ``control="spectrum"`` (the default, 16 draws) 1.6-2.1x the forward
+    (load 2.3-2.9; 1.4-1.8x at 5-10), peak memory above the model 0.14-0.25 GB; ``control="rotated"``
+    0.77-0.89x (load 2.7-2.8), 0.09-0.12 GB. Rotary, Pythia-160M-shaped random model, peaked attention,
+    4 x 256 tokens, 141,993 pairs at 254 offsets (``python benchmarks/head_sparsity_rotary.py
+    --control rotated`` / ``--control spectrum``): ``"rotated"`` a cold call (empty factor cache)
+    6.0-6.9x, a repeated call 1.6-2.1x (load 2.7-3.1); ``"spectrum"`` cold 19.6x, repeated 15.2x
+    (load 3.2; it decomposes every offset of every head, 36,864 items, and bounds 16 draws of
+    null scores per head). Earlier, on two quiet cores of a 16-core Xeon (``taskset -c 0,1``,
+    ``"rotated"``): cold 5.2-7.5x, repeated 1.5-2.1x.
+    The code is device-agnostic: it runs where the model lives (the benchmarks measure the CPU).
 
     Returns:
         ``pandas.DataFrame`` with the columns above (integers as int64).

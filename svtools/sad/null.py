@@ -44,6 +44,15 @@ without looking at attention, are compared with themselves.
 null heads (seeded); the ratio real / null is formed from means over pairs (ratio of means),
 with intervals from resampling prompts.
 
+**Computation.** :func:`spectrum_null` is the straightforward form (every draw's null scores on full
+``(..., query, key, r)`` grids); :func:`head_sparsity` uses fast forms with the same numbers (up to
+float rounding of near-tied null scores), in :mod:`svtools.sad.null_fast`:
+:func:`~svtools.sad.null_fast.rows_null` for absolute positions (null scores only for the query
+rows of rank-matched pairs, terms only for the pairs, all draws batched) and
+:func:`~svtools.sad.null_fast.rotary_rows_null` for rotary heads with absolute scores (matrix products plus a bound on
+the offset-dependent part; exact scores only for keys that can rank first). Tests compare both
+with :func:`spectrum_null`.
+
 Calibration (tests): on featureless Gaussian inputs the ratio is 1 within Monte-Carlo error for
 flat, random-initialisation and rank-one spectra, attended and random pairs alike; on the toy
 model, whose features are planted and aligned, attended pairs give a ratio well below 1.
@@ -52,6 +61,7 @@ model, whose features are planted and aligned, attended pairs give a ratio well 
 from __future__ import annotations
 
 import math
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Literal, Optional, Sequence
 
 import torch
@@ -84,14 +94,25 @@ def null_gaussians(seed: int, draws: int, d_in: int, r: int, streams: Sequence[S
     numbers on every device), then cast and moved.
     """
     draws = as_int(draws, "draws", min_value=1)
-    out = []
-    for s in streams:
+    streams = [tuple(s) for s in streams]
+    G = torch.empty(draws, len(streams), 2, int(d_in), int(r), dtype=torch.float64)
+
+    def draw(i: int) -> None:
         h = (int(seed) * 1_000_003 + 0x5EED) % 2**63
-        for v in s:
+        for v in streams[i]:
             h = (h * 1_000_033 + int(v) + 1) % 2**63
         g = torch.Generator().manual_seed(h)
-        out.append(torch.randn(draws, 2, int(d_in), int(r), generator=g, dtype=torch.float64))
-    G = torch.stack(out, 1).to(dtype=dtype, device=device)  # (draws, stream, 2, d_in, r)
+        G[:, i] = torch.randn(draws, 2, int(d_in), int(r), generator=g, dtype=torch.float64)
+
+    # independent generators: the streams are drawn side by side on the CPU's threads (the same numbers)
+    workers = min(torch.get_num_threads(), len(streams))
+    if workers > 1 and draws * d_in * r >= 2**16:
+        with ThreadPoolExecutor(workers) as pool:
+            list(pool.map(draw, range(len(streams))))
+    else:
+        for i in range(len(streams)):
+            draw(i)
+    G = G.to(dtype=dtype, device=device)  # (draws, stream, 2, d_in, r)
     return G[:, :, 0], G[:, :, 1]
 
 

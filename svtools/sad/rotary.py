@@ -78,10 +78,27 @@ class GroupLayout:
         out = None
         for k, groups, start in self.buckets:
             M = gather(groups).to(X.device)
-            Y = torch.bmm(X[start:start + len(groups) * k].view(len(groups), k, -1), M)
             if out is None:
-                out = X.new_empty(self.size, Y.shape[-1])
-            out[start:start + len(groups) * k] = Y.view(-1, Y.shape[-1])
+                out = X.new_empty(self.size, M.shape[-1])
+            torch.bmm(X[start:start + len(groups) * k].view(len(groups), k, -1), M,
+                      out=out[start:start + len(groups) * k].view(len(groups), k, -1))
+        return out
+
+    def matmul_argmax(self, X: Tensor, gather: Callable[[Tensor], Tensor], shut: Optional[Tensor] = None,
+                      rows: int = 2048) -> Tensor:
+        """``matmul(X, gather).masked_fill(shut, -inf).max(-1).indices`` (the first largest column of each
+        row), formed ``rows`` rows at a time so that the product never leaves the cache; ``(size,)``."""
+        out = torch.empty(self.size, dtype=torch.long, device=X.device)
+        for k, groups, start in self.buckets:
+            per = max(1, rows // k)
+            for g0 in range(0, len(groups), per):
+                gs = groups[g0:g0 + per]
+                s0, s1 = start + g0 * k, start + (g0 + len(gs)) * k
+                Y = torch.bmm(X[s0:s1].view(len(gs), k, -1), gather(gs).to(X.device))
+                Y = Y.view(s1 - s0, -1)
+                if shut is not None:
+                    Y.masked_fill_(shut[s0:s1], -float("inf"))
+                out[s0:s1] = Y.max(-1).indices
         return out
 
     def rows(self, Y: Tensor, start: int, stop: int) -> Tensor:
