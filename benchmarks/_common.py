@@ -156,8 +156,3 @@ def describe(device: torch.device) -> str:
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else \
         f"CPU, {torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f}"
     return f"device: {device} ({where}); torch {torch.__version__}"
-
-
-def conditions() -> str:
-    """The machine's state beside a ratio: 1-minute load average and torch's intra-op thread count."""
-    return f"load {os.getloadavg()[0]:.1f}, {torch.get_num_threads()} threads"

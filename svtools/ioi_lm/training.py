@@ -184,12 +184,22 @@ def _key_config(cfg: IOILMConfig) -> dict:
     return dataclasses.asdict(cfg.replace(seed=0))
 
 
-def _key(cfg: IOILMConfig, seed: int) -> str:
+def _key(cfg: IOILMConfig, seed: int, dev: torch.device = torch.device("cpu")) -> str:
+    """The run's cache key. A run trained on another device than the CPU is another run (its
+    weights differ from the CPU run's), so its key carries the device type."""
     blob = json.dumps({"cfg": _key_config(cfg), "seed": int(seed),
                        "code": CODE_VERSION, "vocab": vocabulary(), "text": [TRAIN_TEMPLATES, TEST_TEMPLATES,
                                                                               TRAIN_NAMES, FILLER_TEMPLATES]},
                       sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+    key = hashlib.sha256(blob.encode()).hexdigest()[:16]
+    return key if dev.type == "cpu" else f"{key}-{dev.type}"
+
+
+def _train_device(device: str | torch.device | None) -> torch.device:
+    """Where a run trains: the CPU unless a device is asked for. The book's seeds were validated
+    on the CPU (see the package docstring: which solution a run finds is fragile), so a GPU is
+    used for training only on request, never because it is present."""
+    return torch.device("cpu") if device is None else default_device(device)
 
 
 # ----------------------------------------------------------------------------- the run
@@ -373,7 +383,9 @@ def train(cfg: Optional[IOILMConfig] = None, *, seed: Optional[int] = None, prog
         cfg: the config (default :class:`IOILMConfig`).
         seed: the training seed (initialisation and data order); default ``cfg.seed``.
         progress: a progress bar over steps.
-        device: default cuda when available, else cpu (the book's runs were trained on the CPU).
+        device: default cpu, even where a GPU is present: the book's runs were trained and
+            validated on the CPU, and a run trained elsewhere has other weights (it is cached
+            under its own key). ``"cuda"`` trains on the GPU.
         cache: read and write the on-disk cache (``$SVTOOLS_CACHE``, see :func:`cache_dir`).
             With ``cache=False`` the run is written to a fresh temporary directory.
 
@@ -401,11 +413,12 @@ def train(cfg: Optional[IOILMConfig] = None, *, seed: Optional[int] = None, prog
         raise SVToolsError(f"cfg must be an IOILMConfig, got {type(cfg).__name__}")
     seed = as_seed(cfg.seed if seed is None else seed, "seed", max_value=SEED_MAX)
     cache = as_bool(cache, "cache")
-    key = _key(cfg, seed)
+    dev = _train_device(device)
+    key = _key(cfg, seed, dev)
     where = cache_dir() if cache else None
     if not cache:
         _about_to_train(cfg, [seed])
-        return _build(cfg, seed, key, None, default_device(device), progress)
+        return _build(cfg, seed, key, None, dev, progress)
     _cache.check_root(where)
     _cache.clean_stale(where, "ioi_lm_")
     hit = _load_cached(where / key, cfg, seed)
@@ -418,7 +431,7 @@ def train(cfg: Optional[IOILMConfig] = None, *, seed: Optional[int] = None, prog
         if hit is not None:
             return hit
         _about_to_train(cfg, [seed])
-        return _build(cfg, seed, key, where, default_device(device), progress)
+        return _build(cfg, seed, key, where, dev, progress)
 
 
 def train_seeds(cfg: Optional[IOILMConfig] = None, seeds: Sequence[int] = (0, 1, 2), *,
@@ -440,7 +453,7 @@ def train_seeds(cfg: Optional[IOILMConfig] = None, seeds: Sequence[int] = (0, 1,
             (``os.sched_getaffinity``; ``SVTOOLS_TRAIN_PROCESSES`` overrides), at most one per
             missing seed. Other load on the machine is not subtracted: parallel runs take no
             longer than serial ones there either. On CUDA the seeds train here, one after another.
-        device: as in :func:`train` (default cuda when available, else cpu).
+        device: as in :func:`train` (default cpu).
         progress: progress bars (serial training only).
 
     Returns:
@@ -455,10 +468,10 @@ def train_seeds(cfg: Optional[IOILMConfig] = None, seeds: Sequence[int] = (0, 1,
     if isinstance(seeds, (int, np.integer)) or not isinstance(seeds, Sequence):
         raise SVToolsError(f"seeds must be a sequence of ints, got {seeds!r}")
     seeds = [as_seed(s, "seeds[i]", max_value=SEED_MAX) for s in seeds]
-    dev = default_device(device)
+    dev = _train_device(device)
     where = cache_dir()
     _cache.check_root(where)
-    missing = [s for s in dict.fromkeys(seeds) if _check_entry(where / _key(cfg, s), cfg, s)[1] is not None]
+    missing = [s for s in dict.fromkeys(seeds) if _check_entry(where / _key(cfg, s, dev), cfg, s)[1] is not None]
     if processes is None:
         env = os.environ.get("SVTOOLS_TRAIN_PROCESSES")
         processes = as_int(env, "SVTOOLS_TRAIN_PROCESSES", min_value=1) if env else _cores()
