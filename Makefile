@@ -1,7 +1,9 @@
 # The commands of the README:
-#   make book         build the book (executes every notebook on the embedded default model)
+#   make book         build the book (executes every notebook on the embedded default model, once:
+#                     executions are cached in _build/.jupyter_cache and shared with make test)
 #   make check-html   check the built book (scripts/check_html.py): offline, no stderr, links, figures
-#   make test         run the whole test suite (unit tests + every notebook through nbmake)
+#   make test         run the whole test suite (unit tests + every notebook, executed through the
+#                     book's jupyter-cache with errors raised: conftest.py, scripts/book_exec.py)
 #   make screenshots  browser check of the built book (needs Chromium: apt-get install -y chromium)
 # All create .venv on first use: CPU torch 2.13.0 first, then the project with its extras.
 # TORCH_INDEX=https://download.pytorch.org/whl/cpu makes pip take torch's CPU build from there
@@ -45,7 +47,7 @@ screenshots:
 	$(BIN)/python scripts/screenshots.py
 
 test: $(STAMP)
-	$(BIN)/python -m pytest tests book --nbmake --nbmake-timeout=900 -p no:cacheprovider
+	$(BIN)/python -m pytest tests book -p no:cacheprovider
 
 # Benchmarks print ratios measured side by side; OMP_WAIT_POLICY=PASSIVE keeps idle OpenMP threads
 # from spinning on a shared machine (they made every small op 10-30 ms slower under load).
@@ -55,6 +57,7 @@ benchmark: $(STAMP)
 	cd benchmarks && OMP_WAIT_POLICY=PASSIVE ../$(BIN)/python head_sparsity_vs_forward.py
 	cd benchmarks && OMP_WAIT_POLICY=PASSIVE ../$(BIN)/python prompts_exponent.py
 	cd benchmarks && OMP_WAIT_POLICY=PASSIVE ../$(BIN)/python head_sparsity_rotary.py
+	cd benchmarks && OMP_WAIT_POLICY=PASSIVE ../$(BIN)/python ioi_lm_step.py
 
 clean:
 	rm -rf _build

@@ -1,7 +1,8 @@
 """Helpers shared by the benchmark scripts: devices, timing, peak memory, prompts, the floor.
 
 Every script prints ratios measured side by side in one process; absolute times on a shared
-machine drift from run to run, the ratios are what to compare.
+machine drift from run to run, the ratios are what to compare, and each ratio is printed with the
+machine's load and torch's thread count beside it (:func:`machine`).
 """
 
 from __future__ import annotations
@@ -139,12 +140,19 @@ def gb(n: float) -> str:
     return f"{n / 2**30:.2f} GB"
 
 
+def machine() -> str:
+    """The machine's state beside a ratio: load average (1 and 5 min), cores this process may use,
+    torch's thread count. Other load slows the methods unequally (multi-threaded kernels more than
+    single-threaded ones): read ratios printed with a load near or above the core count as noisy."""
+    one, five, _ = os.getloadavg()
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    return f"load {one:.2f}/{five:.2f} (1/5 min) on {cores} cores, torch threads {torch.get_num_threads()}"
+
+
 def describe(device: torch.device) -> str:
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else \
         f"CPU, {torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f}"
     return f"device: {device} ({where}); torch {torch.__version__}"
-
-
-def conditions() -> str:
-    """The machine's state beside a ratio: 1-minute load average and torch's intra-op thread count."""
-    return f"load {os.getloadavg()[0]:.1f}, {torch.get_num_threads()} threads"

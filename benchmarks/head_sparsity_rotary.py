@@ -59,7 +59,7 @@ import time  # noqa: E402
 
 import torch  # noqa: E402
 
-from _common import describe, gb, hf_forward, parser  # noqa: E402
+from _common import describe, gb, hf_forward, machine, parser  # noqa: E402
 
 KEY = ["layer", "head", "prompt", "query", "key"]
 
@@ -185,7 +185,7 @@ def main() -> None:
         for k, v in (("forward", t_f), ("cold", t_c), ("repeated", t_r)):
             best[k] = min(best[k], v)
         print(f"repeat {i}: forward {t_f:6.2f} s | cold {t_c:6.2f} s ({t_c / t_f:5.2f}x) | repeated {t_r:6.2f} s "
-              f"({t_r / t_f:5.2f}x) | load {os.getloadavg()[0]:.1f}")
+              f"({t_r / t_f:5.2f}x) | {machine()}")
     offsets = int((cold["query"] - cold["key"]).nunique())
     what = (f"{items // 2} (head, offset) items decomposed and as many control rotations drawn" if control == "rotated"
             else f"{items} (head, offset) items decomposed")
@@ -194,8 +194,7 @@ def main() -> None:
     print(f"best of {args.repeats}: forward {best['forward']:.2f} s, cold {best['cold']:.2f} s, "
           f"repeated {best['repeated']:.2f} s")
     print(f"RATIO cold / forward: {best['cold'] / best['forward']:.2f}x   repeated / forward: "
-          f"{best['repeated'] / best['forward']:.2f}x   (threads {torch.get_num_threads()}, "
-          f"load {os.getloadavg()[0]:.1f})")
+          f"{best['repeated'] / best['forward']:.2f}x   ({machine()})")
     print("repeated rows identical to the cold rows:", rep.equals(cold))
     if args.reference:
         out = os.path.join("/tmp", f"svtools_reference_{os.getpid()}.pkl")

@@ -58,7 +58,7 @@ import math  # noqa: E402
 
 import torch  # noqa: E402
 
-from _common import bandwidth, conditions, describe, gb, hf_forward, parser, text_ids, timed  # noqa: E402
+from _common import bandwidth, machine, describe, gb, hf_forward, parser, text_ids, timed  # noqa: E402
 
 
 def pair_loop(model, ids, am, threshold: float = 0.5, seed: int = 0) -> int:
@@ -108,7 +108,7 @@ def main() -> None:
     print(describe(device), f"| OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}")
     print(f"MiniLM: {model.cfg.n_layers} layers x {model.cfg.n_heads} heads; write bandwidth {bw / 1e9:.1f} GB/s")
     head = (f"{'prompts x tokens':>17}{'control':>10}{'pairs':>8}{'forward s':>11}{'h_s s':>9}{'loop s':>9}"
-            f"{'h_s/fwd':>9}{'h_s/loop':>10}{'peak h_s':>10}{'peak fwd':>10}{'floor s':>9}  conditions")
+            f"{'h_s/fwd':>9}{'h_s/loop':>10}{'peak h_s':>10}{'peak fwd':>10}{'floor s':>9}  machine")
     print(head)
     configs = [(args.prompts, n) for n in args.lengths] + [(c, args.short) for c in args.counts]
     for n_prompts, length in configs:
@@ -130,7 +130,7 @@ def main() -> None:
                 loop, ratio_l = f"{'skip':>9}", f"{'-':>10}"
             floor = model.cfg.n_layers * model.cfg.n_heads * n_prompts * length ** 2 * 4 / bw
             print(f"{f'{n_prompts} x {length}':>17}{control:>10}{len(df):>8}{t_f:>11.2f}{t_h:>9.2f}{loop}"
-                  f"{t_h / t_f:>9.2f}{ratio_l}{gb(m_h):>10}{gb(m_f):>10}{floor:>9.3f}  {conditions()}", flush=True)
+                  f"{t_h / t_f:>9.2f}{ratio_l}{gb(m_h):>10}{gb(m_f):>10}{floor:>9.3f}  {machine()}", flush=True)
     print("h_s = head_sparsity; peak = peak memory above the loaded model; floor = attention weights "
           "written / write bandwidth")
 

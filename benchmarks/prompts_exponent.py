@@ -23,7 +23,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from _common import describe, gb, hf_forward, parser, text_ids, timed  # noqa: E402
+from _common import describe, gb, hf_forward, machine, parser, text_ids, timed  # noqa: E402
 
 
 def main() -> None:
@@ -47,10 +47,10 @@ def main() -> None:
                              device)
         tf.append(t_f)
         th.append(t_h)
-        print(f"{n:>8}{t_f:>11.2f}{t_h:>9.2f}{t_h / t_f:>8.2f}{len(df):>8}{gb(m_h):>10}", flush=True)
+        print(f"{n:>8}{t_f:>11.2f}{t_h:>9.2f}{t_h / t_f:>8.2f}{len(df):>8}{gb(m_h):>10}  {machine()}", flush=True)
     x = np.log(np.array(args.counts, dtype=float))
     print(f"exponent (slope of log time vs log prompts): head_sparsity {np.polyfit(x, np.log(th), 1)[0]:.3f}, "
-          f"forward {np.polyfit(x, np.log(tf), 1)[0]:.3f}")
+          f"forward {np.polyfit(x, np.log(tf), 1)[0]:.3f}  ({machine()})")
 
 
 if __name__ == "__main__":

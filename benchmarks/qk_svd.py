@@ -15,6 +15,7 @@ import time
 import torch
 
 import svtools
+from _common import machine  # noqa: E402
 
 
 def timed(fn, repeats: int, device: torch.device):
@@ -64,8 +65,8 @@ def main() -> None:
     print(f"{'svtools.qk_svd (d_head core)':<34}{t_core:>10.4f}{rel_err(qk.S):>22.2e}")
     print(f"{'TransformerLens FactoredMatrix.svd':<34}{t_fm:>10.4f}{rel_err(fm[1][..., :dh]):>22.2e}")
     print(f"{'dense SVD of every Omega~':<34}{t_dense:>10.4f}{'(reference)':>22}")
-    print(f"speed-up vs dense SVD:      {t_dense / t_core:8.1f}x")
-    print(f"speed-up vs FactoredMatrix: {t_fm / t_core:8.1f}x")
+    print(f"speed-up vs dense SVD:      {t_dense / t_core:8.1f}x   ({machine()})")
+    print(f"speed-up vs FactoredMatrix: {t_fm / t_core:8.1f}x   ({machine()})")
 
 
 if __name__ == "__main__":

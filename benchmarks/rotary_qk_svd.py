@@ -33,7 +33,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
 
-from _common import describe, gb, parser, timed  # noqa: E402
+from _common import describe, gb, machine, parser, timed  # noqa: E402
 
 
 def main() -> None:
@@ -88,6 +88,7 @@ def main() -> None:
               f"{gb(m_s)})")
         print(f"  speed-up factored vs qk_svd: {t_d / t_f:.1f}x; vs dense SVD: {t_s / t_f:.1f}x; "
               f"result vs qk_svd's {size_d / size_f:.1f}x smaller; max rel. sigma diff {err:.1e}")
+        print(f"  ({machine()})")
 
 
 if __name__ == "__main__":

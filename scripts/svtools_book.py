@@ -8,6 +8,10 @@ What it does, all in the build only (readers running a chapter themselves are un
   called with ``progress=True``. Each refresh of a bar would otherwise be kept in the built page
   as a stderr output box. (Not ``HF_HUB_DISABLE_PROGRESS_BARS``: with it set, loading a model
   warns that bars cannot be enabled.)
+- executes the notebooks through the jupyter-cache that ``make test`` fills too
+  (``scripts/book_exec.py``; ``_config.yml``: ``execute_notebooks: cache``): a notebook executed by
+  one of the two commands is not executed again by the other. When a chapter that needs the IOI
+  LM's seeds will execute, they start training in the background, in parallel processes.
 - adds the book's stylesheet (``scripts/book_static/svtools-book.css``): display equations
   scroll instead of being clipped on narrow screens.
 - hides the theme's second search bar: pydata-sphinx-theme 0.17 draws its own top navbar (a
@@ -34,6 +38,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import book_exec  # scripts/: the execution cache shared with `make test`
 import pybtex.plugin
 from docutils import nodes
 from docutils.parsers.rst import directives
@@ -221,10 +226,48 @@ class ResolveChapterFigures(SphinxPostTransform):
             node.replace_self(image)
 
 
+_TRAINING: list = []
+
+
+def _execution_cache(app: Sphinx, config: Config) -> None:
+    """``execute_notebooks: cache``: the jupyter-cache shared with ``make test`` (scripts/book_exec.py)."""
+    if config.nb_execution_mode == "cache":
+        config.nb_execution_cache_path = str(book_exec.cache_path())
+
+
+def _start_lm_training(app: Sphinx) -> None:
+    """Seeds 0-2 of the IOI LM train in the background (in parallel) when a chapter that needs
+    them is about to execute (scripts/book_exec.py)."""
+    if app.config.nb_execution_mode == "cache":
+        proc = book_exec.start_lm_training(book_exec.notebooks(), Path(app.config.nb_execution_cache_path))
+        if proc is not None:
+            _TRAINING.append(proc)
+
+
+def _stop_lm_training(app: Sphinx, exc) -> None:
+    for proc in _TRAINING:
+        book_exec.stop(proc)
+
+
+def _outdated_on_new_key(app: Sphinx, env, added, changed, removed) -> list[str]:
+    """Re-read every notebook when the execution cache changed (the package, the libraries or the
+    environment: :func:`book_exec.cache_key`), though its text did not: otherwise Sphinx would keep
+    the pages of an earlier build with outputs of the earlier package."""
+    key = Path(app.config.nb_execution_cache_path or "").name
+    if getattr(env, "svtools_execution_key", None) == key:
+        return []
+    env.svtools_execution_key = key
+    return [d for d in env.found_docs if str(env.doc2path(d)).endswith(".ipynb") and d not in added | changed]
+
+
 def setup(app: Sphinx) -> dict:
     pybtex.plugin.register_plugin("pybtex.style.formatting", "authoryear", AuthorYearStyle, force=True)
-    os.environ["TQDM_DISABLE"] = "1"
+    os.environ.update(book_exec.KERNEL_ENV)
     app.connect("config-inited", _add_paths)
+    app.connect("config-inited", _execution_cache)
+    app.connect("builder-inited", _start_lm_training)
+    app.connect("env-get-outdated", _outdated_on_new_key)
+    app.connect("build-finished", _stop_lm_training)
     app.connect("html-page-context", _unique_scripts, priority=900)  # after those that add scripts
     app.add_css_file("svtools-book.css")
     app.add_directive("result-box", ResultBox)

@@ -8,6 +8,10 @@ Layout: ``$SVTOOLS_CACHE/<kind>/<key>/`` (default ``~/.cache/svtools``) holds on
   builds it) and moved into place by one ``os.replace`` (:func:`publish`): a reader sees a
   complete entry or none. When two processes build the same key, the first to publish wins; the
   other checks the winner's entry and drops its own copy.
+* **One builder per entry.** :func:`lock` (``$SVTOOLS_CACHE/locks/<name>.lock``, ``flock``):
+  the caller takes the entry's lock before building it and checks the cache again once it holds
+  it, so a second process asking for a run that is being trained waits and then loads it instead
+  of training it again.
 * **Verified on read.** The caller compares ``meta.json`` with its request (config, seed, code
   version); :func:`files_problem` checks that every file is there with the size ``meta.json``
   recorded and, for safetensors files, that the header's tensors end exactly at the end of the
@@ -268,3 +272,32 @@ def files_problem(path: Path, names: list[str], sizes: Optional[dict]) -> Option
             if problem:
                 return problem
     return None
+
+
+@contextlib.contextmanager
+def lock(name: str) -> Iterator[None]:
+    """Hold the exclusive lock ``name`` of this cache (``$SVTOOLS_CACHE/locks/<name>.lock``,
+    ``fcntl.flock``) inside the block; a second process asking for it waits until the first
+    leaves the block (or dies: the kernel releases its lock). Where no lock can be taken (no
+    ``fcntl``, a cache that cannot be written) the block runs unlocked: the atomic publish still
+    leaves one good entry, at the cost of training twice."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        yield
+        return
+    where = root() / "locks"
+    try:
+        check_root(where)
+        where.mkdir(parents=True, exist_ok=True)
+        fh = open(where / f"{name}.lock", "a+")
+    except (OSError, SVToolsError):
+        yield
+        return
+    try:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+        fh.close()

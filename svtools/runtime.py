@@ -9,15 +9,18 @@ of a bar would otherwise be kept in the built pages as stderr output.
 from __future__ import annotations
 
 import os
+import queue
 import random
+import threading
 import time
 import warnings
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import torch
 from tqdm import TqdmWarning
 
-__all__ = ["full_scale", "scale_name", "default_device", "seed_everything", "elapsed", "tqdm"]
+__all__ = ["full_scale", "scale_name", "default_device", "seed_everything", "elapsed", "tqdm", "Prefetch"]
 
 #: When svtools was first imported in this process (``time.perf_counter``; ``import svtools``
 #: imports this module first).
@@ -93,3 +96,63 @@ def _pick_tqdm():
 
 #: The progress bar every long loop of svtools uses (off when ``TQDM_DISABLE=1``, as in the build).
 tqdm = _pick_tqdm()
+
+
+class Prefetch:
+    """``fn(item)`` for each of ``items``, in order, computed up to ``depth`` items ahead in a daemon
+    thread: the caller's own work (torch kernels release the GIL) overlaps the next items'.
+
+    Iterate over it; an exception raised by ``fn`` is raised by ``next`` (at the item where it
+    happened); :meth:`close` stops the thread (call it when leaving early). ``fn`` must depend on
+    its item only (not on state the caller changes meanwhile), so that the values are those an
+    inline loop would compute.
+    """
+
+    def __init__(self, fn: Callable[[Any], Any], items: Iterable[Any], depth: int = 16) -> None:
+        self._q: queue.Queue = queue.Queue(maxsize=max(1, int(depth)))
+        self._stop = threading.Event()
+        self._done = False
+
+        def work() -> None:
+            try:
+                for item in items:
+                    out = ("ok", fn(item))
+                    while not self._put(out):
+                        if self._stop.is_set():
+                            return
+                    if self._stop.is_set():
+                        return
+                self._put(("end", None), block=True)
+            except BaseException as exc:  # handed to the consumer
+                self._put(("error", exc), block=True)
+
+        self._thread = threading.Thread(target=work, name="svtools-prefetch", daemon=True)
+        self._thread.start()
+
+    def _put(self, entry: tuple, block: bool = False) -> bool:
+        while True:
+            try:
+                self._q.put(entry, timeout=0.1)
+                return True
+            except queue.Full:
+                if not block or self._stop.is_set():
+                    return False
+
+    def __iter__(self) -> "Prefetch":
+        return self
+
+    def __next__(self) -> Any:
+        if self._done:
+            raise StopIteration
+        kind, value = self._q.get()
+        if kind == "ok":
+            return value
+        self._done = True
+        if kind == "error":
+            raise value
+        raise StopIteration
+
+    def close(self) -> None:
+        """Stop the thread (it finishes the item it is computing)."""
+        self._stop.set()
+        self._thread.join(timeout=5)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -88,3 +89,48 @@ def batch_tokens():
     am = torch.ones_like(ids)
     am[1, 8:] = 0
     return ids, am
+
+
+@pytest.fixture(autouse=True)
+def _never_train_the_books_runs(monkeypatch):
+    """Unit tests never train what the book trains: a test that would train the default IOI LM
+    config (any seed; the book's runs take minutes each) fails here instead. Loading it from a
+    filled cache is not training; tests train tiny configs."""
+    from svtools.ioi_lm import training
+
+    real = training._about_to_train
+
+    def guard(cfg, seeds):
+        if training._key_config(cfg) == training._key_config(training.IOILMConfig()):
+            pytest.fail(f"this unit test would train the book's IOI LM (the default config, seeds {list(seeds)}): "
+                        "train a tiny IOILMConfig instead", pytrace=False)
+        real(cfg, seeds)
+
+    monkeypatch.setattr(training, "_about_to_train", guard)
+
+
+#: ASCII stand-ins for math that a figure's label must not show (write mathtext: r"$\sigma_k$").
+ASCII_MATH = re.compile(r"sigma_|N_recon|tovee|Tovee|\|\|E_X|\bOmega\b|\bcos\(w_|\bmin\(\|cos|\+-|lam\b|"
+                        r"n_features|n_keys|d_head|p_active|L_recon|L_attn|->|\bq95\b|log\(p_|logit IO|log2")
+
+
+def figure_problems(figures) -> list[str]:
+    """What makes each ``(name, figure)`` unfit for the book: text under ``plots.MIN_TEXT_PX`` on a
+    phone, wider than the column (``plots.FIGURE_IN``), a font under ``plots.MIN_FONT_PT``, or
+    ASCII math outside ``$...$`` in its labels. One line per problem; empty when all are fit."""
+    from svtools import plots
+
+    bad = []
+    for name, fig in figures:
+        px, text = plots.legibility(fig)
+        width, texts = plots.svg_text(plots.to_svg(fig))
+        if px < plots.MIN_TEXT_PX:
+            bad.append(f"{name}: text {text!r} is {px:.1f} px on a phone (< {plots.MIN_TEXT_PX})")
+        if width / 72 > plots.FIGURE_IN + 2 * plots.PAD_IN + 0.15:
+            bad.append(f"{name}: {width / 72:.2f} in wide (> FIGURE_IN = {plots.FIGURE_IN})")
+        if min(s for s, _ in texts) < plots.MIN_FONT_PT - 1e-9:
+            bad.append(f"{name}: a text smaller than {plots.MIN_FONT_PT} pt")
+        ascii_math = [t for _, t in texts if ASCII_MATH.search(re.sub(r"\$[^$]*\$", "", t))]
+        if ascii_math:
+            bad.append(f"{name}: ASCII math in labels {ascii_math[:3]}")
+    return bad

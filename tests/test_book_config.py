@@ -101,7 +101,7 @@ def test_cpu_torch_2_13_is_installed_before_the_project():
     assert make.index("--quiet $(TORCH)") < make.index('-e ".[book,test]"')
     assert "torch==2.13.0" in (ROOT / "README.md").read_text(encoding="utf-8")
     for name in [".ci/run", ".github/workflows/book.yml"]:  # both install through the Makefile
-        assert re.search(r"^\s*(run:\s*)?make \w", (ROOT / name).read_text(encoding="utf-8"), re.M), name
+        assert re.search(r"^\s*(run:\s*|step\s+)?make \w", (ROOT / name).read_text(encoding="utf-8"), re.M), name
 
 
 def test_mathjax_is_served_by_the_site():

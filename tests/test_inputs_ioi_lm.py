@@ -172,3 +172,14 @@ def test_role_attention_and_over_checkpoints_arguments(tiny_run):
         ioi_lm.over_checkpoints(tiny_run, [3.0], ds, progress=False)
     roles, pairs = ioi_lm.over_checkpoints(tiny_run, [np.int64(tiny_run.checkpoints[-1])], ds, progress=False)
     assert set(roles["step"]) == {tiny_run.checkpoints[-1]} and pairs.empty
+
+
+def test_training_runs_on_the_cpu_unless_asked_even_with_a_gpu(monkeypatch):
+    """The book's seeds were validated on the CPU: a present GPU must not change which run is trained
+    (or loaded). A run asked for on another device is another cache entry."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert _training._train_device(None) == torch.device("cpu")
+    assert _training._train_device("cuda") == torch.device("cuda")
+    cpu_key = _training._key(TINY, 0)
+    assert _training._key(TINY, 0, torch.device("cpu")) == cpu_key
+    assert _training._key(TINY, 0, torch.device("cuda")) == f"{cpu_key}-cuda"

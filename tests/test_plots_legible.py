@@ -6,10 +6,10 @@ figure's layout, text sizes and labels, which do not depend on how well the toy 
 
 from __future__ import annotations
 
-import re
 
 import pandas as pd
 import pytest
+from conftest import figure_problems
 import torch
 
 from svtools import plots
@@ -18,9 +18,6 @@ from svtools.plots import theory as thp
 from svtools.plots import toy as tp
 from svtools.toy import ToyConfig, linear_template, settle_steps, sweep, train, train_seeds
 
-#: ASCII stand-ins for math that a label must not show (write mathtext: r"$\sigma_k$").
-ASCII_MATH = re.compile(r"sigma_|N_recon|tovee|\|\|E_X|\bOmega\b|\bcos\(w_|\bmin\(\|cos|\+-|lam\b|"
-                        r"n_features|n_keys|d_head|p_active|L_recon|L_attn")
 
 
 @pytest.fixture(scope="module")
@@ -76,19 +73,7 @@ def _figures(r):
 
 
 def test_every_figure_is_legible_on_a_phone_and_fits_the_column(toy_runs):
-    bad = []
-    for name, fig in _figures(toy_runs):
-        px, text = plots.legibility(fig)
-        width, texts = plots.svg_text(plots.to_svg(fig))
-        if px < plots.MIN_TEXT_PX:
-            bad.append(f"{name}: text {text!r} is {px:.1f} px on a phone (< {plots.MIN_TEXT_PX})")
-        if width / 72 > plots.FIGURE_IN + 2 * plots.PAD_IN + 0.15:
-            bad.append(f"{name}: {width / 72:.2f} in wide (> FIGURE_IN = {plots.FIGURE_IN})")
-        if min(s for s, _ in texts) < plots.MIN_FONT_PT - 1e-9:
-            bad.append(f"{name}: a text smaller than {plots.MIN_FONT_PT} pt")
-        ascii_math = [t for _, t in texts if ASCII_MATH.search(re.sub(r"\$[^$]*\$", "", t))]  # outside $...$
-        if ascii_math:
-            bad.append(f"{name}: ASCII math in labels {ascii_math[:3]}")
+    bad = figure_problems(_figures(toy_runs))
     assert not bad, "\n".join(bad)
 
 

@@ -7,17 +7,16 @@ argument checks are tested too.
 
 from __future__ import annotations
 
-import re
 
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import figure_problems
 
-from svtools import SVToolsError, plots
+from svtools import SVToolsError
 from svtools.plots import emergence as eplots
 from svtools.plots import features as fplots
 
-ASCII_MATH = re.compile(r"sigma_|N_recon|tovee|\bOmega\b|->|\bq95\b|log\(p_|logit IO")
 STEPS = [0, 3, 6, 14, 32, 72, 159, 355, 790, 1759, 3000]
 
 
@@ -73,17 +72,7 @@ def _figures():
 
 
 def test_part3_lm_figures_are_legible_on_a_phone_and_fit_the_column():
-    bad = []
-    for name, fig in _figures():
-        px, text = plots.legibility(fig)
-        width, texts = plots.svg_text(plots.to_svg(fig))
-        if px < plots.MIN_TEXT_PX:
-            bad.append(f"{name}: text {text!r} is {px:.1f} px on a phone (< {plots.MIN_TEXT_PX})")
-        if width / 72 > plots.FIGURE_IN + 2 * plots.PAD_IN + 0.15:
-            bad.append(f"{name}: {width / 72:.2f} in wide (> FIGURE_IN = {plots.FIGURE_IN})")
-        ascii_math = [t for _, t in texts if ASCII_MATH.search(re.sub(r"\$[^$]*\$", "", t))]
-        if ascii_math:
-            bad.append(f"{name}: ASCII math in labels {ascii_math[:3]}")
+    bad = figure_problems(_figures())
     assert not bad, "\n".join(bad)
 
 

@@ -6,17 +6,15 @@ text sizes and labels, which do not depend on the values."""
 
 from __future__ import annotations
 
-import re
 
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import figure_problems
 
-from svtools import plots
 from svtools._checks import SVToolsError
 from svtools.plots import null as nu, sad as sp
 
-ASCII_MATH = re.compile(r"sigma_|N_recon|tovee|Tovee|\bOmega\b|min\(\|cos|n_features|d_head|log2")
 
 
 def _pairs(seed: int = 0, n: int = 400, r: int = 16) -> pd.DataFrame:
@@ -60,19 +58,7 @@ def _figures():
 
 
 def test_part3_figures_are_legible_on_a_phone_and_fit_the_column():
-    bad = []
-    for name, fig in _figures():
-        px, text = plots.legibility(fig)
-        width, texts = plots.svg_text(plots.to_svg(fig))
-        if px < plots.MIN_TEXT_PX:
-            bad.append(f"{name}: text {text!r} is {px:.1f} px on a phone (< {plots.MIN_TEXT_PX})")
-        if width / 72 > plots.FIGURE_IN + 2 * plots.PAD_IN + 0.15:
-            bad.append(f"{name}: {width / 72:.2f} in wide (> FIGURE_IN = {plots.FIGURE_IN})")
-        if min(s for s, _ in texts) < plots.MIN_FONT_PT - 1e-9:
-            bad.append(f"{name}: a text smaller than {plots.MIN_FONT_PT} pt")
-        ascii_math = [t for _, t in texts if ASCII_MATH.search(re.sub(r"\$[^$]*\$", "", t))]
-        if ascii_math:
-            bad.append(f"{name}: ASCII math in labels {ascii_math[:3]}")
+    bad = figure_problems(_figures())
     assert not bad, "\n".join(bad)
 
 

@@ -62,11 +62,18 @@ the model's vocabulary, so ``svtools.ioi.ioi_tokens(model, dataset)`` returns id
 S1, S2 and END positions.
 
 Determinism: with the same config and seed a CPU run reproduces the same weights bit for bit
-(one thread or several: the model is small enough that torch's CPU kernels are deterministic);
-CUDA runs are deterministic up to floating-point reduction order.
+(one thread or several: the model is small enough that torch's CPU kernels are deterministic;
+in this process or in a worker process of :func:`train_seeds`, which trains several seeds in
+parallel; with the training data prepared ahead in a thread and AdamW's ``foreach``
+implementation, both checked to leave every weight unchanged). CUDA runs
+(``train(device="cuda")``: model, data and optimiser on the GPU) are deterministic up to
+floating-point reduction order and will not reproduce the CPU runs' weights; that path has not
+been tested on a GPU, and the three default seeds were validated on the CPU only. A run is trained by one process at a time (a lock in the cache): a second
+process asking for it waits and loads it.
 
 Modules: :mod:`svtools.ioi_lm.language` (the templates, names, filler sentences, training texts
-and the word-level tokenizer), :mod:`svtools.ioi_lm.training` (the config, the model, training,
+and the word-level tokenizer), :mod:`svtools.ioi_lm.batches` (the name codes and each training
+step's data), :mod:`svtools.ioi_lm.training` (the config, the model, training, seeds in parallel,
 the on-disk cache and a run's checkpoints and accuracy), :mod:`svtools.ioi_lm.measures` (heads
 found by role, measurements over checkpoints and seeds). Every public name is importable from
 ``svtools.ioi_lm``.
@@ -76,9 +83,11 @@ from svtools.ioi_lm.language import (ACTIONS, FILLER_TEMPLATES, LM_NAMES, OPENIN
                                      TRAIN_NAMES, TRAIN_TEMPLATES, build_tokenizer, filler_sentences, name_ids,
                                      training_texts)
 from svtools.ioi_lm.measures import ROLE_PAIRS, over_checkpoints, over_seeds, role_attention, top_heads
-from svtools.ioi_lm.training import CODE_VERSION, IOILMConfig, IOILMRun, cache_dir, ioi_accuracy, name_codes, train
+from svtools.ioi_lm.batches import name_codes
+from svtools.ioi_lm.training import (CODE_VERSION, IOILMConfig, IOILMRun, cache_dir, ioi_accuracy, train,
+                                     train_seeds)
 
-__all__ = ["IOILMConfig", "IOILMRun", "train", "CODE_VERSION", "cache_dir", "TRAIN_TEMPLATES",
+__all__ = ["IOILMConfig", "IOILMRun", "train", "train_seeds", "CODE_VERSION", "cache_dir", "TRAIN_TEMPLATES",
            "TEST_TEMPLATES", "TRAIN_NAMES", "TEST_NAMES", "LM_NAMES", "OPENINGS", "ACTIONS", "FILLER_TEMPLATES",
            "build_tokenizer", "filler_sentences", "training_texts", "name_ids", "name_codes", "role_attention",
            "ROLE_PAIRS", "ioi_accuracy", "top_heads", "over_checkpoints", "over_seeds"]

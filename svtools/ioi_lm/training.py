@@ -12,7 +12,9 @@ import dataclasses
 import hashlib
 import json
 import math
+import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -28,11 +30,20 @@ from svtools import _cache
 from svtools._checks import SVToolsError, as_bool, as_float, as_int, as_seed
 from svtools.data.ioi import IOIDataset, ioi_prompts
 from svtools.ioi_lm.language import (FILLER_TEMPLATES, TEST_NAMES, TEST_TEMPLATES, TRAIN_NAMES, TRAIN_TEMPLATES,
-                                     build_tokenizer, encode, name_ids, training_batch, vocabulary)
+                                     build_tokenizer, vocabulary)
 from svtools.models import load_model
-from svtools.runtime import default_device, tqdm
+from svtools.ioi_lm.batches import SEED_MAX, name_codes, step_data
+from svtools.runtime import Prefetch, default_device, tqdm
 
-__all__ = ["IOILMConfig", "IOILMRun", "train", "CODE_VERSION", "cache_dir", "name_codes", "ioi_accuracy"]
+#: AdamW's implementation: ``foreach`` (one kernel per operation over all parameters) instead of
+#: torch's per-parameter loop on the CPU; bit-identical weights (checked over 300 default-config
+#: steps). ``fused`` changed the numbers and is not used.
+_ADAMW_KW: dict = {"foreach": True}
+
+#: Steps of data prepared ahead of the training loop, in a background thread (:class:`svtools.runtime.Prefetch`).
+PREFETCH = 16
+
+__all__ = ["IOILMConfig", "IOILMRun", "train", "train_seeds", "CODE_VERSION", "cache_dir", "name_codes", "ioi_accuracy"]
 
 #: Bumped whenever a change to this module changes what ``train`` produces (it is part of the
 #: cache key, so old cached runs are not reused after such a change).
@@ -42,10 +53,6 @@ CODE_VERSION = 4
 def cache_dir() -> Path:
     """Where trained runs live: ``$SVTOOLS_CACHE/ioi_lm`` (default ``~/.cache/svtools/ioi_lm``)."""
     return _cache.root() / "ioi_lm"
-
-
-#: Seeds of :func:`train` lie in ``[0, SEED_MAX]`` (the name codes derive generator seeds from it).
-SEED_MAX = 2**32 - 1
 
 
 # ----------------------------------------------------------------------------- config
@@ -172,45 +179,27 @@ def _new_model(cfg: IOILMConfig, vocab_size: int, seed: int, training: bool = Fa
     return model
 
 
-def name_codes(cfg: IOILMConfig, seed: int, step: Optional[int] = None) -> tuple[Tensor, Tensor]:
-    """The name embeddings when ``cfg.freeze_names``: ``(ids, codes)``, ``codes`` ``(names, d_model)``.
-
-    ``codes[i] = name_shared * n + g_i / sqrt(d_model)``: one unit vector ``n`` shared by every
-    name (so a name is recognisable as a name) plus an independent Gaussian code ``g_i ~ N(0, I)``
-    per name. ``n`` is drawn from a generator seeded by ``seed``.
-
-    ``step=None``: the run's fixed codes (``g_i`` from the same generator), the name rows of every
-    saved checkpoint. ``step=k``: the codes the training step ``k`` uses when
-    ``cfg.resample_names`` (same ``n``, fresh ``g_i`` from a generator seeded by ``seed`` and
-    ``k``). Training never learns these rows (the embedding is tied to the unembedding, so neither
-    side of a name is learnt): nothing in the model is specific to one name, and any name, held out
-    or not, is to the model a draw from the same distribution.
-    """
-    if step is not None and (isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0):
-        raise SVToolsError(f"step must be None or a non-negative int, got {step!r}")
-    seed = as_seed(seed, "seed", max_value=SEED_MAX)
-    g = torch.Generator().manual_seed(int(seed) + 7919)
-    n = torch.randn(cfg.d_model, generator=g, dtype=torch.float64)
-    n = n / n.norm()
-    ids = name_ids()
-    if step is not None:
-        g = torch.Generator().manual_seed((int(seed) + 7919) * 1_000_003 + int(step) + 1)
-    g_codes = torch.randn(len(ids), cfg.d_model, generator=g, dtype=torch.float64)
-    codes = cfg.name_shared * n + g_codes / math.sqrt(cfg.d_model)
-    return ids, codes.float()
-
-
 def _key_config(cfg: IOILMConfig) -> dict:
     """The config as the cache key hashes it (the seed is the run's, not the config's default)."""
     return dataclasses.asdict(cfg.replace(seed=0))
 
 
-def _key(cfg: IOILMConfig, seed: int) -> str:
+def _key(cfg: IOILMConfig, seed: int, dev: torch.device = torch.device("cpu")) -> str:
+    """The run's cache key. A run trained on another device than the CPU is another run (its
+    weights differ from the CPU run's), so its key carries the device type."""
     blob = json.dumps({"cfg": _key_config(cfg), "seed": int(seed),
                        "code": CODE_VERSION, "vocab": vocabulary(), "text": [TRAIN_TEMPLATES, TEST_TEMPLATES,
                                                                               TRAIN_NAMES, FILLER_TEMPLATES]},
                       sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+    key = hashlib.sha256(blob.encode()).hexdigest()[:16]
+    return key if dev.type == "cpu" else f"{key}-{dev.type}"
+
+
+def _train_device(device: str | torch.device | None) -> torch.device:
+    """Where a run trains: the CPU unless a device is asked for. The book's seeds were validated
+    on the CPU (see the package docstring: which solution a run finds is fragile), so a GPU is
+    used for training only on request, never because it is present."""
+    return torch.device("cpu") if device is None else default_device(device)
 
 
 # ----------------------------------------------------------------------------- the run
@@ -394,7 +383,9 @@ def train(cfg: Optional[IOILMConfig] = None, *, seed: Optional[int] = None, prog
         cfg: the config (default :class:`IOILMConfig`).
         seed: the training seed (initialisation and data order); default ``cfg.seed``.
         progress: a progress bar over steps.
-        device: default cuda when available, else cpu.
+        device: default cpu, even where a GPU is present: the book's runs were trained and
+            validated on the CPU, and a run trained elsewhere has other weights (it is cached
+            under its own key). ``"cuda"`` trains on the GPU.
         cache: read and write the on-disk cache (``$SVTOOLS_CACHE``, see :func:`cache_dir`).
             With ``cache=False`` the run is written to a fresh temporary directory.
 
@@ -403,7 +394,15 @@ def train(cfg: Optional[IOILMConfig] = None, *, seed: Optional[int] = None, prog
     seed, :data:`CODE_VERSION`, checkpoint steps, a finite history) and every checkpoint with its
     recorded size and safetensors header. A damaged entry is removed with a warning and the run
     retrained; a failed or killed run leaves nothing behind (a killed one is removed by the next
-    call). Two processes training one key end with one entry.
+    call). A run is trained by one process at a time: the trainer holds the run's lock
+    (``$SVTOOLS_CACHE/locks``), and a second process asking for it meanwhile waits, then loads the
+    entry the first one wrote (if the first one failed, the second one trains).
+
+    The training step: each step's data is prepared ahead in a background thread and AdamW runs
+    its ``foreach`` implementation; both leave the weights bit-identical to the straightforward
+    loop's (checked over 300 default-config steps; ``benchmarks/ioi_lm_step.py`` compares them).
+    ``device="cuda"`` trains on the GPU (model, data and optimiser there); that path has not been
+    tested on a GPU, and it would not reproduce the CPU runs' weights.
 
     Raises:
         SVToolsError: a bad argument; training diverged (the loss or the weights became
@@ -414,16 +413,104 @@ def train(cfg: Optional[IOILMConfig] = None, *, seed: Optional[int] = None, prog
         raise SVToolsError(f"cfg must be an IOILMConfig, got {type(cfg).__name__}")
     seed = as_seed(cfg.seed if seed is None else seed, "seed", max_value=SEED_MAX)
     cache = as_bool(cache, "cache")
-    key = _key(cfg, seed)
+    dev = _train_device(device)
+    key = _key(cfg, seed, dev)
     where = cache_dir() if cache else None
-    if cache:
-        _cache.check_root(where)
-        _cache.clean_stale(where, "ioi_lm_")
+    if not cache:
+        _about_to_train(cfg, [seed])
+        return _build(cfg, seed, key, None, dev, progress)
+    _cache.check_root(where)
+    _cache.clean_stale(where, "ioi_lm_")
+    hit = _load_cached(where / key, cfg, seed)
+    if hit is not None:
+        return hit
+    # One trainer per run: a second process asking for the same run (another notebook, a
+    # background train_seeds) waits here, then loads what the first one cached.
+    with _cache.lock(f"ioi_lm-{key}"):
         hit = _load_cached(where / key, cfg, seed)
         if hit is not None:
             return hit
+        _about_to_train(cfg, [seed])
+        return _build(cfg, seed, key, where, dev, progress)
 
-    dev = default_device(device)
+
+def train_seeds(cfg: Optional[IOILMConfig] = None, seeds: Sequence[int] = (0, 1, 2), *,
+                processes: Optional[int] = None, device: str | torch.device | None = None,
+                progress: bool = False) -> list[IOILMRun]:
+    """Train (or load) several seeds of ``cfg``, in parallel processes when more than one core is free.
+
+    Seeds already in the cache are loaded; the others are trained by ``train(cfg, seed=s)``, each in
+    its own process (one torch thread each) when ``processes`` > 1, else one after another here.
+    Each run's numbers do not depend on where it ran: a CPU run is deterministic and its process
+    shares nothing with the others, so the weights are bit-identical to a serial run's
+    (``tests/test_ioi_lm_parallel.py``). Two callers asking for the same run never train it twice:
+    :func:`train` holds the run's cache lock while it trains, and the second one loads the result.
+
+    Args:
+        cfg: the config (default :class:`IOILMConfig`).
+        seeds: the training seeds.
+        processes: how many processes train at once; default: the cores this process may use
+            (``os.sched_getaffinity``; ``SVTOOLS_TRAIN_PROCESSES`` overrides), at most one per
+            missing seed. Other load on the machine is not subtracted: parallel runs take no
+            longer than serial ones there either. On CUDA the seeds train here, one after another.
+        device: as in :func:`train` (default cpu).
+        progress: progress bars (serial training only).
+
+    Returns:
+        The runs, in the order of ``seeds``.
+
+    Raises:
+        SVToolsError: a bad argument; a worker's error (re-raised with the seed that failed).
+    """
+    cfg = IOILMConfig() if cfg is None else cfg
+    if not isinstance(cfg, IOILMConfig):
+        raise SVToolsError(f"cfg must be an IOILMConfig, got {type(cfg).__name__}")
+    if isinstance(seeds, (int, np.integer)) or not isinstance(seeds, Sequence):
+        raise SVToolsError(f"seeds must be a sequence of ints, got {seeds!r}")
+    seeds = [as_seed(s, "seeds[i]", max_value=SEED_MAX) for s in seeds]
+    dev = _train_device(device)
+    where = cache_dir()
+    _cache.check_root(where)
+    missing = [s for s in dict.fromkeys(seeds) if _check_entry(where / _key(cfg, s, dev), cfg, s)[1] is not None]
+    if processes is None:
+        env = os.environ.get("SVTOOLS_TRAIN_PROCESSES")
+        processes = as_int(env, "SVTOOLS_TRAIN_PROCESSES", min_value=1) if env else _cores()
+    processes = as_int(processes, "processes", min_value=1)
+    n = min(processes, len(missing))
+    if n > 1 and dev.type == "cpu":
+        _about_to_train(cfg, missing)
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(max_workers=n, mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = {s: pool.submit(_train_worker, cfg, s) for s in missing}
+            for s, f in futures.items():
+                err = f.exception()
+                if err is not None:
+                    raise SVToolsError(f"training seed {s} in a worker process failed: {err}") from err
+    return [train(cfg, seed=s, progress=progress, device=dev) for s in seeds]
+
+
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+def _train_worker(cfg: IOILMConfig, seed: int) -> str:
+    """One seed in a worker process of :func:`train_seeds` (CPU); returns the run's directory."""
+    return str(train(cfg, seed=seed, progress=False, device="cpu").path)
+
+
+def _about_to_train(cfg: IOILMConfig, seeds: list[int]) -> None:
+    """Called just before ``seeds`` of ``cfg`` are trained (not loaded): a hook for the unit
+    tests' guard (tests/conftest.py), which fails a test that would train the book's runs."""
+
+
+def _build(cfg: IOILMConfig, seed: int, key: str, where: Optional[Path], dev: torch.device,
+           progress: bool) -> IOILMRun:
+    """Train ``(cfg, seed)`` on ``dev``; publish the run into ``where`` (None: a temporary directory)."""
     # the build directory first: a cache that cannot be written is said before minutes of training
     with _cache.building(where, prefix=f"ioi_lm_{key}_") as tmp:
         tok = build_tokenizer()
@@ -431,7 +518,8 @@ def train(cfg: Optional[IOILMConfig] = None, *, seed: Optional[int] = None, prog
         decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
         no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
         opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                                 {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.98))
+                                 {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.98),
+                                **_ADAMW_KW)
         ckpts = cfg.checkpoint_steps()
         hist: list[dict] = []
         threads = torch.get_num_threads()
@@ -450,7 +538,7 @@ def train(cfg: Optional[IOILMConfig] = None, *, seed: Optional[int] = None, prog
                 "files": _cache.file_sizes(tmp, [_ckpt_name(s) for s in ckpts])}
         (tmp / "meta.json").write_text(json.dumps(info))
         path = tmp
-        if cache:  # atomic; when a concurrent trainer of this key published first, its entry is kept
+        if where is not None:  # atomic; when a concurrent trainer of this key published first, its entry is kept
             path = _cache.publish(tmp, where / key, lambda p: _check_entry(p, cfg, seed)[1] is None)
     return IOILMRun(cfg=cfg, seed=seed, path=path, checkpoints=ckpts, history=pd.DataFrame(hist), seconds=seconds)
 
@@ -464,45 +552,40 @@ def _train_loop(model, opt, tok, cfg: IOILMConfig, seed: int, ckpts: list[int], 
         ids, codes = name_codes(cfg, seed)
         frozen = (ids.to(dev), codes.to(dev))
     wte = model.transformer.wte.weight
-    with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
-        torch.manual_seed(seed)
-        for step in tqdm(range(cfg.steps + 1), desc=f"ioi_lm seed {seed}", disable=not progress):
-            if step in ckpts:
-                if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
-                    raise SVToolsError(f"training diverged before step {step} (non-finite weights; lr={cfg.lr}, "
+    data = Prefetch(lambda step: step_data(cfg, seed, tok, step), range(cfg.steps), depth=PREFETCH)
+    try:
+        with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+            torch.manual_seed(seed)
+            for step in tqdm(range(cfg.steps + 1), desc=f"ioi_lm seed {seed}", disable=not progress):
+                if step in ckpts:
+                    if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
+                        raise SVToolsError(f"training diverged before step {step} (non-finite weights; lr={cfg.lr}, "
+                                           f"weight_decay={cfg.weight_decay}); nothing is cached. Lower cfg.lr.")
+                    model.eval()
+                    save_model(model, str(out / _ckpt_name(step)))
+                    model.train()
+                if step == cfg.steps:
+                    break
+                codes, ids, am, w = next(data)
+                if codes is not None:  # this step's names: fresh codes (the checkpoints hold the fixed ones)
+                    with torch.no_grad():
+                        wte[frozen[0]] = codes.to(dev)
+                lr = _lr_at(cfg, step)
+                for g in opt.param_groups:
+                    g["lr"] = lr
+                opt.zero_grad(set_to_none=True)
+                loss = _loss_backward(model, ids, am, w, cfg.buckets, dev)
+                if not math.isfinite(loss):  # the finite-loss guard: a NaN run is never cached
+                    raise SVToolsError(f"training diverged at step {step}: the loss is {loss} (lr={cfg.lr}, "
                                        f"weight_decay={cfg.weight_decay}); nothing is cached. Lower cfg.lr.")
-                model.eval()
-                save_model(model, str(out / _ckpt_name(step)))
-                model.train()
-            if step == cfg.steps:
-                break
-            if cfg.resample_names:  # this step's names: fresh codes (the checkpoints hold the fixed ones)
-                with torch.no_grad():
-                    wte[frozen[0]] = name_codes(cfg, seed, step)[1].to(dev)
-            texts, is_ioi = training_batch(cfg.batch, seed * 1_000_003 + step, cfg.ioi_fraction,
-                                             cfg.filler_test_share)
-            ids, am = encode(tok, texts)
-            # weight of each target token: 1, answer_weight at an IOI sentence's answer (the
-            # target two before the end: "... to IO ."), 0 at padding
-            w = am[:, 1:].to(torch.float32)
-            if cfg.answer_weight != 1.0:
-                last = am.sum(1) - 1  # index of the final "." in ids; the answer target is at last - 2
-                rows = torch.nonzero(torch.tensor(is_ioi)).flatten()
-                w[rows, last[rows] - 2] = cfg.answer_weight
-            lr = _lr_at(cfg, step)
-            for g in opt.param_groups:
-                g["lr"] = lr
-            opt.zero_grad(set_to_none=True)
-            loss = _loss_backward(model, ids, am, w, cfg.buckets, dev)
-            if not math.isfinite(loss):  # the finite-loss guard: a NaN run is never cached
-                raise SVToolsError(f"training diverged at step {step}: the loss is {loss} (lr={cfg.lr}, "
-                                   f"weight_decay={cfg.weight_decay}); nothing is cached. Lower cfg.lr.")
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            if frozen is not None:  # the name rows stay as drawn (weight decay included)
-                with torch.no_grad():
-                    wte[frozen[0]] = frozen[1]
-            hist.append({"step": step, "loss": loss, "lr": lr})
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                opt.step()
+                if frozen is not None:  # the name rows stay as drawn (weight decay included)
+                    with torch.no_grad():
+                        wte[frozen[0]] = frozen[1]
+                hist.append({"step": step, "loss": loss, "lr": lr})
+    finally:
+        data.close()
 
 
 def _loss_backward(model: Any, ids: Tensor, am: Tensor, w: Tensor, buckets: int, dev: torch.device) -> float:
