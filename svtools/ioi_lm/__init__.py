@@ -82,9 +82,10 @@ found by role, measurements over checkpoints and seeds). Every public name is im
 from svtools.ioi_lm.language import (ACTIONS, FILLER_TEMPLATES, LM_NAMES, OPENINGS, TEST_NAMES, TEST_TEMPLATES,
                                      TRAIN_NAMES, TRAIN_TEMPLATES, build_tokenizer, filler_sentences, name_ids,
                                      training_texts)
+from svtools.ioi_lm.accuracy import ioi_accuracy
 from svtools.ioi_lm.measures import ROLE_PAIRS, over_checkpoints, over_seeds, role_attention, top_heads
 from svtools.ioi_lm.batches import name_codes
-from svtools.ioi_lm.training import (CODE_VERSION, IOILMConfig, IOILMRun, cache_dir, ioi_accuracy, train,
+from svtools.ioi_lm.training import (CODE_VERSION, IOILMConfig, IOILMRun, cache_dir, train,
                                      train_seeds)
 
 __all__ = ["IOILMConfig", "IOILMRun", "train", "train_seeds", "CODE_VERSION", "cache_dir", "TRAIN_TEMPLATES",

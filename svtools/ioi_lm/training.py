@@ -32,6 +32,7 @@ from svtools.data.ioi import IOIDataset, ioi_prompts
 from svtools.ioi_lm.language import (FILLER_TEMPLATES, TEST_NAMES, TEST_TEMPLATES, TRAIN_NAMES, TRAIN_TEMPLATES,
                                      build_tokenizer, vocabulary)
 from svtools.models import load_model
+from svtools.ioi_lm.accuracy import check_metric, ioi_accuracy
 from svtools.ioi_lm.batches import SEED_MAX, name_codes, step_data
 from svtools.runtime import Prefetch, default_device, tqdm
 
@@ -43,7 +44,7 @@ _ADAMW_KW: dict = {"foreach": True}
 #: Steps of data prepared ahead of the training loop, in a background thread (:class:`svtools.runtime.Prefetch`).
 PREFETCH = 16
 
-__all__ = ["IOILMConfig", "IOILMRun", "train", "train_seeds", "CODE_VERSION", "cache_dir", "name_codes", "ioi_accuracy"]
+__all__ = ["IOILMConfig", "IOILMRun", "train", "train_seeds", "CODE_VERSION", "cache_dir", "name_codes"]
 
 #: Bumped whenever a change to this module changes what ``train`` produces (it is part of the
 #: cache key, so old cached runs are not reused after such a change).
@@ -280,36 +281,9 @@ class IOILMRun:
         usual IOI metric). Held-out by default: names and templates never in a training IOI
         sentence.
         """
-        _check_metric(metric)
+        check_metric(metric)
         ds = self.prompts(n, seed, split)
         return ioi_accuracy(self.logits(step, ds), ds.positions(self.tokenizer), metric)
-
-
-def _check_metric(metric: str) -> None:
-    if metric not in ("top1", "io_vs_s"):
-        raise SVToolsError(f"metric must be 'top1' or 'io_vs_s', got {metric!r}")
-
-
-def ioi_accuracy(logits: Float[Tensor, "batch vocab"], positions: Any, metric: str = "top1") -> float:
-    """Share of prompts answered correctly from their next-token logits at END.
-
-    ``metric="top1"``: ``argmax(logits[i]) == io_id[i]``; ``"io_vs_s"``: ``logits[i, io_id[i]] >
-    logits[i, s_id[i]]``. ``positions``: the prompts' :class:`~svtools.data.IOIPositions`.
-    """
-    _check_metric(metric)
-    io, s = positions.io_id.to(logits.device), positions.s_id.to(logits.device)
-    same = int((io == s).sum())
-    if same:
-        raise SVToolsError(f"in {same} of {len(io)} prompts IO and S are the same token: 'IO beats S' is never "
-                           "true there and top-1 cannot tell them apart (names the tokenizer does not know?)")
-    if logits.ndim != 2 or logits.shape[0] != len(io):
-        raise SVToolsError(f"logits must have shape (batch={len(io)}, vocab), got {tuple(logits.shape)}")
-    if metric == "top1":
-        ok = logits.argmax(-1) == io
-    else:
-        r = torch.arange(len(io), device=logits.device)
-        ok = logits[r, io] > logits[r, s]
-    return float(ok.float().mean())
 
 
 # ----------------------------------------------------------------------------- training
