@@ -240,9 +240,9 @@ def head_sparsity(
     :data:`svtools.sad.engine.NULL_GRID_BYTES` at a time), and need every offset's decomposition
     up to the last measured query; rotary heads with ``attention="relative"`` still form
     per-offset ``(prompts, query, key, r)`` grids per draw (slow). Its time grows with
-    ``null_draws``. Measured 2026-12-05 on the project's shared 2-core CPU (2 torch threads,
+    ``null_draws``. Measured 2026-12-05 on two CPU cores (2 torch threads,
     ``OMP_WAIT_POLICY=PASSIVE``), each time against the HF forward pass (``output_attentions=True``)
-    timed beside it; the machine was never quiet (1-minute load average 2.3-10 from other jobs, in
+    timed beside it; the machine was busy with other work throughout (1-minute load average in
     brackets), and load slows the two-thread forward more than this code, so the ratios swing.
     MiniLM, 32 prompts x 256 tokens, every head (``python benchmarks/head_sparsity_vs_forward.py
     --lengths 256 --counts``): ``control="spectrum"`` (the default, 16 draws) 1.2-2.3x the forward
