@@ -5,9 +5,11 @@ same package and environment) passes without running again, and ``make book`` re
 tests executed. With ``--nbmake`` (``pytest --nbmake book/...``) nbmake runs the notebooks instead,
 without the cache.
 
-The first notebook that needs the IOI LM and is not cached starts the training of its three seeds
-in the background at collection time (in parallel processes), so they train while the unit tests
-and the other chapters run.
+At collection time the notebooks the cache does not hold start executing in the background, as
+many at once as there are cores (``book_exec.NotebookPool``, each in its own process; the chapters
+that need the IOI LM last), and the IOI LM's three seeds start training (in parallel processes)
+when a chapter needs them: all of it runs while the unit tests run. Each notebook's test waits
+for its execution and fails with its error.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 import book_exec  # noqa: E402
 
 _BACKGROUND: list = []
+_POOL: list = []  # the book_exec.NotebookPool executing the uncached notebooks
 
 
 def pytest_collect_file(file_path: Path, parent: pytest.Collector):
@@ -40,7 +43,7 @@ class NotebookItem(pytest.Item):
     """Executes one notebook through the book's jupyter-cache (errors raised)."""
 
     def runtest(self) -> None:
-        how, seconds = book_exec.execute(self.path)
+        how, seconds = _POOL[0].result(self.path) if _POOL else book_exec.execute(self.path)
         self.user_properties.append(("notebook", f"{how} ({seconds:.0f} s)"))
         self.add_report_section("call", "notebook", f"{self.path.name}: {how}, execution {seconds:.1f} s")
 
@@ -59,9 +62,14 @@ def pytest_collection_finish(session: pytest.Session) -> None:
         proc = book_exec.start_lm_training(paths)
         if proc is not None:
             _BACKGROUND.append(proc)
+        pool = book_exec.NotebookPool(paths)
+        if len(pool):
+            _POOL.append(pool)
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
+    for pool in _POOL:
+        pool.close()
     for proc in _BACKGROUND:
         book_exec.stop(proc)
 

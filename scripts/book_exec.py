@@ -32,15 +32,17 @@ seed being trained waits for it (the cache's lock) and loads it.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.metadata
+import json
 import os
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -162,7 +164,8 @@ def execute(path: Path, cache: Optional[Path] = None) -> tuple[str, float]:
     from jupyter_cache.executors.utils import single_nb_execution
 
     path = Path(path).resolve()
-    store = get_cache(str(cache or cache_path()))
+    cache = Path(cache or cache_path())
+    store = get_cache(str(cache))
     nb = _read(path)
     try:
         record = store.match_cache_notebook(nb)
@@ -170,8 +173,9 @@ def execute(path: Path, cache: Optional[Path] = None) -> tuple[str, float]:
     except KeyError:
         pass
     opts = settings()
-    stage = store.add_nb_to_project(str(path))
-    NbProjectRecord.remove_tracebacks([stage.pk], store.db)
+    with _store_lock(cache):
+        stage = store.add_nb_to_project(str(path))
+        NbProjectRecord.remove_tracebacks([stage.pk], store.db)
     old = {k: os.environ.get(k) for k in KERNEL_ENV}
     os.environ.update(KERNEL_ENV)
     try:
@@ -186,12 +190,137 @@ def execute(path: Path, cache: Optional[Path] = None) -> tuple[str, float]:
             else:
                 os.environ[k] = v
     if result.err is not None:
-        NbProjectRecord.set_traceback(stage.uri, result.exc_string, store.db)
+        with _store_lock(cache):
+            NbProjectRecord.set_traceback(stage.uri, result.exc_string, store.db)
         raise NotebookFailed(f"{path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}: "
                              f"{result.err.__class__.__name__}\n{result.exc_string}")
-    store.cache_notebook_bundle(CacheBundleIn(nb, stage.uri, data={"execution_seconds": result.time}),
-                                check_validity=False, overwrite=True)
+    with _store_lock(cache):
+        store.cache_notebook_bundle(CacheBundleIn(nb, stage.uri, data={"execution_seconds": result.time}),
+                                    check_validity=False, overwrite=True)
     return "executed", float(result.time)
+
+
+@contextlib.contextmanager
+def _store_lock(cache: Path) -> Iterator[None]:
+    """Writes to the jupyter-cache one process at a time (notebooks execute in parallel processes,
+    :class:`NotebookPool`); the executions themselves run unlocked."""
+    import fcntl
+
+    with open(Path(cache) / ".store.lock", "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def workers() -> int:
+    """How many notebooks execute at once: the cores this process may use, or ``$BOOK_EXEC_WORKERS``
+    (not an ``SVTOOLS_`` variable: it does not change a chapter's outputs, so it is not part of
+    :func:`cache_key`)."""
+    env = os.environ.get("BOOK_EXEC_WORKERS", "").strip()
+    if env:
+        if not env.isdigit() or int(env) < 1:
+            raise ValueError(f"BOOK_EXEC_WORKERS must be a positive integer, got {env!r}")
+        return int(env)
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+class NotebookPool:
+    """Executes the notebooks of ``paths`` that the cache does not hold, ``n_workers`` at a time,
+    each with :func:`execute` in its own process (``python scripts/book_exec.py NOTEBOOK``), while
+    the caller goes on (the unit tests, the IOI LM's training). A chapter's outputs do not depend
+    on what runs beside it: every kernel is its own process with its own seeds, and the IOI LM's
+    runs are shared through their cache's lock.
+
+    Order: the chapters that need the IOI LM last (they wait for its seeds, :func:`start_lm_training`),
+    the others in the order given. :meth:`result` waits for one notebook; :meth:`close` stops the
+    ones still running. Output of the worker processes goes to ``notebooks.log`` in the cache.
+    """
+
+    def __init__(self, paths: list[Path], cache: Optional[Path] = None, n_workers: Optional[int] = None):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.cache = Path(cache or cache_path(prune=False))
+        todo = sorted((Path(p).resolve() for p in paths if not is_cached(Path(p), self.cache)), key=needs_lm)
+        self._procs: dict[Path, subprocess.Popen] = {}
+        self._closed = False
+        self._log = open(self.cache / "notebooks.log", "a")
+        self._pool = ThreadPoolExecutor(max_workers=n_workers or workers(), thread_name_prefix="notebook")
+        self._futures = {p: self._pool.submit(self._run, p) for p in todo}
+
+    def __len__(self) -> int:
+        return len(self._futures)
+
+    def _run(self, path: Path) -> dict:
+        if self._closed:
+            return {"error": "stopped before it started"}
+        with tempfile.TemporaryDirectory() as tmp:
+            report = Path(tmp) / "report.json"
+            proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), str(path), "--cache",
+                                     str(self.cache), "--report", str(report)], stdout=self._log,
+                                    stderr=subprocess.STDOUT, cwd=str(ROOT), start_new_session=True)
+            self._procs[path] = proc
+            if self._closed:  # close() ran while this one was starting
+                stop(proc)
+            rc = proc.wait()
+            if report.is_file():
+                return json.loads(report.read_text())
+            return {"error": f"the worker process executing it ended with status {rc} and no report "
+                             f"(see {self.cache / 'notebooks.log'})"}
+
+    def result(self, path: Path) -> tuple[str, float]:
+        """``("executed" | "cached", seconds)`` for ``path``, waiting for its execution if it is
+        in the pool (:func:`execute` otherwise). Raises :class:`NotebookFailed` on its error."""
+        fut = self._futures.get(Path(path).resolve())
+        if fut is None:
+            return execute(path, self.cache)
+        out = fut.result()
+        if "error" in out:
+            raise NotebookFailed(out["error"])
+        return out["how"], float(out["seconds"])
+
+    def wait(self) -> dict[Path, Optional[str]]:
+        """Wait for every execution; ``{notebook: None, or the error}``."""
+        out = {}
+        for path, fut in self._futures.items():
+            res = fut.result()
+            out[path] = res.get("error")
+        return out
+
+    def close(self) -> None:
+        """Stop: executions not started are dropped, running ones killed (nothing of theirs is cached)."""
+        self._closed = True
+        for fut in self._futures.values():
+            fut.cancel()
+        for proc in list(self._procs.values()):
+            stop(proc)
+        self._pool.shutdown(wait=True)
+        self._log.close()
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """Worker of :class:`NotebookPool`: execute one notebook into the cache; write
+    ``{"how", "seconds"}`` or ``{"error"}`` as JSON to ``--report``."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=main.__doc__)
+    ap.add_argument("notebook", type=Path)
+    ap.add_argument("--cache", type=Path, required=True)
+    ap.add_argument("--report", type=Path, required=True)
+    args = ap.parse_args(argv)
+    try:
+        how, seconds = execute(args.notebook, args.cache)
+        out: dict = {"how": how, "seconds": seconds}
+    except NotebookFailed as err:
+        out = {"error": str(err)}
+    except Exception as err:  # noqa: BLE001 - reported to the test as the notebook's failure
+        out = {"error": f"{args.notebook}: {err.__class__.__name__}: {err}"}
+    args.report.write_text(json.dumps(out))
+    return 0
 
 
 def start_lm_training(paths: list[Path], cache: Optional[Path] = None) -> Optional[subprocess.Popen]:
@@ -236,3 +365,7 @@ def stop(proc: Optional[subprocess.Popen], grace: float = 0.0) -> None:
             return
         except subprocess.TimeoutExpired:
             continue
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -235,13 +235,27 @@ def _execution_cache(app: Sphinx, config: Config) -> None:
         config.nb_execution_cache_path = str(book_exec.cache_path())
 
 
-def _start_lm_training(app: Sphinx) -> None:
-    """Seeds 0-2 of the IOI LM train in the background (in parallel) when a chapter that needs
-    them is about to execute (scripts/book_exec.py)."""
-    if app.config.nb_execution_mode == "cache":
-        proc = book_exec.start_lm_training(book_exec.notebooks(), Path(app.config.nb_execution_cache_path))
-        if proc is not None:
-            _TRAINING.append(proc)
+def _execute_in_parallel(app: Sphinx) -> None:
+    """Before Sphinx reads the chapters: seeds 0-2 of the IOI LM train in the background (in
+    parallel) when a chapter that needs them is not cached, and the chapters the cache does not
+    hold execute as many at once as there are cores (scripts/book_exec.py), so myst-nb finds every
+    chapter in the cache. A chapter that fails there is not cached: myst-nb executes it again
+    itself and reports its error as usual."""
+    if app.config.nb_execution_mode != "cache":
+        return
+    cache = Path(app.config.nb_execution_cache_path)
+    proc = book_exec.start_lm_training(book_exec.notebooks(), cache)
+    if proc is not None:
+        _TRAINING.append(proc)
+    pool = book_exec.NotebookPool(book_exec.notebooks(), cache)
+    if not len(pool):
+        return
+    LOGGER.info(f"executing {len(pool)} notebook(s), {book_exec.workers()} at a time (log: {cache / 'notebooks.log'})")
+    try:
+        for path, error in pool.wait().items():
+            LOGGER.info(f"  {path.relative_to(book_exec.ROOT)}: {'failed (myst-nb runs it again)' if error else 'executed'}")
+    finally:
+        pool.close()
 
 
 def _stop_lm_training(app: Sphinx, exc) -> None:
@@ -265,7 +279,7 @@ def setup(app: Sphinx) -> dict:
     os.environ.update(book_exec.KERNEL_ENV)
     app.connect("config-inited", _add_paths)
     app.connect("config-inited", _execution_cache)
-    app.connect("builder-inited", _start_lm_training)
+    app.connect("builder-inited", _execute_in_parallel)
     app.connect("env-get-outdated", _outdated_on_new_key)
     app.connect("build-finished", _stop_lm_training)
     app.connect("html-page-context", _unique_scripts, priority=900)  # after those that add scripts

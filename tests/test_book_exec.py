@@ -62,3 +62,61 @@ def test_the_book_executes_through_the_shared_cache():
     nbs = book_exec.notebooks()
     assert len(nbs) >= 10 and all(p.suffix == ".ipynb" and (ROOT / "book") in p.parents for p in nbs)
     assert any(book_exec.needs_lm(p) for p in nbs)  # the seeds train in the background for them
+
+
+def test_the_pool_executes_notebooks_in_parallel_processes_into_the_cache(tmp_path):
+    """Two notebooks that each wait for the other's file: they finish only if they run at the
+    same time. A failing one raises its own error and is not cached; the pool's results are the
+    cache's (a second pool has nothing to do)."""
+    cache = tmp_path / "jc"
+    cache.mkdir()
+    a, b = tmp_path / "a", tmp_path / "b"
+    wait = ("import pathlib, time\n"
+            "pathlib.Path({mine!r}).touch()\n"
+            "t = time.time()\n"
+            "while not pathlib.Path({other!r}).exists():\n"
+            "    assert time.time() - t < 60, 'the other notebook never started'\n"
+            "    time.sleep(0.05)\n"
+            "print('both ran')")
+    nb_a = _notebook(tmp_path / "a.ipynb", wait.format(mine=str(a), other=str(b)))
+    nb_b = _notebook(tmp_path / "b.ipynb", wait.format(mine=str(b), other=str(a)))
+    bad = _notebook(tmp_path / "bad.ipynb", "raise RuntimeError('pool boom 7')")
+    pool = book_exec.NotebookPool([nb_a, nb_b, bad], cache, n_workers=2)
+    try:
+        assert len(pool) == 3
+        assert pool.result(nb_a)[0] == "executed" and pool.result(nb_b)[0] == "executed"
+        with pytest.raises(book_exec.NotebookFailed, match="pool boom 7"):
+            pool.result(bad)
+    finally:
+        pool.close()
+    assert book_exec.is_cached(nb_a, cache) and book_exec.is_cached(nb_b, cache)
+    assert not book_exec.is_cached(bad, cache)
+    again = book_exec.NotebookPool([nb_a, nb_b], cache, n_workers=2)
+    try:
+        assert len(again) == 0 and again.result(nb_a)[0] == "cached"
+    finally:
+        again.close()
+
+
+def test_closing_the_pool_stops_its_executions(tmp_path):
+    cache = tmp_path / "jc"
+    cache.mkdir()
+    slow = [_notebook(tmp_path / f"slow{i}.ipynb", f"import time\ntime.sleep(300)\nprint({i})") for i in range(3)]
+    pool = book_exec.NotebookPool(slow, cache, n_workers=1)
+    import time
+
+    time.sleep(3)
+    t = time.time()
+    pool.close()
+    assert time.time() - t < 30
+    assert not any(book_exec.is_cached(p, cache) for p in slow)
+
+
+def test_worker_count_comes_from_the_environment(monkeypatch):
+    monkeypatch.setenv("BOOK_EXEC_WORKERS", "3")
+    assert book_exec.workers() == 3
+    monkeypatch.setenv("BOOK_EXEC_WORKERS", "zero")
+    with pytest.raises(ValueError, match="BOOK_EXEC_WORKERS"):
+        book_exec.workers()
+    monkeypatch.delenv("BOOK_EXEC_WORKERS")
+    assert book_exec.workers() >= 1
