@@ -229,6 +229,12 @@ def workers() -> int:
         return os.cpu_count() or 1
 
 
+#: Niceness added to the notebooks' worker processes (and their kernels): the IOI LM's seeds, which
+#: the last chapters wait for, and the unit tests get the CPU first; a notebook's outputs do not
+#: depend on it.
+NICE = 5
+
+
 class NotebookPool:
     """Executes the notebooks of ``paths`` that the cache does not hold, ``n_workers`` at a time,
     each with :func:`execute` in its own process (``python scripts/book_exec.py NOTEBOOK``), while
@@ -237,8 +243,9 @@ class NotebookPool:
     runs are shared through their cache's lock.
 
     Order: the chapters that need the IOI LM last (they wait for its seeds, :func:`start_lm_training`),
-    the others in the order given. :meth:`result` waits for one notebook; :meth:`close` stops the
-    ones still running. Output of the worker processes goes to ``notebooks.log`` in the cache.
+    the others in the order given. The workers run at niceness +:data:`NICE`. :meth:`result` waits
+    for one notebook; :meth:`close` stops the ones still running. Output of the worker processes
+    goes to ``notebooks.log`` in the cache.
     """
 
     def __init__(self, paths: list[Path], cache: Optional[Path] = None, n_workers: Optional[int] = None):
@@ -261,7 +268,7 @@ class NotebookPool:
         with tempfile.TemporaryDirectory() as tmp:
             report = Path(tmp) / "report.json"
             proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), str(path), "--cache",
-                                     str(self.cache), "--report", str(report)], stdout=self._log,
+                                     str(self.cache), "--report", str(report), "--nice", str(NICE)], stdout=self._log,
                                     stderr=subprocess.STDOUT, cwd=str(ROOT), start_new_session=True)
             self._procs[path] = proc
             if self._closed:  # close() ran while this one was starting
@@ -311,7 +318,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("notebook", type=Path)
     ap.add_argument("--cache", type=Path, required=True)
     ap.add_argument("--report", type=Path, required=True)
+    ap.add_argument("--nice", type=int, default=0, help="added to this process's niceness (its kernel inherits it)")
     args = ap.parse_args(argv)
+    if args.nice:
+        os.nice(args.nice)
     try:
         how, seconds = execute(args.notebook, args.cache)
         out: dict = {"how": how, "seconds": seconds}
@@ -326,17 +336,20 @@ def main(argv: Optional[list[str]] = None) -> int:
 def start_lm_training(paths: list[Path], cache: Optional[Path] = None) -> Optional[subprocess.Popen]:
     """If a notebook of ``paths`` that uses the IOI LM is not cached yet, start training the
     default config's seeds 0, 1, 2 (``svtools.ioi_lm.train_seeds``: the seeds not in
-    ``$SVTOOLS_CACHE``, in parallel processes) in a background process and return it (its output
+    ``$SVTOOLS_CACHE``, each in its own process, all at once: the chapters that need them wait
+    for the last one, and the notebooks beside them run at lower priority, :data:`NICE`, so the
+    seeds go first; with two processes on two cores the third seed trained alone at the end and
+    the chapters waited for it) in a background process and return it (its output
     goes to ``train_seeds.log`` in the jupyter-cache directory); else None. A failure there is not
     fatal: the chapter then trains the seed itself and shows the error."""
     cache = cache or cache_path(prune=False)
     if not any(needs_lm(p) and not is_cached(p, cache) for p in paths):
         return None
     log = open(cache / "train_seeds.log", "a")
-    log.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} train_seeds(seeds=(0, 1, 2))\n")
+    log.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} train_seeds(seeds=(0, 1, 2), processes=3)\n")
     log.flush()
     code = ("import time; t = time.perf_counter(); from svtools.ioi_lm import train_seeds; "
-            "runs = train_seeds(seeds=(0, 1, 2)); "
+            "runs = train_seeds(seeds=(0, 1, 2), processes=3); "
             "print(f'seeds 0, 1, 2 ready after {time.perf_counter() - t:.0f} s', flush=True)")
     return subprocess.Popen([sys.executable, "-c", code], stdout=log, stderr=subprocess.STDOUT,
                             env=dict(os.environ, **KERNEL_ENV), cwd=str(ROOT), start_new_session=True)
