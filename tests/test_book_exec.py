@@ -4,6 +4,7 @@ changed, its errors fail the test and are never cached, and the cache is keyed o
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -120,3 +121,51 @@ def test_worker_count_comes_from_the_environment(monkeypatch):
         book_exec.workers()
     monkeypatch.delenv("BOOK_EXEC_WORKERS")
     assert book_exec.workers() >= 1
+
+
+def test_kernels_keep_freed_memory_unless_the_caller_says_otherwise(tmp_path, monkeypatch):
+    """The kernel's environment carries MEMORY_ENV (glibc keeps freed blocks for reuse) where the
+    caller does not set those variables, and a caller's own value wins; neither is in the cache key."""
+    cache = tmp_path / "jc"
+    cache.mkdir()
+    (tmp_path / "svtools").mkdir()
+    key = book_exec.cache_key(tmp_path)
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "12345")
+    assert book_exec.cache_key(tmp_path) == key
+    out = tmp_path / "env.txt"
+    nb = _notebook(tmp_path / "env.ipynb", "import os, pathlib\n"
+                   f"pathlib.Path({str(out)!r}).write_text(os.environ.get('MALLOC_MMAP_THRESHOLD_', '-') + ' ' + "
+                   "os.environ.get('MALLOC_TRIM_THRESHOLD_', '-') + ' ' + os.environ.get('TQDM_DISABLE', '-'))")
+    assert book_exec.execute(nb, cache)[0] == "executed"
+    assert out.read_text().split() == [book_exec.MEMORY_ENV["MALLOC_MMAP_THRESHOLD_"], "12345", "1"]
+    assert "MALLOC_MMAP_THRESHOLD_" not in os.environ  # restored after the execution
+
+
+class _Training:
+    """A stand-in for start_lm_training's process: running until ``done`` is set."""
+
+    def __init__(self, done: bool):
+        self.done = done
+
+    def poll(self):
+        return 0 if self.done else None
+
+
+@pytest.mark.parametrize("trained", [False, True])
+def test_lm_chapters_run_when_the_seeds_are_ready_and_the_others_fill_in(tmp_path, trained):
+    """One worker, chapters [lm, plain1, plain2]: while the seeds train, the plain chapters go first
+    and the LM chapter when none is left; once they are trained, the LM chapter goes first."""
+    cache = tmp_path / "jc"
+    cache.mkdir()
+    log = tmp_path / "order.txt"
+    code = "import pathlib\nwith open({log!r}, 'a') as f:\n    f.write({name!r} + ' ')\n"
+    lm = _notebook(tmp_path / "lm.ipynb", "# uses svtools.ioi_lm\n" + code.format(log=str(log), name="lm"))
+    plain = [_notebook(tmp_path / f"p{i}.ipynb", code.format(log=str(log), name=f"p{i}")) for i in (1, 2)]
+    assert book_exec.needs_lm(lm) and not book_exec.needs_lm(plain[0])
+    pool = book_exec.NotebookPool([lm, *plain], cache, n_workers=1, training=_Training(trained))
+    try:
+        assert set(pool.wait().values()) == {None}
+    finally:
+        pool.close()
+    assert log.read_text().split() == (["lm", "p1", "p2"] if trained else ["p1", "p2", "lm"])
