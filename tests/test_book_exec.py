@@ -169,3 +169,16 @@ def test_lm_chapters_run_when_the_seeds_are_ready_and_the_others_fill_in(tmp_pat
     finally:
         pool.close()
     assert log.read_text().split() == (["lm", "p1", "p2"] if trained else ["p1", "p2", "lm"])
+
+
+@pytest.mark.skipif(not Path("/proc/self/autogroup").exists(), reason="no sched_autogroup on this system")
+def test_a_lowered_kernel_runs_in_a_lowered_scheduling_group(tmp_path):
+    """jupyter_client starts each kernel in a session (a scheduling group) of its own: niceness alone
+    would not lower its share of the CPU; execute(nice=...) lowers the group too."""
+    cache = tmp_path / "jc"
+    cache.mkdir()
+    out = tmp_path / "group.txt"
+    nb = _notebook(tmp_path / "g.ipynb", "import pathlib\n"
+                   f"pathlib.Path({str(out)!r}).write_text(open('/proc/self/autogroup').read())")
+    assert book_exec.execute(nb, cache, nice=7)[0] == "executed"
+    assert out.read_text().split()[-2:] == ["nice", "7"]

@@ -6,7 +6,7 @@ import torch
 
 from svtools import SVToolsError
 from svtools.qk import rotary_matrices
-from svtools.toy.training import _attn_loss
+from svtools.toy.training import _attn_loss, _recon_loss
 from svtools.toy import (ToyConfig, linear_template, sample_batch, settle_step, summarize,
                          template_matrix, train, train_seeds)
 
@@ -56,6 +56,35 @@ def test_activation_probability_and_values():
     assert frac == pytest.approx(0.3, abs=0.01)
     vals = b.f_query[b.f_query > 0]
     assert float(vals.mean()) == pytest.approx(0.5, abs=0.01)    # Uniform[0, 1] when active
+
+
+def test_activations_are_the_where_formula_bit_for_bit():
+    """sample_batch's in-place draw gives exactly torch.where(u < p, u / p, 0) of the same uniforms."""
+    cfg = ToyConfig(**{**TINY, "p_active": 0.3, "p_plant": 0.0})
+    b = sample_batch(cfg, 500, torch.Generator().manual_seed(5))
+    g = torch.Generator().manual_seed(5)
+    u_q, u_k = torch.rand(500, 6, generator=g), torch.rand(500, 4, 6, generator=g)
+    assert torch.equal(b.f_query, torch.where(u_q < 0.3, u_q / 0.3, torch.zeros(())))
+    assert torch.equal(b.f_keys, torch.where(u_k < 0.3, u_k / 0.3, torch.zeros(())))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_recon_loss_and_its_gradient_are_autograds_bit_for_bit(dtype):
+    """The fused reconstruction loss gives the value and gradient autograd gives the plain
+    expression, exactly (zeros of relu included), for a weighted sum of the models' losses."""
+    g = torch.Generator().manual_seed(3)
+    z0 = torch.randn(3, 7, 5, 11, generator=g, dtype=dtype)
+    z0[0, 0, 0, :3] = 0.0  # relu's kink: no gradient there, as autograd
+    f = torch.rand(3, 7, 5, 11, generator=g, dtype=dtype) * (torch.rand(3, 7, 5, 11, generator=g) < 0.3)
+    w = torch.tensor([1.0, 0.3, 2.5], dtype=dtype)
+    za, zb = z0.clone().requires_grad_(True), z0.clone().requires_grad_(True)
+    ref = ((torch.relu(za) - f) ** 2).sum(-1).mean(dim=(1, 2))
+    new = _recon_loss(zb, f)
+    assert torch.equal(ref, new)
+    (ref * w).sum().backward()
+    (new * w).sum().backward()
+    assert torch.equal(za.grad, zb.grad)
+    assert torch.equal(zb, z0)  # the input is left as it was
 
 
 def test_attention_losses_vanish_at_target_and_ce_is_shift_invariant():
