@@ -251,7 +251,11 @@ def head_sparsity(
     0.06-0.14 GB. Single-thread CPU time, less sensitive to load (load 1.8-2.4): ``"spectrum"`` 4.8-5.0 s
     against the forward's 4.0-4.3 s (1.14-1.19x) on a repeated call on the same model (the null rotations
     are kept across calls, :data:`svtools.sad.engine.NULL_CACHE_BYTES`), 5.5-5.6 s (1.31-1.37x) on a
-    first call. Rotary, Pythia-160M-shaped random model, peaked attention,
+    first call. These ratios were flattered by the allocator: glibc returned the forward's freed
+    attention tensors to the system and faulted them in again. With freed memory kept
+    (``MALLOC_MMAP_THRESHOLD_``/``MALLOC_TRIM_THRESHOLD_``, as the Makefile sets; one run, load 0.8-1.1,
+    best of 3) the forward took 1.66 s, ``"spectrum"`` 3.39 s (2.05x, +0.12 GB) and ``"rotated"`` 2.12 s
+    (1.28x). Rotary, Pythia-160M-shaped random model, peaked attention,
     4 x 256 tokens, 141,993 pairs at 254 offsets (``python benchmarks/head_sparsity_rotary.py
     --control rotated`` / ``--control spectrum``): ``"rotated"`` a cold call (empty factor cache)
     6.0-6.9x, a repeated call 1.6-2.1x (load 2.7-3.1); ``"spectrum"`` cold 19.6x, repeated 15.2x
