@@ -24,10 +24,10 @@ import subprocess
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "scripts"))
 
 from _common import machine, parser  # noqa: E402
-
-KEEP = {"MALLOC_MMAP_THRESHOLD_": "4294967296", "MALLOC_TRIM_THRESHOLD_": "4294967296"}
+from book_exec import MEMORY_ENV as KEEP  # noqa: E402  (the setting the book's kernels run with)
 
 
 def child(case: str) -> dict:
