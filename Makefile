@@ -63,6 +63,7 @@ benchmark: $(STAMP)
 	cd benchmarks && OMP_WAIT_POLICY=PASSIVE ../$(BIN)/python prompts_exponent.py
 	cd benchmarks && OMP_WAIT_POLICY=PASSIVE ../$(BIN)/python head_sparsity_rotary.py
 	cd benchmarks && OMP_WAIT_POLICY=PASSIVE ../$(BIN)/python ioi_lm_step.py
+	cd benchmarks && OMP_WAIT_POLICY=PASSIVE ../$(BIN)/python toy_step.py
 	cd benchmarks && OMP_WAIT_POLICY=PASSIVE ../$(BIN)/python page_faults.py
 
 clean:

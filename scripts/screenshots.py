@@ -312,43 +312,67 @@ def layout_problems(p: dict, width: int) -> list[str]:
     return out
 
 
-async def run(pages: list[Path], html: Path, widths: list[int], outdir: Path, binary: str) -> int:
-    b = Browser(binary)
-    failed = 0
+async def _check_all(b: Browser, items: list[tuple[Path, int]], html: Path, outdir: Path) -> dict:
+    """Check ``(page, width)`` items one after another in browser ``b``; ``{item: (failed, line)}``."""
+    out = {}
+    await b.connect()
+    await b.send("Page.enable")
+    await b.send("Runtime.enable")
+    # Pause every request that is not a local file or inline data, to record and block it.
+    await b.send("Fetch.enable", patterns=[{"urlPattern": "http*"}])
+    for page, w in items:
+        rel = page.relative_to(html).with_suffix("")
+        shot = outdir / f"{str(rel).replace(os.sep, '__')}@{w}.png"
+        try:
+            p = await asyncio.wait_for(check_page(b, page.as_uri(), w, shot), 120)
+        except Exception as e:  # noqa: BLE001 - report and go on to the next page
+            out[page, w] = (True, f"FAIL {rel} @{w}px: {type(e).__name__}: {e}")
+            continue
+        p["figure_text"], png, smallest = figure_text(page, p["figures"])
+        bad = problems(p)
+        layout = layout_problems(p, w)
+        pending = rel.as_posix() in PENDING
+        if not pending:
+            bad += layout
+        fig = (f", {len(p['figures'])} figure(s)" + (f", smallest figure text {smallest:.1f} px"
+                                                    if smallest is not None else "")
+               + (f", {png} PNG (text not measured)" if png else ""))
+        code = f", code cells wider than the column {p['wide_code']}/{p['code_cells']}" if p["code_cells"] else ""
+        out[page, w] = (bool(bad), f"{'FAIL' if bad else 'ok  '} {rel} @{w}px: column {p['column']} px, "
+                        f"{p['typeset']} math typeset, height {p['height']} px{fig}, "
+                        f"outputs wider than the column {len(p['wide_outputs'])}/{p['outputs']}{code}"
+                        + ("".join(f"\n       - {x}" for x in bad))
+                        + ("".join(f"\n       - (pending, not failed) {x}" for x in layout) if pending else ""))
+    return out
+
+
+def _browsers() -> int:
+    """Browsers checking pages at once: one per core this process may use (at most 2; each page's
+    check is independent), or ``$SCREENSHOT_BROWSERS``."""
+    env = os.environ.get("SCREENSHOT_BROWSERS", "").strip()
+    if env:
+        return max(1, int(env))
     try:
-        await b.connect()
-        await b.send("Page.enable")
-        await b.send("Runtime.enable")
-        # Pause every request that is not a local file or inline data, to record and block it.
-        await b.send("Fetch.enable", patterns=[{"urlPattern": "http*"}])
-        for page in pages:
-            rel = page.relative_to(html).with_suffix("")
-            for w in widths:
-                shot = outdir / f"{str(rel).replace(os.sep, '__')}@{w}.png"
-                try:
-                    p = await asyncio.wait_for(check_page(b, page.as_uri(), w, shot), 120)
-                except Exception as e:  # noqa: BLE001 - report and go on to the next page
-                    print(f"FAIL {rel} @{w}px: {type(e).__name__}: {e}")
-                    failed += 1
-                    continue
-                p["figure_text"], png, smallest = figure_text(page, p["figures"])
-                bad = problems(p)
-                layout = layout_problems(p, w)
-                pending = rel.as_posix() in PENDING
-                if not pending:
-                    bad += layout
-                fig = (f", {len(p['figures'])} figure(s)" + (f", smallest figure text {smallest:.1f} px"
-                                                            if smallest is not None else "")
-                       + (f", {png} PNG (text not measured)" if png else ""))
-                code = f", code cells wider than the column {p['wide_code']}/{p['code_cells']}" if p["code_cells"] else ""
-                print(f"{'FAIL' if bad else 'ok  '} {rel} @{w}px: column {p['column']} px, "
-                      f"{p['typeset']} math typeset, height {p['height']} px{fig}, "
-                      f"outputs wider than the column {len(p['wide_outputs'])}/{p['outputs']}{code}"
-                      + ("".join(f"\n       - {x}" for x in bad))
-                      + ("".join(f"\n       - (pending, not failed) {x}" for x in layout) if pending else ""))
-                failed += bool(bad)
+        return max(1, min(2, len(os.sched_getaffinity(0))))
+    except (AttributeError, OSError):  # pragma: no cover - not Linux
+        return 1
+
+
+async def run(pages: list[Path], html: Path, widths: list[int], outdir: Path, binary: str) -> int:
+    items = [(page, w) for page in pages for w in widths]
+    n = min(_browsers(), len(items)) or 1
+    browsers = [Browser(binary) for _ in range(n)]
+    try:
+        parts = await asyncio.gather(*(_check_all(b, items[i::n], html, outdir) for i, b in enumerate(browsers)))
     finally:
-        b.close()
+        for b in browsers:
+            b.close()
+    results = {k: v for part in parts for k, v in part.items()}
+    failed = 0
+    for item in items:  # in page order, whichever browser checked it
+        bad, line = results[item]
+        print(line)
+        failed += bad
     print(f"{failed} failure(s); screenshots in {outdir}")
     return 1 if failed else 0
 

@@ -68,6 +68,19 @@ def test_activations_are_the_where_formula_bit_for_bit():
     assert torch.equal(b.f_keys, torch.where(u_k < 0.3, u_k / 0.3, torch.zeros(())))
 
 
+@pytest.mark.parametrize("p", [0.05, 0.1, 0.3, 1.0, 0.0123, 0.777])
+def test_activation_draw_is_the_where_formula_for_every_float32_uniform(p):
+    """The in-place draw (threshold on the negated quotient) equals torch.where(u < p, u / p, 0) in every
+    bit, sign of zero included, for every value torch.rand can give in float32 (multiples of 2^-24)."""
+    from svtools.toy.model import _activate_
+
+    u = torch.arange(2**24, dtype=torch.float32).mul_(2.0**-24)
+    ref = torch.where(u < p, u / p, torch.zeros(()))
+    got = _activate_(u.clone(), p)
+    assert torch.equal(got.view(torch.int32), ref.view(torch.int32))
+    assert int((got > 0).sum()) == int((u < p).sum()) - 1  # u = 0 gives 0
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_recon_loss_and_its_gradient_are_autograds_bit_for_bit(dtype):
     """The fused reconstruction loss gives the value and gradient autograd gives the plain

@@ -204,6 +204,17 @@ class ToyBatch:
     target: Float[Tensor, "B m"]
 
 
+def _activate_(u: Tensor, p: float) -> Tensor:
+    r"""Sparse activations from uniform draws, in place: ``u / p`` where ``u < p``, else 0 (``0 < p <= 1``).
+
+    The same numbers as ``torch.where(u < p, u / p, 0)``, bit for bit (zeros included), in three in-place
+    passes and no mask: division is correctly rounded, so ``u < p`` exactly when ``u / p < 1``; ``threshold``
+    keeps ``-u / p`` where it is ``> -1`` and writes ``-0.0`` elsewhere, and negating back gives ``u / p``
+    or ``+0.0`` (``tests/test_toy.py`` checks every value ``torch.rand`` can draw in float32).
+    """
+    return torch.threshold_(u.div_(p).neg_(), -1.0, -0.0).neg_()
+
+
 def sample_batch(cfg: ToyConfig, batch: int, generator: torch.Generator, *,
                  T: Optional[Tensor] = None, device=None, dtype=torch.float32) -> ToyBatch:
     r"""Draw ``batch`` examples of the toy's data distribution (see module doc).
@@ -219,13 +230,8 @@ def sample_batch(cfg: ToyConfig, batch: int, generator: torch.Generator, *,
     p = float(cfg.p_active)
 
     def acts(shape):
-        # one uniform draw u: active iff u < p, and then u / p is Uniform[0, 1] (in place: the
-        # same numbers as torch.where(u < p, u / p, 0), two fewer tensors of the batch's size)
         u = torch.rand(shape, generator=generator, device=device, dtype=dtype)
-        if p <= 0:
-            return u.zero_()
-        off = u >= p
-        return u.div_(p).masked_fill_(off, 0.0)
+        return u.zero_() if p <= 0 else _activate_(u, p)
 
     fq, fk = acts((batch, N)), acts((batch, m, N))
     if cfg.head and cfg.p_plant > 0 and cfg.template:

@@ -44,26 +44,27 @@ class _ReconLoss(torch.autograd.Function):
     -> ``(S,)``, with the numbers autograd gives that expression, bit for bit, in fewer passes over
     the batch-sized tensors (the toy's step is bound by memory traffic, not arithmetic).
 
-    Forward: ``d = relu(z) - f`` in place, ``(d * d)`` summed (``x ** 2`` is ``x * x``). Backward, the
-    chain autograd runs (mean: ``g / (B T)``; pow: ``g * (2 d)``; relu: 0 where ``relu(z) <= 0``) in two
-    in-place passes: ``d * (2 c)`` rounds the same exact product as ``c * (2 d)`` (doubling is exact), so
-    the gradient is identical (``tests/test_toy.py`` compares them with ``torch.equal``).
+    Forward: ``d = relu(z) - f`` (the subtraction in place), ``(d * d)`` summed (``x ** 2`` is ``x * x``).
+    Backward, the chain autograd runs (mean: ``g / (B T)``; pow: ``g * (2 d)``; relu: 0 where
+    ``relu(z) <= 0``, i.e. where ``z <= 0``) in two passes: ``d * (2 c)`` in place rounds the same exact
+    product as ``c * (2 d)`` (doubling is exact), and relu's own backward kernel (``threshold_backward``
+    on the saved ``z``) zeroes it where ``z <= 0`` without a mask pass (a boolean ``masked_fill_`` with
+    a mask this irregular ran at a third of memory speed). ``tests/test_toy.py`` compares value and
+    gradient with autograd's using ``torch.equal``.
     """
 
     @staticmethod
     def forward(ctx, z: Tensor, f: Tensor) -> Tensor:
-        d = torch.relu(z)
-        off = d <= 0
-        d.sub_(f)
-        ctx.save_for_backward(d, off)
+        d = torch.relu(z).sub_(f)
+        ctx.save_for_backward(d, z)
         return (d * d).sum(-1).mean(dim=(1, 2))
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        d, off = ctx.saved_tensors
+        d, z = ctx.saved_tensors
         c = grad / (d.shape[1] * d.shape[2])  # mean's backward
-        g = d.mul_((2 * c)[:, None, None, None]).masked_fill_(off, 0.0)  # d is not used again
-        return g, None
+        g = d.mul_((2 * c)[:, None, None, None])  # d is not used again
+        return torch.ops.aten.threshold_backward(g, z, 0), None
 
 
 def _recon_loss(z: Float[Tensor, "S B T N"], f: Float[Tensor, "S B T N"]) -> Float[Tensor, " S"]:
@@ -206,11 +207,16 @@ def _train_seeds(cfg: ToyConfig, seeds: Sequence[int], progress: bool) -> list[T
         batch = sample_batch(cfg, S * B, data_gen, T=T, device=device, dtype=dtype)
         f_all = torch.cat([batch.f_query[:, None, :], batch.f_keys], dim=1).view(S, B, 1 + cfg.n_keys, N)
         r_all = torch.einsum("sbtn,sdn->sbtd", f_all, W)                                 # (S, B, 1+m, D)
-        z = torch.einsum("sbtd,sdn->sbtn", r_all, W) + b[:, None, None, :]               # (S, B, 1+m, N)
+        # the bias added in place to the product (not used again; a plain tensor, not a view, so autograd's
+        # backward of the add stays a pass-through): the same numbers as `... + b`, one batch-sized tensor fewer
+        z = torch.bmm(r_all.view(S, -1, D), W).add_(b[:, None, :]).view(S, B, 1 + cfg.n_keys, N)
         loss_r = _recon_loss(z, f_all)                        # ((relu(z) - f) ** 2) summed over N, mean: (S,)
         if cfg.head:
-            q = torch.einsum("sbd,shd->sbh", r_all[:, :, 0], W_Q)                        # (S, B, H)
-            k = torch.einsum("sbmd,shd->sbmh", r_all[:, :, 1:], W_K)                     # (S, B, m, H)
+            # split, not two slices: the backward is one concatenation instead of two zero-filled
+            # copies of r_all added up (the same numbers: the two parts are disjoint)
+            r_q, r_k = r_all.split([1, cfg.n_keys], dim=2)
+            q = torch.einsum("sbd,shd->sbh", r_q.squeeze(2), W_Q)                         # (S, B, H)
+            k = torch.einsum("sbmd,shd->sbmh", r_k, W_K)                                  # (S, B, m, H)
             loss_a = _attn_loss(_scores(q, k, M), batch.target.view(S, B, cfg.n_keys), cfg.attn_loss)
             loss = (loss_r + cfg.lam * loss_a).sum()
         else:
