@@ -16,7 +16,9 @@ The step is bound by memory traffic over tensors of the batch's size (5 x 256 x 
 Measured on this project's 2-core VM, quiet, one thread, before/after these changes (the same script
 on both trees): 53.5 -> 44 ms per step (``python benchmarks/toy_step.py``), weights bit-identical after
 150 steps for seven configurations (many pairs, single pair, rotary, MSE loss with AdamW, no head,
-float64). Prints the machine's load and thread count beside every ratio.
+float64); Part 1 chapter 2's own run (3,000 steps, 5 seeds, ``train_seeds(ToyConfig.many_pairs(), range(5))``)
+took 179 s with the previous code and 149 s with this one, run side by side, with bit-identical weights,
+loss curves and alignment histories. Prints the machine's load and thread count beside every ratio.
 
     python benchmarks/toy_step.py --steps 200 --repeats 3
 """
