@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from svtools import SVToolsError, ioi_lm
-from svtools.ioi_lm import language as lm_language, training as lm_training
+from svtools.ioi_lm import gelu as lm_gelu, language as lm_language, training as lm_training
 from svtools.data import TEMPLATES, ioi_prompts
 from conftest import svtools_cache_at
 
@@ -343,3 +343,45 @@ def test_role_attention_matches_patterns(run):
     got = ra.query("layer == 1 and query_role == 'END' and key_role == 'IO'").sort_values("head")["mean"]
     torch.testing.assert_close(torch.tensor(got.to_numpy(), dtype=torch.float32), want.float(), atol=1e-5, rtol=1e-4)
     assert ((ra["lo"] <= ra["mean"]) & (ra["mean"] <= ra["hi"])).all()
+
+
+@pytest.mark.parametrize("shape", [(4, 9, 256), (3, 1000)])
+def test_fused_gelu_is_transformers_new_gelu_bit_for_bit(shape):
+    """The trainer's GELU gives the value and the gradient autograd gives transformers' NewGELUActivation,
+    in every bit (zeros' signs, infinities and tiny inputs included), and the trainer uses it."""
+    from transformers.activations import NewGELUActivation
+
+    g = torch.Generator().manual_seed(7)
+    x0 = torch.randn(*shape, generator=g) * 3
+    x0.view(-1)[:6] = torch.tensor([0.0, -0.0, float("inf"), -float("inf"), 1e-30, -4e4])
+    grad = torch.randn(*shape, generator=g)
+    xa, xb = x0.clone().requires_grad_(True), x0.clone().requires_grad_(True)
+    ya, yb = NewGELUActivation()(xa), lm_gelu.NewGELU()(xb)
+    ya.backward(grad)
+    yb.backward(grad)
+
+    def bits(t):
+        return torch.nan_to_num(t, nan=1.5).view(torch.int32)
+
+    assert torch.equal(bits(ya), bits(yb)) and torch.equal(ya.isnan(), yb.isnan())
+    assert torch.equal(bits(xa.grad), bits(xb.grad)) and torch.equal(xa.grad.isnan(), xb.grad.isnan())
+    # not vacuous: torch's own tanh GELU rounds differently somewhere, the fused one nowhere
+    assert not torch.equal(bits(torch.nn.functional.gelu(x0, approximate="tanh")), bits(ya))
+
+
+def test_training_with_the_fused_gelu_is_bit_identical_and_uses_it(monkeypatch):
+    """A run trained with the fused GELU ends with the weights of a run trained with transformers' module."""
+    from safetensors.torch import load_file
+
+    calls = []
+    apply = lm_gelu.NewGELUFunction.apply
+    monkeypatch.setattr(lm_gelu.NewGELUFunction, "apply", lambda x: calls.append(1) or apply(x))
+    weights = {}
+    for fused in (False, True):
+        monkeypatch.setattr(lm_training, "_FUSED_GELU", fused)
+        n = len(calls)
+        r = ioi_lm.train(TINY, seed=3, progress=False, cache=False)
+        assert (len(calls) > n) == fused
+        weights[fused] = load_file(str(r.path / f"step_{TINY.steps:06d}.safetensors"))
+    assert weights[True].keys() == weights[False].keys()
+    assert all(torch.equal(weights[True][k], weights[False][k]) for k in weights[True])
