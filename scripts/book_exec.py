@@ -197,7 +197,8 @@ def execute(path: Path, cache: Optional[Path] = None, nice: int = 0) -> tuple[st
     try:
         with tempfile.TemporaryDirectory() as tmp:
             cwd = tmp if opts["run_in_temp"] else str(path.parent)
-            extra = {"kernel_manager_class": _lowered_kernel_manager(nice)} if nice > 0 else {}
+            extra = ({"kernel_manager_class": _lowered_kernel_manager(nice), "startup_timeout": LOWERED_STARTUP_TIMEOUT}
+                     if nice > 0 else {})
             result = single_nb_execution(nb, cwd=cwd, allow_errors=opts["allow_errors"], timeout=opts["timeout"],
                                          meta_override=True, **extra)
     finally:
@@ -232,6 +233,12 @@ def lower_group(pid: int, nice: int) -> bool:
         return True
     except OSError:
         return False
+
+
+#: Seconds a kernel in a lowered scheduling group may take to start (nbclient's default is 60): while the
+#: seeds train it gets a few percent of the CPU, and on a slow day a unit test's kernel took longer than 60 s
+#: to answer (``Kernel didn't respond in 60 seconds``, a failure that was not the notebook's).
+LOWERED_STARTUP_TIMEOUT = 900
 
 
 def _lowered_kernel_manager(nice: int) -> type:

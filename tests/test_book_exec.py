@@ -182,3 +182,30 @@ def test_a_lowered_kernel_runs_in_a_lowered_scheduling_group(tmp_path):
                    f"pathlib.Path({str(out)!r}).write_text(open('/proc/self/autogroup').read())")
     assert book_exec.execute(nb, cache, nice=7)[0] == "executed"
     assert out.read_text().split()[-2:] == ["nice", "7"]
+
+
+def test_a_lowered_kernel_gets_time_to_start(tmp_path, monkeypatch):
+    """A kernel in a lowered scheduling group waits for the CPU while the seeds train: its start may take
+    longer than nbclient's 60 s without anything being wrong, so lowered executions allow much longer;
+    executions at normal priority keep nbclient's default."""
+    import jupyter_cache.executors.utils as utils
+
+    class Stop(Exception):
+        pass
+
+    seen: dict = {}
+
+    def fake(nb, **kw):
+        seen.clear()
+        seen.update(kw)
+        raise Stop
+
+    monkeypatch.setattr(utils, "single_nb_execution", fake)
+    nb = _notebook(tmp_path / "x.ipynb", "1 + 1")
+    with pytest.raises(Stop):
+        book_exec.execute(nb, tmp_path / "jc", nice=15)
+    assert seen["startup_timeout"] == book_exec.LOWERED_STARTUP_TIMEOUT >= 300
+    assert "kernel_manager_class" in seen
+    with pytest.raises(Stop):
+        book_exec.execute(nb, tmp_path / "jc", nice=0)
+    assert "startup_timeout" not in seen and "kernel_manager_class" not in seen
