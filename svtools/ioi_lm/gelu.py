@@ -31,6 +31,7 @@ class NewGELUFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor) -> Tensor:
+        """``y = 0.5 x (1 + tanh(c (x + a x^3)))``, elementwise (any shape); saves what the backward needs."""
         t = torch.pow(x, 3.0).mul_(A).add_(x).mul_(C).tanh_()
         half, one_t = x * 0.5, t + 1.0
         ctx.save_for_backward(x, t, half, one_t)
@@ -38,6 +39,7 @@ class NewGELUFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> Tensor:
+        """``dL/dx`` from ``dL/dy`` (same shape as ``x``), as autograd computes it for the expression."""
         x, t, half, one_t = ctx.saved_tensors
         g_half = grad * one_t
         g_inner = torch.ops.aten.tanh_backward(grad * half, t).mul_(C)
@@ -49,4 +51,5 @@ class NewGELU(torch.nn.Module):
     """:class:`NewGELUFunction` as a module (what the training model's MLPs call)."""
 
     def forward(self, x: Tensor) -> Tensor:
+        """The GELU of ``x``, elementwise (any shape)."""
         return NewGELUFunction.apply(x)
