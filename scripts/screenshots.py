@@ -351,7 +351,9 @@ def _browsers() -> int:
     check is independent), or ``$SCREENSHOT_BROWSERS``."""
     env = os.environ.get("SCREENSHOT_BROWSERS", "").strip()
     if env:
-        return max(1, int(env))
+        if not env.isdigit() or int(env) < 1:
+            raise SystemExit(f"SCREENSHOT_BROWSERS must be a positive integer, got {env!r}")
+        return int(env)
     try:
         return max(1, min(2, len(os.sched_getaffinity(0))))
     except (AttributeError, OSError):  # pragma: no cover - not Linux
