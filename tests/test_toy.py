@@ -226,3 +226,27 @@ def test_sweep_plot_marks_the_worst_seed():
         marker = [ln for ln in fig.axes[0].get_lines() if ln.get_label() == "worst seed"][0]
         assert list(marker.get_ydata()) == expected
         assert fig.get_size_inches()[0] <= toyplots.WIDTH + 1e-9
+
+
+def test_sweep_trains_a_repeated_configuration_once_with_the_rows_of_separate_runs(monkeypatch):
+    """The base configuration appears in every field's row (``lam=1`` and ``n_keys=8`` are both
+    the base): it is trained once, and every row equals a separate run's summary."""
+    from svtools.toy import summarize, sweep, training
+
+    cfg = ToyConfig(**{**TINY, "steps": 60})
+    grid = {"lam": [0.5, cfg.lam], "n_keys": [cfg.n_keys, 3]}
+    calls = []
+    real = training.train_seeds
+    monkeypatch.setattr(training, "train_seeds", lambda c, s, **kw: calls.append(c) or real(c, s, **kw))
+    df = sweep(cfg, grid, [0, 1], progress=False)
+    assert len(calls) == 3 and sum(c == cfg for c in calls) == 1
+    assert len(df) == 8 and list(df["param"]) == ["lam"] * 4 + ["n_keys"] * 4
+    for name, values in grid.items():  # what the sweep gave before: one train_seeds call per entry
+        for value in values:
+            for run in real(cfg.replace(**{name: value}), [0, 1], progress=False):
+                row = df[(df.param == name) & (df.value == value) & (df.seed == run.cfg.seed)]
+                alone = summarize(run)
+                assert len(row) == 1 and set(row.columns) == {"param", "value", "seed", *alone}
+                for k, v in alone.items():
+                    got = row[k].item()
+                    assert got == v or (v != v and got != got), (name, value, run.cfg.seed, k)

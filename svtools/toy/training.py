@@ -276,16 +276,26 @@ def sweep(cfg: ToyConfig, grid: dict[str, Sequence], seeds: Sequence[int], *,
 
     Returns:
         pandas DataFrame with columns ``param, value, seed`` and those of :func:`summarize`.
+
+    A configuration that several grid entries produce (typically the base one: ``lam=1`` in the
+    ``lam`` row equals ``n_keys=8`` in the ``n_keys`` row when both are the base's values) is
+    trained once and its summaries repeated: training is deterministic in the configuration and
+    seed, so the rows are the ones separate runs give (checked in the tests).
     """
     import pandas as pd
     rows = []
     todo = [(k, v) for k, vals in grid.items() for v in vals]
-    for name, value in tqdm(todo, desc="sweep", disable=not progress):
+    for name, _ in todo:
         if not hasattr(cfg, name):
             raise SVToolsError(f"ToyConfig has no field {name!r}")
+    done: list[tuple[ToyConfig, list[dict]]] = []  # (config, summaries per seed); configs are unhashable
+    for name, value in tqdm(todo, desc="sweep", disable=not progress):
         c = cfg.replace(**{name: value})
         if adapt is not None:
             c = adapt(c, name, value)
-        for run in train_seeds(c, seeds, progress=False):
-            rows.append({"param": name, "value": value, "seed": run.cfg.seed, **summarize(run)})
+        summaries = next((s for d, s in done if d == c), None)
+        if summaries is None:
+            summaries = [{"seed": run.cfg.seed, **summarize(run)} for run in train_seeds(c, seeds, progress=False)]
+            done.append((c, summaries))
+        rows.extend({"param": name, "value": value, **s} for s in summaries)
     return pd.DataFrame(rows)
