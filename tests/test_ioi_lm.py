@@ -99,6 +99,37 @@ def test_run_accuracy_reads_the_logits_at_end(run):
     torch.testing.assert_close(logits, full[torch.arange(16), tokens.positions.end])
 
 
+def test_accuracy_runs_the_model_once_per_checkpoint_and_prompts(run, monkeypatch):
+    """Both metrics at a checkpoint come from one forward pass; other checkpoints and other prompts
+    get their own, and every value equals the one computed from scratch."""
+    from svtools.ioi_lm.training import IOILMRun
+
+    fresh = IOILMRun(cfg=run.cfg, seed=run.seed, path=run.path, checkpoints=run.checkpoints,
+                     history=run.history)  # no memo from other tests
+    calls = []
+    real = IOILMRun._end_logits
+    monkeypatch.setattr(IOILMRun, "_end_logits", lambda self, *a, **k: calls.append(a[0]) or real(self, *a, **k))
+    first, last = run.checkpoints[0], run.checkpoints[-1]
+    for step in (last, first, last):
+        for split, seed in (("test", 3), ("train", 3), ("test", 4)):
+            ds = run.prompts(16, seed=seed, split=split)
+            logits, pos = real(run, step, ds.tokens(run.tokenizer)), ds.positions(run.tokenizer)
+            for metric in ("top1", "io_vs_s"):
+                assert fresh.accuracy(step, n=16, seed=seed, split=split, metric=metric) == \
+                    ioi_lm.ioi_accuracy(logits, pos, metric)
+    assert sorted(calls) == sorted([last] * 3 + [first] * 3)  # the second pass over `last` is remembered
+    for keep, expected in ((1, [first, last, first]), (2, [first, last])):  # beyond `keep`, the oldest goes
+        monkeypatch.setattr(IOILMRun, "_ACCURACY_KEEP", keep)
+        calls.clear()
+        small = IOILMRun(cfg=run.cfg, seed=run.seed, path=run.path, checkpoints=run.checkpoints,
+                         history=run.history)
+        for step in (first, last, first):
+            small.accuracy(step, n=16, seed=3)
+        assert calls == expected
+    with pytest.raises(SVToolsError, match="not a checkpoint"):
+        fresh.accuracy(last + 1, n=16, seed=3)
+
+
 # ------------------------------------------------------------------ data split
 
 def test_split_names_and_templates_are_disjoint():

@@ -39,3 +39,32 @@ def ioi_accuracy(logits: Float[Tensor, "batch vocab"], positions: Any, metric: s
         r = torch.arange(len(io), device=logits.device)
         ok = logits[r, io] > logits[r, s]
     return float(ok.float().mean())
+
+
+class EndLogitsMemo:
+    """The END logits that :meth:`IOILMRun.accuracy <svtools.ioi_lm.IOILMRun.accuracy>` reads,
+    remembered: the prompts are made and tokenised once per ``(n, seed, split)``, and the logits of
+    the last ``keep`` checkpoints are kept, so both metrics at a checkpoint (or asking again) run the
+    model once. The values are those of a fresh computation (the same forward pass on the same tokens).
+    """
+
+    def __init__(self, keep: int):
+        self.keep = int(keep)
+        self.inputs: dict[tuple, tuple[Any, Any]] = {}
+        self.logits: dict[tuple, Tensor] = {}  # least recently used first
+
+    def get(self, run: Any, step: int, n: int, seed: int, split: str) -> tuple[Float[Tensor, "batch vocab"], Any]:
+        """``(logits, positions)``: ``run``'s END logits at ``step`` on ``run.prompts(n, seed, split)``."""
+        where = (int(n), int(seed), split)
+        if where not in self.inputs:
+            ds = run.prompts(n, seed, split)
+            self.inputs[where] = (ds.tokens(run.tokenizer), ds.positions(run.tokenizer))
+        tokens, positions = self.inputs[where]
+        key = (int(step), *where)
+        logits = self.logits.pop(key, None)
+        if logits is None:
+            logits = run._end_logits(step, tokens)
+        self.logits[key] = logits
+        while len(self.logits) > self.keep:
+            self.logits.pop(next(iter(self.logits)))
+        return logits, positions

@@ -32,7 +32,7 @@ from svtools.data.ioi import IOIDataset, ioi_prompts
 from svtools.ioi_lm.language import (FILLER_TEMPLATES, TEST_NAMES, TEST_TEMPLATES, TRAIN_NAMES, TRAIN_TEMPLATES,
                                      build_tokenizer, vocabulary)
 from svtools.models import load_model
-from svtools.ioi_lm.accuracy import check_metric, ioi_accuracy
+from svtools.ioi_lm.accuracy import EndLogitsMemo, check_metric, ioi_accuracy
 from svtools.ioi_lm.batches import SEED_MAX, name_codes, step_data
 from svtools.ioi_lm.gelu import NewGELU
 from svtools.runtime import Prefetch, default_device, tqdm
@@ -270,12 +270,19 @@ class IOILMRun:
     def logits(self, step: int, dataset: IOIDataset, *, device: str | torch.device | None = None
                ) -> Float[Tensor, "batch vocab"]:
         """Next-token logits at each prompt's END position, ``(batch, vocab)``, on the CPU."""
+        return self._end_logits(step, dataset.tokens(self.tokenizer), device)
+
+    def _end_logits(self, step: int, tokens: Any, device: Optional[Any] = None) -> Float[Tensor, "batch vocab"]:
+        """:meth:`logits` of already tokenised prompts (``IOIDataset.tokens``)."""
         model = self.hf_model(step, device)
-        tokens = dataset.tokens(self.tokenizer, device=next(model.parameters()).device)
+        dev = next(model.parameters()).device
         with torch.no_grad():
-            out = model(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask).logits
-        r = torch.arange(len(dataset), device=out.device)
-        return out[r, tokens.positions.end].float().cpu()
+            out = model(input_ids=tokens.input_ids.to(dev), attention_mask=tokens.attention_mask.to(dev)).logits
+        r = torch.arange(out.shape[0], device=out.device)
+        return out[r, tokens.positions.end.to(dev)].float().cpu()
+
+    #: How many checkpoints' evaluation logits :meth:`accuracy` keeps (one entry: 256 x vocabulary floats).
+    _ACCURACY_KEEP = 8
 
     def accuracy(self, step: int, *, n: int = 256, seed: int = 12345, split: str = "test",
                  metric: str = "top1") -> float:
@@ -287,8 +294,8 @@ class IOILMRun:
         sentence.
         """
         check_metric(metric)
-        ds = self.prompts(n, seed, split)
-        return ioi_accuracy(self.logits(step, ds), ds.positions(self.tokenizer), metric)
+        memo = self.__dict__.setdefault("_accuracy_memo", EndLogitsMemo(self._ACCURACY_KEEP))  # one forward per step
+        return ioi_accuracy(*memo.get(self, self._check_step(step), n, seed, split), metric)
 
 
 # ----------------------------------------------------------------------------- training
