@@ -270,7 +270,7 @@ class IOILMRun:
     def logits(self, step: int, dataset: IOIDataset, *, device: str | torch.device | None = None
                ) -> Float[Tensor, "batch vocab"]:
         """Next-token logits at each prompt's END position, ``(batch, vocab)``, on the CPU."""
-        return self._end_logits(step, dataset.tokens(self.tokenizer), device)
+        return self._end_logits(step, dataset.tokens(self.tokenizer, device=default_device(device)), device)
 
     def _end_logits(self, step: int, tokens: Any, device: Optional[Any] = None) -> Float[Tensor, "batch vocab"]:
         """:meth:`logits` of already tokenised prompts (``IOIDataset.tokens``)."""
