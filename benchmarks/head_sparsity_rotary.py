@@ -12,7 +12,8 @@ that costs one decomposition per (head, offset).
 Each repeat measures, side by side in this process: the model's own HuggingFace forward pass
 with ``output_attentions=True`` (in chunks of as many prompts as head_sparsity puts in one pass),
 a **cold** head_sparsity call (the shared factor cache :data:`svtools.factor_cache.FACTOR_CACHE`
-emptied first: every needed (head, offset) is decomposed and every control rotation drawn) and
+and the spectrum null's cache (:func:`svtools.sad.engine.clear_null_cache`) emptied first: every
+needed (head, offset) is decomposed, every control rotation and null factor drawn) and
 a **repeated** call (the factors kept by the previous call). It prints each repeat with the
 machine's load average, the best of each and their ratios to the forward pass, and checks that
 the repeated call's rows are identical to the cold call's. ``--reference DIR`` also runs the
@@ -26,6 +27,13 @@ control columns: the rotary control's draw changed, so only their distribution i
         [--control rotated|spectrum|none] [--reference DIR] [--profile] [--device cuda]
 
 Use ``taskset -c 0,1`` to measure on two cores of a larger machine (and ``OMP_NUM_THREADS=2``).
+
+Measured 2026-12-06 on a quiet 2-core CPU, ``--control spectrum --repeats 1 --reference DIR`` (DIR: main
+before the null's cache was sized by memory and its measures trimmed): forward 1.49 s, cold 25.27 s
+(17.0x), repeated 11.68 s (7.85x), load 0.6-1.3; the reference in the same run cold 26.58 s (18.2x),
+every compared column identical (n_recon_null and rolls_tovee_null too, checked separately on layers
+0, 5, 11); the reference's own repeated call (same command with PYTHONPATH=DIR) 18.19 s: its
+75.5 MB of null factors overflowed the fixed 64 MB cache, so every layer's Gaussians were drawn again.
 
 Measured 2026-12-05 on the project's shared 2-core CPU (never quiet; load average in brackets), one
 run each: ``--control rotated --repeats 2``: forward 2.72-3.06 s, cold 6.01-6.91x, repeated 1.59-2.13x
@@ -166,6 +174,7 @@ def main() -> None:
         return
     from svtools import sad
     from svtools.factor_cache import FACTOR_CACHE
+    from svtools.sad.engine import clear_null_cache
 
     model, ids, am, chunk = setup(args)
     device = torch.device(args.device)
@@ -179,6 +188,7 @@ def main() -> None:
     for i in range(args.repeats):
         t_f, _ = clock(lambda: hf_forward(model, ids, am, batch=chunk), device)
         FACTOR_CACHE.clear()
+        clear_null_cache()  # the spectrum null's factors too: a cold call draws them
         t_c, cold = clock(run, device)
         items = FACTOR_CACHE.misses
         t_r, rep = clock(run, device)
@@ -213,6 +223,7 @@ def main() -> None:
         os.remove(out)
     if args.profile:
         FACTOR_CACHE.clear()
+        clear_null_cache()  # the spectrum null's factors too: a cold call draws them
         profile(run, "cold call")
         profile(run, "repeated call")
 

@@ -8,7 +8,7 @@ from torch import Tensor
 
 from svtools._checks import SVToolsError, as_float, as_tensor
 
-__all__ = ["n_recon", "rolls_tovee", "term_measures"]
+__all__ = ["n_recon", "rolls_tovee", "term_measures", "dense_measures"]
 
 
 def _check_terms(terms, name: str = "terms") -> Tensor:
@@ -120,21 +120,45 @@ def _term_measures(raw: Tensor, frac: float, order: bool) -> dict[str, Tensor]:
     return out
 
 
+def dense_measures(terms: Float[Tensor, "row r"], frac: float = 1.0) -> tuple[Float[Tensor, "row"], Int[Tensor, "row"]]:
+    """``(rolls_tovee, n_recon)`` of each row of *finite* ``terms``: the values :func:`term_measures`
+    gives (identity: ``dense_measures(t)[1] == n_recon(t)``, bit for bit), for the spectrum null's
+    inner loop, where terms are dense.
+
+    No check of the input (the caller has replaced its NaN rows), no score or dominant index, and
+    N_recon reads the :data:`_DENSE_K` largest terms first (null rows need more than
+    :data:`_PARTIAL_K` about a third of the time, which then costs a second, full sort). Measured
+    2026-12-06 on 188,720 null rows of one layer of a Pythia-shaped model (r = 64, 2 threads, machine
+    busy with another benchmark, so compare the two): 0.22 s with the 16 largest first, 0.39 s with 8.
+    """
+    if terms.ndim != 2:
+        raise SVToolsError(f"terms must have shape (row, r), got {tuple(terms.shape)}")
+    frac = as_float(frac, "frac", lo=0.0, hi=1.0, lo_open=True)
+    rt, nr = [], []
+    for i in range(0, max(1, len(terms)), _ROWS):  # blocks of rows that stay in cache
+        t = _scaled(terms[i:i + _ROWS])
+        rt.append(_rolls_tovee_scaled(t).to(terms.dtype))
+        nr.append(_n_recon_partial(t, t.sum(-1, keepdim=True), frac, _DENSE_K))
+    return torch.cat(rt), torch.cat(nr)
+
+
 #: :func:`_n_recon_partial` reads this many largest terms first; rows that need more are sorted in full.
 _PARTIAL_K = 8
+#: The same for :func:`dense_measures` (rows of the spectrum null: dense terms).
+_DENSE_K = 16
 
 
-def _n_recon_partial(t: Tensor, total: Tensor, frac: float) -> Tensor:
-    """:func:`_n_recon_sorted` of ``sign(total) * t`` without sorting whole rows: the ``_PARTIAL_K``
+def _n_recon_partial(t: Tensor, total: Tensor, frac: float, k: int = _PARTIAL_K) -> Tensor:
+    """:func:`_n_recon_sorted` of ``sign(total) * t`` without sorting whole rows: the ``k``
     largest terms (``topk``, cheaper than a sort of every term), their partial sums; only the rows
     that these do not bring to the target are sorted in full. The same numbers: a row's first
-    ``_PARTIAL_K`` sorted values and their running sums are those of the full sort."""
+    ``k`` sorted values and their running sums are those of the full sort."""
     r = t.shape[-1]
-    if t.ndim != 2 or r <= _PARTIAL_K:
+    if t.ndim != 2 or r <= k:
         st = torch.where(total < 0, -t, t)
         return _n_recon_sorted(t, total, torch.sort(st, dim=-1, descending=True).values, frac)
     st = torch.where(total < 0, -t, t)
-    top = torch.topk(st, _PARTIAL_K, dim=-1, sorted=True).values
+    top = torch.topk(st, k, dim=-1, sorted=True).values
     partial = torch.cumsum(top, dim=-1)
     target = float(frac) * total.abs()
     tol = 8 * torch.finfo(t.dtype).eps * t.abs().sum(-1, keepdim=True)

@@ -176,7 +176,9 @@ def test_residual_activations_argument_space(random_models, batch_tokens, args):
     assert isinstance(args["skip_first"], (bool, np.bool_))
     ref = residual_activations(model, ids, int(args["layer"]), attention_mask=am, batch_size=len(ids),
                                skip_first=bool(args["skip_first"]), progress=False)
-    torch.testing.assert_close(acts, ref, rtol=1e-5, atol=1e-5)
+    # float32 forward passes in batches of another size block their matmuls differently: a few ulps of
+    # the largest activation (seen: 1.14e-5 on a fresh machine), not a fixed 1e-5
+    torch.testing.assert_close(acts, ref, rtol=1e-5, atol=1e-5 * max(1.0, float(ref.abs().max())))
     assert acts.shape == (int(am.sum()) - (len(ids) if args["skip_first"] else 0), model.cfg.d_model)
 
 

@@ -155,3 +155,28 @@ def test_term_measures_partial_n_recon_matches_full_sort(frac):
     want = n_recon(t, frac)
     assert bool((want <= _PARTIAL_K).any()) and bool((want > _PARTIAL_K).any())
     assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("frac", [1.0, 0.6])
+def test_dense_measures_equal_term_measures(dtype, frac):
+    """The spectrum null's measures: rolls_tovee and n_recon bit for bit as term_measures gives them,
+    for rows that need fewer and more than the _DENSE_K largest terms, ties, zero rows, totals near
+    zero, past the 4096-row blocks; a wrong shape is named."""
+    from svtools.sparsity import _DENSE_K, dense_measures, term_measures
+
+    g = torch.Generator().manual_seed(2)
+    t = (torch.randn(9000, 64, generator=g) + 0.3).to(dtype)  # mixed signs
+    t[:3000] = t[:3000].abs() + 0.1  # dense rows of one sign: N_recon above _DENSE_K
+    t[4500:] = t[4500:] ** 3  # heavy tails: mostly below
+    t[:300] = t[:300].round()
+    t[300:320] = 0
+    t[320:400] -= t[320:400].mean(-1, keepdim=True)
+    rt, nr = dense_measures(t, frac)
+    want = term_measures(t, frac, order=False)
+    assert bool((want["n_recon"] <= _DENSE_K).any()) and bool((want["n_recon"] > _DENSE_K).any())
+    assert torch.equal(nr, want["n_recon"]) and torch.equal(nr, n_recon(t, frac))
+    torch.testing.assert_close(rt, want["rolls_tovee"], equal_nan=True, rtol=0, atol=0)
+    assert rt.dtype == dtype
+    with pytest.raises(SVToolsError, match="shape"):
+        dense_measures(t[0], frac)

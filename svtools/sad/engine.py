@@ -26,6 +26,7 @@ from svtools._checks import UnsupportedModelError
 from svtools.bridge import model_type
 from svtools.decomposition import (attention_scale, head_rotations, head_weights, is_causal, layer_qk, rotary_spec,
                                    stream_attention, visibility_mask)
+from svtools.factor_cache import machine_memory
 from svtools.rotary import RotaryHeads
 from svtools.sad.frame import pair_rows
 from svtools.sad.null import canonical_means, context_mean, haar_q, null_gaussians, null_rotations, spectrum_null
@@ -95,9 +96,11 @@ class _LayerBasis:
 
 
 #: Bytes of null rotations (absolute positions: ``O``) and null factors (rotary: ``N``) that
-#: :func:`_null_cached` keeps across calls, least recently used out first (MiniLM's 72 heads x 16 draws:
-#: 9.4 MB in float32). 0 keeps nothing.
-NULL_CACHE_BYTES = 64 * 2**20
+#: :func:`_null_cached` keeps across calls, least recently used out first: a 64th of the machine's
+#: memory, at least 64 MB (MiniLM's 72 heads x 16 draws: 9.4 MB in float32; a Pythia-160M-shaped
+#: model's 144 heads: 75.5 MB, which a fixed 64 MB could not keep: a repeated call, reading the layers
+#: in order, then drew every layer's Gaussians again). 0 keeps nothing.
+NULL_CACHE_BYTES = max(64 * 2**20, machine_memory() // 64)
 _NULL_CACHE: "OrderedDict[tuple, tuple[Tensor, Tensor]]" = OrderedDict()
 
 

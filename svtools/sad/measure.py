@@ -258,9 +258,10 @@ def head_sparsity(
     (1.28x). Rotary, Pythia-160M-shaped random model, peaked attention,
     4 x 256 tokens, 141,993 pairs at 254 offsets (``python benchmarks/head_sparsity_rotary.py
     --control rotated`` / ``--control spectrum``): ``"rotated"`` a cold call (empty factor cache)
-    6.0-6.9x, a repeated call 1.6-2.1x (load 2.7-3.1); ``"spectrum"`` cold 19.6x, repeated 15.2x
-    (load 3.2; it decomposes every offset of every head, 36,864 items, and bounds 16 draws of
-    null scores per head). Earlier, on two quiet cores of a 16-core Xeon (``taskset -c 0,1``,
+    6.0-6.9x, a repeated call 1.6-2.1x (load 2.7-3.1); ``"spectrum"`` cold 25.3 s = 17.0x, repeated
+    11.7 s = 7.9x (2026-12-06, load 0.6-1.3, forward 1.49 s; before: cold 26.6-27.6 s, repeated 18.2 s,
+    when the null's factors overflowed a fixed 64 MB cache; it decomposes every offset of every head,
+    36,864 items, and bounds 16 draws of null scores per head). Earlier, on two quiet cores of a 16-core Xeon (``taskset -c 0,1``,
     ``"rotated"``): cold 5.2-7.5x, repeated 1.5-2.1x.
     The code is device-agnostic: it runs where the model lives (the benchmarks measure the CPU).
 

@@ -25,8 +25,7 @@ from svtools._checks import SVToolsError
 from svtools.qk import degenerate_groups
 from svtools.sad.null import canonical_means
 from svtools.sad.rotary import GroupLayout
-from svtools.sparsity import term_measures
-from svtools.terms import merge_degenerate
+from svtools.sparsity import dense_measures
 
 __all__ = ["ROWS_BLOCK_BYTES", "rows_null", "rotary_rows_null", "stable_ranks_of", "keys_of_rank"]
 
@@ -235,11 +234,11 @@ def rows_null(
         t = t.reshape(D * m, r)
         ok = ~torch.isnan(t).any(-1)
         t = torch.where(ok[:, None], t, torch.ones_like(t))
-        meas = term_measures(t, frac, order=False)
-        rt = meas["rolls_tovee"].double().view(D, m)
+        rt, nr = dense_measures(t, frac)
+        rt = rt.double().view(D, m)
         ok = ok.view(D, m) & ~torch.isnan(rt)
         rt_sum[sl] = torch.where(ok, rt, 0.0).sum(0)
-        nr_sum[sl] = torch.where(ok, meas["n_recon"].double().view(D, m), 0.0).sum(0)
+        nr_sum[sl] = torch.where(ok, nr.double().view(D, m), 0.0).sum(0)
         cnt_ok[sl] = ok.double().sum(0)
     nan = torch.full_like(cnt_ok, float("nan"))
     return {"rolls_tovee": torch.where(cnt_ok > 0, rt_sum / cnt_ok.clamp_min(1), nan),
@@ -334,12 +333,13 @@ def rotary_rows_null(
             # everything below in reverse key order (j = n - 1 - k): the offset-indexed parts are then views
             dcr = dc.flip(-2)
             T2 = SmA[None] @ dcr.transpose(-1, -2)  # (draw, batch, offset, j)
-            T3 = da @ SmC.transpose(-1, -2)[None]  # (draw, batch, query, offset)
+            # T3 + T1 in one product: da with a column of ones against (S m_C | T1)
+            one = torch.ones(D, B, n, 1, dtype=dt, device=dev)
+            T3 = torch.cat([da, one], -1) @ torch.cat([SmC, T1[..., None]], -1).transpose(-1, -2)[None]
             approx = (da * Sbar) @ dcr.transpose(-1, -2)  # (draw, batch, query, j)
             approx += _skew_keys(T2)
-            approx += _skew_queries(T3)
-            approx += _skew_queries(T1[:, None, :].expand(B, n, n))[None]
-            del T2, T3
+            approx += _skew_queries(T3)  # (draw, batch, query, offset) read at offset q - k
+            del T2, T3, one
             # the rows of the rank-0 pairs; each row once
             rows, inv = torch.unique(mb[top] * n + mq[top], return_inverse=True)
             rb, rq = rows // n, rows % n
@@ -374,16 +374,17 @@ def rotary_rows_null(
     o = (q[None] - key).clamp_min(0)  # (draw, pair)
     dd = torch.arange(D, device=dev)[:, None]
     t = (mA[b[None], o] + da[dd, b[None], q[None]]) * S[o] * (mC[b[None], o] + dc[dd, b[None], key])
-    if merge_tol is not None:
-        t = merge_degenerate(t, S[o], merge_tol)
+    if merge_tol is not None:  # merge_degenerate with each offset's groups, found once
+        first = degenerate_groups(S, merge_tol)  # (offset, r)
+        if not bool((first == torch.arange(r, device=dev)).all()):
+            t = torch.zeros_like(t).scatter_add_(-1, first[o], t)
     t = t.reshape(D * P, r)
     ok = ~torch.isnan(t).any(-1)
-    t = torch.where(ok[:, None], t, torch.ones_like(t))
-    meas = term_measures(t, frac, order=False)
-    rt = meas["rolls_tovee"].double().view(D, P)
+    rt, nr = dense_measures(torch.where(ok[:, None], t, torch.ones_like(t)), frac)
+    rt = rt.double().view(D, P)
     ok = ok.view(D, P) & ~torch.isnan(rt)
     cnt = ok.double().sum(0)
     nan = torch.full_like(cnt, float("nan"))
     return {"rolls_tovee": torch.where(cnt > 0, torch.where(ok, rt, 0.0).sum(0) / cnt.clamp_min(1), nan),
-            "n_recon": torch.where(cnt > 0, torch.where(ok, meas["n_recon"].double().view(D, P), 0.0).sum(0)
+            "n_recon": torch.where(cnt > 0, torch.where(ok, nr.double().view(D, P), 0.0).sum(0)
                                    / cnt.clamp_min(1), nan), "draws": cnt.to(torch.int64)}
