@@ -128,9 +128,9 @@ def dense_measures(terms: Float[Tensor, "row r"], frac: float = 1.0) -> tuple[Fl
     No check of the input (the caller has replaced its NaN rows), no score or dominant index, and
     N_recon reads the ``max(_PARTIAL_K, r // 4)`` largest terms first (null rows of r = 64 need more
     than :data:`_PARTIAL_K` about a third of the time, which then costs a second, full sort; MiniLM's
-    r = 32 keeps 8). Measured
-    2026-12-06 on 188,720 null rows of one layer of a Pythia-shaped model (r = 64, 2 threads, machine
-    busy with another benchmark, so compare the two): 0.22 s with the 16 largest first, 0.39 s with 8.
+    r = 32 keeps 8). Measured 2026-12-06 on 188,720 null rows of one layer of a Pythia-shaped model
+    (r = 64, 2 threads, machine busy with another benchmark, so compare the two): 0.22 s with the 16
+    largest first, 0.39 s with 8.
     """
     if terms.ndim != 2:
         raise SVToolsError(f"terms must have shape (row, r), got {tuple(terms.shape)}")

@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-from jaxtyping import Bool, Float
+from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from svtools._checks import SVToolsError, as_int, as_tensor, broadcast_leading, check_finite
@@ -185,6 +185,13 @@ def merge_degenerate(terms: Float[Tensor, "... r"], S: Float[Tensor, "... r"],
         first = degenerate_groups(S, tol).expand(terms.shape)
     except RuntimeError as exc:
         raise SVToolsError(f"S of shape {tuple(S.shape)} does not broadcast to terms {tuple(terms.shape)}") from exc
+    return merge_groups(terms, first)
+
+
+def merge_groups(terms: Float[Tensor, "... r"], first: Int[Tensor, "... r"]) -> Float[Tensor, "... r"]:
+    """:func:`merge_degenerate` with the groups already found (``first`` of :func:`svtools.qk.degenerate_groups`,
+    shaped like ``terms``): callers that find them once per head or offset, not per row, index them
+    here. ``terms`` itself when no group has two members."""
     if bool((first == torch.arange(terms.shape[-1], device=terms.device)).all()):
         return terms
     return torch.zeros_like(terms).scatter_add_(-1, first, terms)

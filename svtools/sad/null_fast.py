@@ -26,6 +26,7 @@ from svtools.qk import degenerate_groups
 from svtools.sad.null import canonical_means
 from svtools.sad.rotary import GroupLayout
 from svtools.sparsity import dense_measures
+from svtools.terms import merge_groups
 
 __all__ = ["ROWS_BLOCK_BYTES", "rows_null", "rotary_rows_null", "stable_ranks_of", "keys_of_rank"]
 
@@ -230,7 +231,7 @@ def rows_null(
             t = t - (tot - t) / (cnt - 1).clamp_min(1)[:, None]
             t = torch.where((cnt >= 2)[:, None], t, torch.full_like(t, float("nan")))
         if first is not None:  # merge_degenerate with each head's groups, found once
-            t = torch.zeros_like(t).scatter_add_(-1, first[ph].expand(D, m, r), t)
+            t = merge_groups(t, first[ph].expand(D, m, r))
         t = t.reshape(D * m, r)
         ok = ~torch.isnan(t).any(-1)
         t = torch.where(ok[:, None], t, torch.ones_like(t))
@@ -375,9 +376,7 @@ def rotary_rows_null(
     dd = torch.arange(D, device=dev)[:, None]
     t = (mA[b[None], o] + da[dd, b[None], q[None]]) * S[o] * (mC[b[None], o] + dc[dd, b[None], key])
     if merge_tol is not None:  # merge_degenerate with each offset's groups, found once
-        first = degenerate_groups(S, merge_tol)  # (offset, r)
-        if not bool((first == torch.arange(r, device=dev)).all()):
-            t = torch.zeros_like(t).scatter_add_(-1, first[o], t)
+        t = merge_groups(t, degenerate_groups(S, merge_tol)[o])
     t = t.reshape(D * P, r)
     ok = ~torch.isnan(t).any(-1)
     rt, nr = dense_measures(torch.where(ok[:, None], t, torch.ones_like(t)), frac)
