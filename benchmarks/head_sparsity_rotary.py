@@ -24,9 +24,27 @@ control columns: the rotary control's draw changed, so only their distribution i
 ``--profile`` prints where a cold and a repeated call spend their time.
 
     python benchmarks/head_sparsity_rotary.py [--prompts 4] [--length 256] [--init 0.2] [--repeats 3]
-        [--control rotated|spectrum|none] [--reference DIR] [--profile] [--device cuda]
+        [--control rotated|spectrum|none] [--null-draws N] [--reference DIR] [--profile] [--device cuda]
 
 Use ``taskset -c 0,1`` to measure on two cores of a larger machine (and ``OMP_NUM_THREADS=2``).
+
+Measured 2026-12-06 (evening) on a quiet 2-core CPU, one run each, one after another (load 1.1-1.7;
+forward 1.44-1.64 s; 142,005 pairs at 254 offsets, 28,441 items for the measured pairs):
+
+=====================================  ===========  ==============
+command                                cold         repeated
+=====================================  ===========  ==============
+``--control none --repeats 2``         4.24-4.29x   1.38-1.42x
+``--control rotated --repeats 2``      4.89-5.54x   1.50-1.75x
+``--control spectrum``                 15.37x       7.69x
+``--control spectrum --null-draws 4``  8.70x        3.99x
+=====================================  ===========  ==============
+
+The spectrum null's repeated cost grows by 0.495 s (0.32x the forward) per draw. Its three
+``(query, r) x (r, key)`` products per draw, head and prompt (the bounds of the null scores) take
+1.33 s at 16 draws when timed alone (0.87x the forward), so with the 1.4x of the decomposition a
+repeated call cannot reach 2x the forward at 16 draws on this CPU. A cold call also decomposes
+36,864 items (every offset of every head) and draws 227 M float64 Gaussians.
 
 Measured 2026-12-06 on a quiet 2-core CPU, ``--control spectrum --repeats 1 --reference DIR`` (DIR: main
 before the null's cache was sized by memory and its measures trimmed): forward 1.49 s, cold 25.27 s
@@ -94,6 +112,11 @@ def setup(args):
     return model, ids, am, chunk
 
 
+def draws_kw(args) -> dict:
+    """``null_draws`` for head_sparsity when ``--null-draws`` is given (else its default)."""
+    return {} if args.null_draws is None else {"null_draws": args.null_draws}
+
+
 def clock(fn, device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -114,7 +137,8 @@ def reference_main(args) -> None:
     for _ in range(args.repeats):
         best_f = min(best_f, clock(lambda: hf_forward(model, ids, am, batch=chunk), device)[0])
         t, df = clock(lambda: sad.head_sparsity(model, ids, attention_mask=am, progress=False,
-                                                control=None if args.control == "none" else args.control), device)
+                                                control=None if args.control == "none" else args.control,
+                                                **draws_kw(args)), device)
         best_h = min(best_h, t)
     df.to_pickle(args.out)
     print(json.dumps({"forward": best_f, "head_sparsity": best_h, "load": os.getloadavg()[0]}))
@@ -167,6 +191,8 @@ def main() -> None:
     ap.add_argument("--reference", default=None, help="directory holding an older svtools package")
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--control", default="rotated", choices=["rotated", "spectrum", "none"])
+    ap.add_argument("--null-draws", type=int, default=None,
+                    help="null heads per head with --control spectrum (default: head_sparsity's, 16)")
     ap.add_argument("--out", default=None, help=argparse_hidden())
     args = ap.parse_args()
     if args.out:  # the --reference subprocess
@@ -181,9 +207,11 @@ def main() -> None:
     print(describe(device), f"| OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}",
           f"| cpu affinity {len(os.sched_getaffinity(0))} cores")
     print(f"Pythia-160M-shaped random model (init {args.init}), {args.prompts} prompts x {args.length} tokens, "
-          f"every head, control={args.control!r}; {chunk} prompt(s) per forward pass")
+          f"every head, control={args.control!r}"
+          + ("" if args.null_draws is None else f", null_draws={args.null_draws}") + f"; {chunk} prompt(s) per forward pass")
     control = None if args.control == "none" else args.control
-    run = lambda: sad.head_sparsity(model, ids, attention_mask=am, progress=False, control=control)  # noqa: E731
+    run = lambda: sad.head_sparsity(model, ids, attention_mask=am, progress=False, control=control,  # noqa: E731
+                                    **draws_kw(args))
     best = {"forward": float("inf"), "cold": float("inf"), "repeated": float("inf")}
     for i in range(args.repeats):
         t_f, _ = clock(lambda: hf_forward(model, ids, am, batch=chunk), device)
@@ -210,7 +238,7 @@ def main() -> None:
         out = os.path.join("/tmp", f"svtools_reference_{os.getpid()}.pkl")
         cmd = [sys.executable, os.path.abspath(__file__), "--prompts", str(args.prompts), "--length",
                str(args.length), "--init", str(args.init), "--repeats", "1", "--device", args.device, "--out", out,
-               "--control", args.control]
+               "--control", args.control] + ([] if args.null_draws is None else ["--null-draws", str(args.null_draws)])
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(
             [os.path.abspath(args.reference)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
         res = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)

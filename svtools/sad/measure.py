@@ -255,13 +255,18 @@ def head_sparsity(
     attention tensors to the system and faulted them in again. With freed memory kept
     (``MALLOC_MMAP_THRESHOLD_``/``MALLOC_TRIM_THRESHOLD_``, as the Makefile sets; one run, load 0.8-1.1,
     best of 3) the forward took 1.66 s, ``"spectrum"`` 3.39 s (2.05x, +0.12 GB) and ``"rotated"`` 2.12 s
-    (1.28x). Rotary, Pythia-160M-shaped random model, peaked attention,
-    4 x 256 tokens, 141,993 pairs at 254 offsets (``python benchmarks/head_sparsity_rotary.py
-    --control rotated`` / ``--control spectrum``): ``"rotated"`` a cold call (empty factor cache)
-    6.0-6.9x, a repeated call 1.6-2.1x (load 2.7-3.1); ``"spectrum"`` cold 25.3 s = 17.0x, repeated
-    11.7 s = 7.9x (2026-12-06, load 0.6-1.3, forward 1.49 s; before: cold 26.6-27.6 s, repeated 18.2 s,
-    when the null's factors overflowed a fixed 64 MB cache; it decomposes every offset of every head,
-    36,864 items, and bounds 16 draws of null scores per head). Earlier, on two quiet cores of a 16-core Xeon (``taskset -c 0,1``,
+    (1.28x). Rotary, Pythia-160M-shaped random model, peaked attention, 4 x 256 tokens, 142,005 pairs
+    at 254 offsets (``python benchmarks/head_sparsity_rotary.py --control X [--null-draws N]``;
+    2026-12-06, quiet 2-core CPU, load 1.1-1.7, forward 1.44-1.64 s): ``control=None`` a cold call
+    (empty factor cache) 4.2-4.3x, a repeated call 1.4x; ``"rotated"`` cold 4.9-5.5x, repeated
+    1.5-1.75x; ``"spectrum"`` (16 draws) cold 15.4x, repeated 7.7x; with ``null_draws=4`` 8.7x and
+    4.0x. On a repeated call the rotary spectrum null costs about 0.3x the forward per draw: per
+    draw, head and prompt, the null scores of every key for every measured query are bounded by
+    three ``(query, r) x (r, key)`` products (0.87x the forward in all at 16 draws, measured alone)
+    and passes over that grid. A cold call also decomposes every offset of every head (36,864 items,
+    against 28,441 for the measured pairs) and draws the null's float64 Gaussians. For a quicker look
+    at a rotary model, ``control="rotated"`` or fewer ``null_draws`` (a noisier null: its columns
+    are means over the draws). Earlier, on two quiet cores of a 16-core Xeon (``taskset -c 0,1``,
     ``"rotated"``): cold 5.2-7.5x, repeated 1.5-2.1x.
     The code is device-agnostic: it runs where the model lives (the benchmarks measure the CPU).
 
