@@ -18,6 +18,12 @@ by the measured write bandwidth.
     python benchmarks/head_sparsity_vs_forward.py [--device cuda] [--lengths 16 32 ...] [--prompts 32]
         [--counts 32 128 ...] [--controls spectrum rotated none]
 
+Measured 2026-12-06 on a quiet 2-core CPU (``--lengths 256 --counts --repeats 3``, load 0.9-1.5; 32 x 256,
+29,804 pairs; head_sparsity / forward, peak above the model): glibc's defaults: ``spectrum`` 0.93x (2.76 s
+against 2.97 s, 0.23 GB), ``rotated`` 0.61x (0.09 GB); with ``MALLOC_MMAP_THRESHOLD_`` and
+``MALLOC_TRIM_THRESHOLD_`` at 4 GiB (the Makefile's setting) the forward drops to 2.21 s and ``spectrum``
+takes 1.17x (2.59 s, 0.11 GB), ``rotated`` 0.82x.
+
 Measured 2026-12-05 on the shared 2-core CPU, never quiet (``python benchmarks/head_sparsity_vs_forward.py
 --lengths 256 --counts``, best of 2-3; head_sparsity / forward, peak above the model, load):
 32 x 256, ``spectrum``: 1.59x (0.14 GB, load 2.9), 2.12x (0.17 GB, load 2.3), 1.84x (0.12 GB, load

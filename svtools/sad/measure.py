@@ -240,22 +240,16 @@ def head_sparsity(
     :data:`svtools.sad.engine.NULL_GRID_BYTES` at a time), and need every offset's decomposition
     up to the last measured query; rotary heads with ``attention="relative"`` still form
     per-offset ``(prompts, query, key, r)`` grids per draw (slow). Its time grows with
-    ``null_draws``. Measured 2026-12-05 on two CPU cores (2 torch threads,
-    ``OMP_WAIT_POLICY=PASSIVE``), each time against the HF forward pass (``output_attentions=True``)
-    timed beside it; the machine was busy with other work throughout (1-minute load average in
-    brackets), and load slows the two-thread forward more than this code, so the ratios swing.
-    MiniLM, 32 prompts x 256 tokens, every head (``python benchmarks/head_sparsity_vs_forward.py
-    --lengths 256 --counts``): ``control="spectrum"`` (the default, 16 draws) 1.2-2.3x the forward
-    (load 1.9-2.6, best of 2 calls; the two-thread forward itself took 2.4-4.3 s across runs), peak memory
-    above the model 0.15-0.34 GB; ``control="rotated"`` 0.53-1.5x in the same runs (0.77-0.89x earlier),
-    0.06-0.14 GB. Single-thread CPU time, less sensitive to load (load 1.8-2.4): ``"spectrum"`` 4.8-5.0 s
-    against the forward's 4.0-4.3 s (1.14-1.19x) on a repeated call on the same model (the null rotations
-    are kept across calls, :data:`svtools.sad.engine.NULL_CACHE_BYTES`), 5.5-5.6 s (1.31-1.37x) on a
-    first call. These ratios were flattered by the allocator: glibc returned the forward's freed
-    attention tensors to the system and faulted them in again. With freed memory kept
-    (``MALLOC_MMAP_THRESHOLD_``/``MALLOC_TRIM_THRESHOLD_``, as the Makefile sets; one run, load 0.8-1.1,
-    best of 3) the forward took 1.66 s, ``"spectrum"`` 3.39 s (2.05x, +0.12 GB) and ``"rotated"`` 2.12 s
-    (1.28x). Rotary, Pythia-160M-shaped random model, peaked attention, 4 x 256 tokens, 142,005 pairs
+    ``null_draws``. Measured 2026-12-06 on a quiet 2-core CPU (2 torch threads,
+    ``OMP_WAIT_POLICY=PASSIVE``, load 0.9-1.5), each time against the HF forward pass
+    (``output_attentions=True``) timed beside it, best of 3. MiniLM, 32 prompts x 256 tokens, every
+    head (``python benchmarks/head_sparsity_vs_forward.py --lengths 256 --counts --repeats 3``):
+    ``control="spectrum"`` (the default, 16 draws) 0.93x the forward (2.76 s against 2.97 s), peak
+    memory above the model 0.23 GB; ``control="rotated"`` 0.61x, 0.09 GB. With freed memory kept for
+    reuse (``MALLOC_MMAP_THRESHOLD_``/``MALLOC_TRIM_THRESHOLD_``, as the Makefile sets) the forward
+    gains more than this code: forward 2.21 s, ``"spectrum"`` 2.59 s (1.17x, 0.11 GB), ``"rotated"``
+    1.80 s (0.82x); the same call with ``control=None`` took 1.76 s, so the null costs about 0.9 s
+    there. Rotary, Pythia-160M-shaped random model, peaked attention, 4 x 256 tokens, 142,005 pairs
     at 254 offsets (``python benchmarks/head_sparsity_rotary.py --control X [--null-draws N]``;
     2026-12-06, quiet 2-core CPU, load 1.1-1.7, forward 1.44-1.64 s): ``control=None`` a cold call
     (empty factor cache) 4.2-4.3x, a repeated call 1.4x; ``"rotated"`` cold 4.9-5.5x, repeated
