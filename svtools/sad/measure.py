@@ -240,7 +240,7 @@ def head_sparsity(
     :data:`svtools.sad.engine.NULL_GRID_BYTES` at a time), and need every offset's decomposition
     up to the last measured query; rotary heads with ``attention="relative"`` still form
     per-offset ``(prompts, query, key, r)`` grids per draw (slow). Its time grows with
-    ``null_draws``. Measured 2026-12-06 on a quiet 2-core CPU (2 torch threads,
+    ``null_draws``. Measured 2026-12-06 on two quiet CPU cores (2 torch threads,
     ``OMP_WAIT_POLICY=PASSIVE``, load 0.9-1.5), each time against the HF forward pass
     (``output_attentions=True``) timed beside it, best of 3. MiniLM, 32 prompts x 256 tokens, every
     head (``python benchmarks/head_sparsity_vs_forward.py --lengths 256 --counts --repeats 3``):
@@ -251,7 +251,7 @@ def head_sparsity(
     1.80 s (0.82x); the same call with ``control=None`` took 1.76 s, so the null costs about 0.9 s
     there. Rotary, Pythia-160M-shaped random model, peaked attention, 4 x 256 tokens, 142,005 pairs
     at 254 offsets (``python benchmarks/head_sparsity_rotary.py --control X [--null-draws N]``;
-    2026-12-06, quiet 2-core CPU, load 1.1-1.7, forward 1.44-1.64 s): ``control=None`` a cold call
+    2026-12-06, the same two cores, load 1.1-1.7, forward 1.44-1.64 s): ``control=None`` a cold call
     (empty factor cache) 4.2-4.3x, a repeated call 1.4x; ``"rotated"`` cold 4.9-5.5x, repeated
     1.5-1.75x; ``"spectrum"`` (16 draws) cold 15.4x, repeated 7.7x; with ``null_draws=4`` 8.7x and
     4.0x. On a repeated call the rotary spectrum null costs about 0.3x the forward per draw: per
