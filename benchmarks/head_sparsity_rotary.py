@@ -19,8 +19,9 @@ machine's load average, the best of each and their ratios to the forward pass, a
 the repeated call's rows are identical to the cold call's. ``--reference DIR`` also runs the
 same cold call with the svtools package found in ``DIR`` (e.g. an export of an older commit,
 ``git archive main svtools | tar -x -C /tmp/ref``) in a subprocess, with its own forward pass
-for the ratio, and compares its rows with these (columns not drawn by the control: equal;
-control columns: the rotary control's draw changed, so only their distribution is compared).
+for the ratio, and compares its rows with these (columns not drawn by the control, and the spectrum
+null's, whose streams are fixed: equal; the rotated control's columns: its draw changed across versions,
+so only their distribution is compared).
 ``--profile`` prints where a cold and a repeated call spend their time.
 
     python benchmarks/head_sparsity_rotary.py [--prompts 4] [--length 256] [--init 0.2] [--repeats 3]
@@ -40,7 +41,16 @@ command                                cold         repeated
 ``--control spectrum --null-draws 4``  8.70x        3.99x
 =====================================  ===========  ==============
 
-The spectrum null's repeated cost grows by 0.495 s (0.32x the forward) per draw. Its three
+Then the rotary null's candidate keys were chosen with one bound per row (``|da_q * delta| max_k |dc_k|``)
+instead of one per key, on the whole grid with the unneeded rows shut, and its offset-indexed views read
+the products' own storage instead of zero-padded copies: 1.67 candidates per row and draw instead of
+1.49, and ``rotary_rows_null`` alone 6-12% faster (24 calls of layer 5, 8 interleaved rounds: best
+0.594-0.610 s against 0.668-0.691 s). ``--control spectrum --repeats 2`` (load 1.3-1.8): cold
+14.5-14.9x, repeated 7.4-8.1x (10.99-11.53 s); the previous code in a separate run 15.3-15.5x and
+8.0-8.4x (12.23-12.35 s); with ``--reference`` (the previous code) every column of all 142,005 rows
+identical, ``rolls_tovee_null`` and ``n_recon_null`` included.
+
+Before that change: the spectrum null's repeated cost grew by 0.495 s (0.32x the forward) per draw. Its three
 ``(query, r) x (r, key)`` products per draw, head and prompt (the bounds of the null scores) take
 1.33 s at 16 draws when timed alone (0.87x the forward), so with the 1.4x of the decomposition a
 repeated call cannot reach 2x the forward at 16 draws on this CPU. A cold call also decomposes
@@ -176,6 +186,13 @@ def compare(new, old) -> None:
         print(f"  {c:14s} equal {same.mean():.6f} ({int((~same).sum())} rows differ)")
     same_used = np.mean([x == y for x, y in zip(a["used"], b["used"])])
     print(f"  {'used':14s} equal {same_used:.6f}")
+    for c in ("rolls_tovee_null", "n_recon_null"):  # the spectrum null: the same streams, so the same numbers
+        if c not in b or not (a[c].notna().any() and b[c].notna().any()):
+            continue
+        x, y = a[c].to_numpy(float), b[c].to_numpy(float)
+        same = (x == y) | (np.isnan(x) & np.isnan(y))
+        print(f"  {c:16s} equal {same.mean():.6f} ({int((~same).sum())} rows differ, "
+              f"max |diff| {np.nanmax(np.abs(x - y)) if (~same).any() else 0.0:.2e})")
     for c in ("rolls_tovee_rotated", "n_recon_rotated"):
         if c not in b or not (a[c].notna().any() and b[c].notna().any()):
             continue

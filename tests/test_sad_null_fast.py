@@ -148,6 +148,22 @@ def test_rotary_rows_null_equals_the_grid_reference(merge, spread):
     np.testing.assert_allclose(fast["n_recon"].numpy(), ref["n_recon"].numpy(), rtol=1e-12)
 
 
+def test_rotary_rows_null_refuses_keys_after_their_query():
+    """Its offset-indexed views read meaningless values where k > q: such keys must not be eligible."""
+    from svtools import SVToolsError
+
+    g = torch.Generator().manual_seed(0)
+    B, n, d, r, D = 1, 5, 3, 3, 2
+    rnd = lambda *shape: torch.randn(*shape, generator=g)  # noqa: E731
+    args = (rnd(B, n, d), rnd(B, n, d), (rnd(D, d, r), rnd(D, d, r)), rnd(B, n, r), rnd(B, n, r),
+            torch.ones(n, r), rnd(B, n, n), torch.tensor([[0, 3, 1]]))
+    causal = torch.tril(torch.ones(B, n, n, dtype=torch.bool))
+    out = rotary_rows_null(*args, eligible=causal, match=torch.tensor([True]))
+    assert out["draws"].tolist() == [D]
+    with pytest.raises(SVToolsError, match="after its query"):
+        rotary_rows_null(*args, eligible=torch.ones(B, n, n, dtype=torch.bool), match=torch.tensor([True]))
+
+
 def test_null_cache_keeps_copies_and_keys_on_weights():
     from svtools.sad import engine
 

@@ -251,9 +251,9 @@ def head_sparsity(
     1.80 s (0.82x); the same call with ``control=None`` took 1.76 s, so the null costs about 0.9 s
     there. Rotary, Pythia-160M-shaped random model, peaked attention, 4 x 256 tokens, 142,005 pairs
     at 254 offsets (``python benchmarks/head_sparsity_rotary.py --control X [--null-draws N]``;
-    2026-12-06, the same two cores, load 1.1-1.7, forward 1.44-1.64 s): ``control=None`` a cold call
+    2026-12-06, the same two cores, load 1.1-1.8, forward 1.41-1.64 s): ``control=None`` a cold call
     (empty factor cache) 4.2-4.3x, a repeated call 1.4x; ``"rotated"`` cold 4.9-5.5x, repeated
-    1.5-1.75x; ``"spectrum"`` (16 draws) cold 15.4x, repeated 7.7x; with ``null_draws=4`` 8.7x and
+    1.5-1.75x; ``"spectrum"`` (16 draws) cold 14.5-15.4x, repeated 7.4-8.1x; with ``null_draws=4`` 8.7x and
     4.0x. On a repeated call the rotary spectrum null costs about 0.3x the forward per draw: per
     draw, head and prompt, the null scores of every key for every measured query are bounded by
     three ``(query, r) x (r, key)`` products (0.87x the forward in all at 16 draws, measured alone)
