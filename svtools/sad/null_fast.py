@@ -324,7 +324,6 @@ def rotary_rows_null(
     key = k.expand(D, P).clone()
     mi = match.nonzero()[:, 0]
     ar = torch.arange(n, device=dev)
-    off = (ar[:, None] - ar[None, :]).clamp_min(0)  # (query, key)
 
     def exact(dd, bb, qq, kk):  # the null scores of (draw, batch, query, key) cells, the reference's formula
         o = (qq - kk).clamp_min(0)
